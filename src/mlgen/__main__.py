@@ -1,0 +1,3 @@
+from mlgen.cli.app import main
+
+main()

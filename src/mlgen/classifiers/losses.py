@@ -1,0 +1,170 @@
+"""Multi-label losses: Asymmetric Loss (ASL) and Multi-label Cluster Discrimination (MLCD)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_REDUCTIONS = ("sum", "mean")
+
+
+def _asymmetric_loss_from_probs(
+    probs: Tensor,
+    targets: Tensor,
+    gamma_neg: float,
+    gamma_pos: float,
+    clip: float,
+    eps: float,
+    reduction: str,
+    focal_weight_grad: bool,
+) -> Tensor:
+    """ASL on probabilities, following Alibaba-MIIL/ASL `AsymmetricLoss.forward`."""
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if probs.shape != targets.shape:
+        raise ValueError(f"shape mismatch: inputs {tuple(probs.shape)} vs targets {tuple(targets.shape)}")
+    y = targets.to(probs.dtype)
+    xs_pos = probs
+    xs_neg = 1 - probs
+    if clip > 0:  # probability shifting: only the negatives are clipped
+        xs_neg = (xs_neg + clip).clamp(max=1)
+    loss = y * torch.log(xs_pos.clamp(min=eps)) + (1 - y) * torch.log(xs_neg.clamp(min=eps))
+    if gamma_neg > 0 or gamma_pos > 0:
+        pt = xs_pos * y + xs_neg * (1 - y)
+        gamma = gamma_pos * y + gamma_neg * (1 - y)
+        w = torch.pow(1 - pt, gamma)
+        if not focal_weight_grad:
+            # detach instead of toggling the global grad mode (the official code's pitfall)
+            w = w.detach()
+        loss = loss * w
+    return -loss.sum() if reduction == "sum" else -loss.mean()
+
+
+def asymmetric_loss(
+    logits: Tensor,
+    targets: Tensor,
+    gamma_neg: float = 4.0,
+    gamma_pos: float = 0.0,
+    clip: float = 0.05,
+    eps: float = 1e-8,
+    reduction: str = "sum",
+    focal_weight_grad: bool = True,
+) -> Tensor:
+    """Asymmetric Loss (Ridnik et al., 2021) on logits; "sum" matches the official code."""
+    return _asymmetric_loss_from_probs(
+        torch.sigmoid(logits),
+        targets,
+        gamma_neg,
+        gamma_pos,
+        clip,
+        eps,
+        reduction,
+        focal_weight_grad,
+    )
+
+
+def asymmetric_loss_probs(
+    probs: Tensor,
+    targets: Tensor,
+    gamma_neg: float = 4.0,
+    gamma_pos: float = 0.0,
+    clip: float = 0.05,
+    eps: float = 1e-8,
+    reduction: str = "sum",
+    focal_weight_grad: bool = True,
+) -> Tensor:
+    """Asymmetric Loss on probabilities already in [0, 1] (e.g. softmax outputs)."""
+    return _asymmetric_loss_from_probs(probs, targets, gamma_neg, gamma_pos, clip, eps, reduction, focal_weight_grad)
+
+
+class AsymmetricLoss(nn.Module):
+    """Module wrapper around :func:`asymmetric_loss` (input: logits)."""
+
+    def __init__(
+        self,
+        gamma_neg: float = 4.0,
+        gamma_pos: float = 0.0,
+        clip: float = 0.05,
+        eps: float = 1e-8,
+        reduction: str = "sum",
+        focal_weight_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.gamma_neg = gamma_neg
+        self.gamma_pos = gamma_pos
+        self.clip = clip
+        self.eps = eps
+        self.reduction = reduction
+        self.focal_weight_grad = focal_weight_grad
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return asymmetric_loss(
+            logits,
+            targets,
+            self.gamma_neg,
+            self.gamma_pos,
+            self.clip,
+            self.eps,
+            self.reduction,
+            self.focal_weight_grad,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"gamma_neg={self.gamma_neg}, gamma_pos={self.gamma_pos}, clip={self.clip}, "
+            f"reduction={self.reduction!r}, focal_weight_grad={self.focal_weight_grad}"
+        )
+
+
+def _sample_negatives(negatives: Tensor, fraction: float, generator: torch.Generator | None) -> Tensor:
+    """Random subset (about `fraction`) of each row's negatives, keeping at least one if any exist."""
+    rand_device = generator.device if generator is not None else negatives.device
+    r = torch.rand(negatives.shape, generator=generator, device=rand_device).to(negatives.device)
+    sampled = (r < fraction) & negatives
+    # guarantee one negative per row: the negative with the smallest random draw
+    first = r.masked_fill(~negatives, math.inf).argmin(dim=1, keepdim=True)
+    forced = torch.zeros_like(negatives).scatter_(1, first, True) & negatives
+    return sampled | forced
+
+
+def _log1p_sum_exp(values: Tensor, mask: Tensor) -> Tensor:
+    """Row-wise log(1 + sum_{mask} exp(values)), computed stably via logsumexp with a 0 column."""
+    masked = values.masked_fill(~mask, -math.inf)
+    zeros = torch.zeros_like(values[:, :1])
+    return torch.logsumexp(torch.cat([masked, zeros], dim=1), dim=1)
+
+
+def mlcd_loss(
+    embeddings: Tensor,
+    centers: Tensor,
+    positive_mask: Tensor,
+    margin: float = 0.3,
+    scale: float = 32.0,
+    negative_fraction: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Multi-label Cluster Discrimination loss (An et al., 2024, arXiv 2407.17331, Eq. 5).
+
+    embeddings [N, D], centers [K, D], positive_mask [N, K] (bool). Positives get an
+    ArcFace additive angular margin; a random `negative_fraction` of negatives is used.
+    """
+    if embeddings.ndim != 2 or centers.ndim != 2 or embeddings.shape[1] != centers.shape[1]:
+        raise ValueError(
+            f"expected embeddings [N, D] and centers [K, D], got {tuple(embeddings.shape)}, {tuple(centers.shape)}"
+        )
+    if positive_mask.shape != (embeddings.shape[0], centers.shape[0]):
+        raise ValueError(f"positive_mask must have shape [N, K], got {tuple(positive_mask.shape)}")
+    if not 0 < negative_fraction <= 1:
+        raise ValueError(f"negative_fraction must be in (0, 1], got {negative_fraction}")
+    pos = positive_mask.to(device=embeddings.device, dtype=torch.bool)
+    cos = F.normalize(embeddings, dim=1) @ F.normalize(centers, dim=1).T
+    cos_margin = torch.cos(torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7)) + margin)
+    s = scale * torch.where(pos, cos_margin, cos)
+    neg = _sample_negatives(~pos, negative_fraction, generator)
+    per_sample = _log1p_sum_exp(-s, pos) + _log1p_sum_exp(s, neg)
+    return per_sample.mean()

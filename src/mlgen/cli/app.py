@@ -1,0 +1,264 @@
+"""The ``mlgen`` command line: thin typer commands that resolve settings and call :mod:`mlgen.workflow`."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from mlgen import __version__, workflow
+from mlgen.config import (
+    ClassifierConfig,
+    FilterConfig,
+    GenerateConfig,
+    PromptsConfig,
+    build_config,
+    read_config_file,
+)
+from mlgen.errors import MlgenError
+from mlgen.labels import read_labels
+from mlgen.pipeline.rundir import RunDir
+
+app = typer.Typer(
+    name="mlgen",
+    help="Synthetic training data and a multi-label classifier for labels nobody has annotated.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+RunOpt = Annotated[Path, typer.Option("--run", envvar="MLGEN_RUN", help="Run directory.")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", envvar="MLGEN_CONFIG", help="YAML config file (sections per stage).")
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Redo this stage from scratch if its settings changed.")
+]
+ClassesOpt = Annotated[Path | None, typer.Option("--classes", help="Labels file: one label per line, # comments.")]
+LlmOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--llm", envvar="MLGEN_LLM", help="smollm2 (built in), template, a transformers id/folder, or vllm:ID."
+    ),
+]
+PromptsPerSetOpt = Annotated[
+    int | None, typer.Option("--prompts-per-set", envvar="MLGEN_PROMPTS_PER_SET", help="Scene prompts per label set.")
+]
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", envvar="MLGEN_MODEL", help="diffusers model id or folder; tiny = built in.")
+]
+ClipOpt = Annotated[
+    str | None,
+    typer.Option("--clip", envvar="MLGEN_CLIP", help="open_clip ARCH/PRETRAINED, hf-hub:ID, folder, or tiny."),
+]
+DEFAULT_RUN = Path("mlgen-run")
+
+
+def _settings(config_file: Path | None, section: str, cls: type, **flags: Any) -> Any:
+    """Defaults < config file section < environment / flags (typer reads env into the flags)."""
+    return build_config(cls, read_config_file(config_file).get(section), flags)
+
+
+def _prompt_settings(config_file: Path | None, llm: str | None, prompts_per_set: int | None) -> PromptsConfig:
+    return _settings(config_file, "prompts", PromptsConfig, llm=llm, prompts_per_set=prompts_per_set)
+
+
+def _labels(classes_file: Path | None) -> list[str] | None:
+    return read_labels(classes_file) if classes_file else None
+
+
+def _say(marker: dict[str, Any], run: Path) -> None:
+    if marker:
+        counts = ", ".join(f"{k} {v}" for k, v in marker["counts"].items())
+        typer.echo(f"{marker['stage']}: done ({counts}) in {run / marker['stage']}")
+
+
+@app.command()
+def prompts(
+    run: RunOpt = DEFAULT_RUN,
+    classes: ClassesOpt = None,
+    llm: LlmOpt = None,
+    prompts_per_set: PromptsPerSetOpt = None,
+    config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Compose label sets and have an LLM write scene prompts and synonyms."""
+    settings = _prompt_settings(config, llm, prompts_per_set)
+    _say(workflow.make_prompts(RunDir(run), settings, _labels(classes), overwrite), run)
+
+
+@app.command()
+def generate(
+    run: RunOpt = DEFAULT_RUN,
+    classes: ClassesOpt = None,
+    model: ModelOpt = None,
+    images_per_prompt: Annotated[
+        int | None, typer.Option(envvar="MLGEN_IMAGES_PER_PROMPT", help="Images per prompt.")
+    ] = None,
+    shard_size: Annotated[int | None, typer.Option(envvar="MLGEN_SHARD_SIZE", help="Samples per shard.")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(envvar="MLGEN_BATCH_SIZE", help="Images per diffusion batch.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(envvar="MLGEN_STEPS", help="Denoising steps.")] = None,
+    size: Annotated[
+        int | None, typer.Option(envvar="MLGEN_SIZE", help="Image side in pixels (default: the model's).")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(envvar="MLGEN_SEED", help="Run seed (per-image seeds derive from it).")
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(envvar="MLGEN_GUIDANCE", help="Classifier-free guidance scale.")
+    ] = None,
+    llm: LlmOpt = None,
+    prompts_per_set: PromptsPerSetOpt = None,
+    config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Render every prompt with Stable Diffusion into WebDataset shards (runs `prompts` first if needed)."""
+    settings = _settings(
+        config,
+        "generate",
+        GenerateConfig,
+        model=model,
+        images_per_prompt=images_per_prompt,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        steps=steps,
+        size=size,
+        seed=seed,
+        guidance=guidance,
+    )
+    prompt_settings = _prompt_settings(config, llm, prompts_per_set)
+    _say(workflow.generate(RunDir(run), settings, prompt_settings, _labels(classes), overwrite), run)
+
+
+@app.command("filter")
+def filter_(
+    run: RunOpt = DEFAULT_RUN,
+    clip: ClipOpt = None,
+    threshold: Annotated[
+        float | None, typer.Option(envvar="MLGEN_THRESHOLD", help="Probability a detected label needs.")
+    ] = None,
+    config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Keep an image only when CLIP detects exactly the labels that were asked for."""
+    settings = _settings(config, "filter", FilterConfig, clip=clip, threshold=threshold)
+    _say(workflow.filter_images(RunDir(run), settings, overwrite), run)
+
+
+@app.command("train-classifier")
+def train_classifier(
+    run: RunOpt = DEFAULT_RUN,
+    clip: ClipOpt = None,
+    epochs: Annotated[int | None, typer.Option(envvar="MLGEN_EPOCHS", help="Training epochs.")] = None,
+    config: ConfigOpt = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Train a classifier head on frozen CLIP features of the kept images; evaluate on a held-out part."""
+    settings = _settings(config, "classifier", ClassifierConfig, clip=clip, epochs=epochs)
+    _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
+    _print_metrics(run)
+
+
+@app.command()
+def evaluate(run: RunOpt = DEFAULT_RUN) -> None:
+    """Print the classifier's held-out metrics (mAP, P/R/F1@3)."""
+    RunDir(run).require("classifier")
+    _print_metrics(run)
+
+
+def _print_metrics(run: Path) -> None:
+    metrics = json.loads((run / "classifier" / "metrics.json").read_text())
+    for name in ("test", "zero_shot_clip_test"):
+        values = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics[name].items())
+        typer.echo(f"{name}: {values}")
+
+
+@app.command("run")
+def run_all(
+    config: Annotated[
+        Path,
+        typer.Option("--config", envvar="MLGEN_CONFIG", help="YAML config: run, classes and one section per stage."),
+    ],
+    run: Annotated[
+        Path | None, typer.Option("--run", envvar="MLGEN_RUN", help="Run directory (default: the config's `run`).")
+    ] = None,
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Run every stage from one config file."""
+    data = read_config_file(config)
+    run_dir = RunDir(run or Path(data.get("run", DEFAULT_RUN)))
+    classes = _labels(Path(data["classes"])) if data.get("classes") else None
+    section = {
+        name: build_config(cls, data.get(name))
+        for name, cls in [
+            ("prompts", PromptsConfig),
+            ("generate", GenerateConfig),
+            ("filter", FilterConfig),
+            ("classifier", ClassifierConfig),
+        ]
+    }
+    workflow.generate(run_dir, section["generate"], section["prompts"], classes, overwrite)
+    workflow.filter_images(run_dir, section["filter"], overwrite)
+    workflow.train_classifier(run_dir, section["classifier"], overwrite)
+    _print_metrics(run_dir.root)
+
+
+@app.command()
+def status(run: RunOpt = DEFAULT_RUN) -> None:
+    """Per-stage progress: shards done / planned, read from the stats files."""
+    if not run.is_dir():
+        raise MlgenError(f"no run directory at {run}")
+    for row in workflow.stage_progress(RunDir(run)):
+        state = "finished" if row["finished"] else ("not started" if row["total"] == 0 else "in progress")
+        counts = ", ".join(f"{k} {v}" for k, v in row["counts"].items())
+        typer.echo(f"{row['stage']:<11} {row['done']:>5}/{row['total']:<5} shards  {state}  {counts}".rstrip())
+
+
+@app.command()
+def demo(
+    run: Annotated[Path, typer.Option("--run", envvar="MLGEN_RUN", help="Run directory.")] = Path("mlgen-demo"),
+    llm: Annotated[str, typer.Option("--llm", help="smollm2 (built-in LLM) or template (no LLM).")] = "smollm2",
+) -> None:
+    """The whole pipeline offline on the built-in tiny models (random weights: a smoke run, not real data)."""
+    from mlgen.demo import run_demo
+
+    started = time.time()
+    summary = run_demo(RunDir(run), llm)
+    typer.echo(f"\nmlgen demo finished in {time.time() - started:.0f} s. Outputs in {run}/:")
+    for line in summary:
+        typer.echo(f"  {line}")
+
+
+@app.callback(invoke_without_command=True)
+def _version(version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False) -> None:
+    if version:
+        typer.echo(f"mlgen {__version__}")
+        raise typer.Exit()
+
+
+def _quiet_libraries() -> None:
+    """Keep library chatter (weight-loading bars, deprecation notes) out of mlgen's output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main() -> None:
+    _quiet_libraries()
+    try:
+        app()
+    except MlgenError as err:
+        typer.echo(f"mlgen: error: {err}", err=True)
+        sys.exit(1)

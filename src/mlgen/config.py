@@ -1,0 +1,168 @@
+"""Stage settings: frozen dataclasses, merged from defaults < config file < environment < flags.
+
+A field whose metadata says ``shapes_output=False`` (batch sizes, devices) may change between
+runs; every other field is recorded in the stage plan, and a resumed run with a different value
+is refused (see :mod:`mlgen.pipeline.runner`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mlgen.errors import MlgenError
+
+# The paper's negative prompt (Diff-ZS-MLC, generation script).
+PAPER_NEGATIVE_PROMPT = (
+    "watermark, text, signature, blurry, lowres, bad anatomy, bad hands, cropped, worst quality, "
+    "low quality, jpeg artifacts, deformed, disfigured, extra limbs"
+)
+
+
+def runtime(default: Any) -> Any:
+    """A setting that does not change what a stage writes (so it may differ on resume)."""
+    return field(default=default, metadata={"shapes_output": False})
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    llm: str = "smollm2"  # smollm2 (embedded), template (no LLM), a transformers id/folder, vllm:ID
+    prompts_per_set: int = 5
+    synonyms_per_label: int = 5
+    temperature: float = 0.6
+    top_p: float = 0.9
+    max_new_tokens: int = 60
+    seed: int = 0
+    negative_prompt: str = PAPER_NEGATIVE_PROMPT
+    exclude_pairs: tuple[tuple[str, str], ...] = ()  # pairs the generator and CLIP confuse
+    sets_per_shard: int = 32
+    batch_size: int = runtime(16)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    model: str = "tiny"  # diffusers id or folder; tiny = built-in random-weight model
+    images_per_prompt: int = 1
+    shard_size: int = 100
+    steps: int = 50
+    size: int | None = None  # image side in pixels; None = the model's native size
+    guidance: float = 7.5
+    seed: int = 0
+    image_format: str = "jpg"  # jpg, png or webp
+    jpeg_quality: int = 95
+    batch_size: int | None = runtime(None)  # None: 8 on CPU, 16 on GPU
+    dtype: str = runtime("auto")  # auto: fp16 on CUDA, fp32 on CPU
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    clip: str = "tiny"  # open_clip ARCH/PRETRAINED (e.g. ViT-B-32/openai), hf-hub:ID, folder, or tiny
+    threshold: float = 0.5
+    batch_size: int = runtime(64)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    clip: str = "tiny"
+    epochs: int = 30
+    lr: float = 1e-3
+    batch_size: int = 64
+    holdout: float = 0.2  # fraction of the kept images held out for evaluation
+    seed: int = 0
+
+
+STAGE_CONFIGS: dict[str, type] = {
+    "prompts": PromptsConfig,
+    "generate": GenerateConfig,
+    "filter": FilterConfig,
+    "classifier": ClassifierConfig,
+}
+
+ConfigT = TypeVar("ConfigT")
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    """The YAML config file (safe loader) as a dict of sections; ``{}`` without a file."""
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise MlgenError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise MlgenError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise MlgenError(f"{path} must be a mapping of sections (prompts:, generate:, filter:, classifier:)")
+    unknown = set(data) - set(STAGE_CONFIGS) - {"run", "classes"}
+    if unknown:
+        raise MlgenError(f"{path}: unknown section '{sorted(unknown)[0]}'")
+    return data
+
+
+def build_config(cls: type[ConfigT], *layers: dict[str, Any] | None) -> ConfigT:
+    """``cls`` from its defaults updated by each layer in turn (later wins; None values skipped)."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            name = key.replace("-", "_")
+            if name not in names:
+                raise MlgenError(f"unknown setting '{key}' for {cls.__name__.removesuffix('Config').lower()}")
+            if value is not None:
+                values[name] = value
+    if "exclude_pairs" in values:
+        values["exclude_pairs"] = tuple(tuple(pair) for pair in values["exclude_pairs"])
+    config = cls(**values)
+    validate(config)
+    return config
+
+
+NUMERIC_TYPES = {"int": int, "int | None": int, "float": float}
+
+
+def validate(config: Any) -> None:
+    """Reject values no stage can use, with one line naming the setting."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kind = NUMERIC_TYPES.get(str(f.type))
+        if value is None or kind is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
+            raise MlgenError(f"setting '{f.name}' must be a {'whole ' if kind is int else ''}number, got {value!r}")
+        if kind is int and f.name != "seed" and value <= 0:
+            raise MlgenError(f"setting '{f.name}' must be a positive number, got {value}")
+    checks = {
+        "threshold": lambda v: 0 <= v <= 1,
+        "holdout": lambda v: 0 < v < 1,
+        "temperature": lambda v: v >= 0,
+        "top_p": lambda v: 0 < v <= 1,
+        "lr": lambda v: v > 0,
+        "image_format": lambda v: v in ("jpg", "png", "webp"),
+        "jpeg_quality": lambda v: 1 <= v <= 100,
+        "shard_size": lambda v: v <= 10_000,  # sample keys have four digits for the index
+        "dtype": lambda v: v in ("auto", "fp32", "fp16", "bf16"),
+    }
+    for name, ok in checks.items():
+        if hasattr(config, name) and getattr(config, name) is not None and not ok(getattr(config, name)):
+            raise MlgenError(f"setting '{name}' has an invalid value: {getattr(config, name)!r}")
+
+
+def output_settings(config: Any) -> dict[str, Any]:
+    """The settings that shape a stage's output (recorded in its plan)."""
+    settings = {}
+    for f in dataclasses.fields(config):
+        if f.metadata.get("shapes_output", True):
+            value = getattr(config, f.name)
+            settings[f.name] = [list(v) for v in value] if f.name == "exclude_pairs" else value
+    return settings
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    data = dataclasses.asdict(config)
+    if "exclude_pairs" in data:
+        data["exclude_pairs"] = [list(pair) for pair in data["exclude_pairs"]]
+    return data

@@ -1,0 +1,136 @@
+"""The resumable stage runner.
+
+A stage plans its work up front as numbered shards and processes one shard at a time. The
+runner owns everything else: the plan file and its settings check, which shards are still to
+do, which rank does them, the per-shard stats files (written last: a shard is done exactly when
+its stats file exists) and the stage's ``_SUCCESS.json`` marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from tqdm import tqdm
+
+from mlgen import __version__
+from mlgen.config import as_dict, output_settings
+from mlgen.errors import MlgenError
+from mlgen.paths import remove_stale_temps, write_json_atomic
+from mlgen.pipeline.ranks import Ranks, current_ranks
+from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stats_path(folder: Path, shard: int) -> Path:
+    return folder / f"{shard:05d}_stats.json"
+
+
+class Stage(ABC):
+    """One pipeline stage: a plan of shards and the work for one shard."""
+
+    name: ClassVar[str]  # its folder in the run directory
+    config_section: ClassVar[str]  # its section in config.yaml
+    requires: ClassVar[tuple[str, ...]] = ()  # stages whose _SUCCESS it needs
+
+    def __init__(self, run: RunDir, config: Any) -> None:
+        self.run = run
+        self.config = config
+        self.folder = run.stage_dir(self.name)
+
+    def settings(self) -> dict[str, Any]:
+        """What shapes this stage's output: its settings plus the hashes of its inputs."""
+        settings = output_settings(self.config)
+        for stage in self.requires:
+            settings[f"upstream {stage}"] = self.run.require(stage)["config_hash"]
+        return settings
+
+    @abstractmethod
+    def plan(self) -> list[dict[str, Any]]:
+        """The shards, each a JSON-able dict with at least ``shard`` (its number)."""
+
+    def setup(self, ranks: Ranks) -> None:  # noqa: B027 - optional hook
+        """Load models; called once, and only when this rank has shards to do."""
+
+    @abstractmethod
+    def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
+        """Write the shard's outputs (atomically) and return its stats (counts are summed)."""
+
+    def finish(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
+        """After the last shard, on rank 0: merge outputs if needed; return the marker's counts."""
+        totals: dict[str, Any] = {}
+        for shard_stats in stats:
+            for key, value in shard_stats.items():
+                if isinstance(value, (int, float)) and key not in ("shard", "seconds"):
+                    totals[key] = totals.get(key, 0) + value
+        return totals
+
+
+def run_stage(stage: Stage, overwrite: bool = False, ranks: Ranks | None = None) -> dict[str, Any]:
+    """Run the shards of ``stage`` still to do on this rank; return the stage marker when complete."""
+    ranks = ranks or current_ranks()
+    started = time.time()
+    settings = stage.settings()
+    with ranks.main_first():
+        plan = _load_or_make_plan(stage, settings, overwrite and ranks.is_main)
+        if ranks.is_main:
+            stage.run.record_config(stage.config_section, as_dict(stage.config))
+    todo = [s for s in plan["shards"] if ranks.owns(s["shard"]) and not stats_path(stage.folder, s["shard"]).exists()]
+    if todo:
+        remove_stale_temps(stage.folder)
+        stage.setup(ranks)
+        for shard in tqdm(todo, desc=f"{stage.name} shards", unit="shard", disable=len(todo) < 2):
+            shard_started = time.time()
+            stats = stage.run_shard(shard)
+            stats.update(shard=shard["shard"], seconds=round(time.time() - shard_started, 3))
+            write_json_atomic(stats_path(stage.folder, shard["shard"]), stats)  # last: the shard is done
+    ranks.wait()
+    if not ranks.is_main:
+        return {}
+    marker = stage.run.success(stage.name)
+    if marker is not None and marker["config_hash"] == plan["config_hash"]:
+        return marker
+    all_stats = [json.loads(stats_path(stage.folder, s["shard"]).read_text()) for s in plan["shards"]]
+    marker = {
+        "stage": stage.name,
+        "mlgen_version": __version__,
+        "config_hash": plan["config_hash"],
+        "shards": len(plan["shards"]),
+        "counts": stage.finish(all_stats),
+        "seconds": round(time.time() - started, 3),
+    }
+    write_json_atomic(stage.folder / SUCCESS, marker)
+    return marker
+
+
+def _load_or_make_plan(stage: Stage, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+    plan_file = stage.folder / PLAN
+    if plan_file.is_file():
+        plan = json.loads(plan_file.read_text(encoding="utf-8"))
+        if plan["config_hash"] == settings_hash(settings):
+            return plan
+        if not overwrite:
+            raise MlgenError(_describe_change(stage.name, plan["settings"], settings))
+        shutil.rmtree(stage.folder)
+    plan = {"stage": stage.name, "config_hash": settings_hash(settings), "settings": settings, "shards": stage.plan()}
+    write_json_atomic(plan_file, plan)
+    return plan
+
+
+def _describe_change(stage: str, recorded: dict[str, Any], current: dict[str, Any]) -> str:
+    changed = sorted(k for k in recorded.keys() | current.keys() if recorded.get(k) != current.get(k))
+    name = changed[0] if changed else "?"
+    what = (
+        f"its input stage '{name.removeprefix('upstream ')}' was redone"
+        if name.startswith("upstream ")
+        else f"setting '{name}' changed from {recorded.get(name)!r} to {current.get(name)!r}"
+    )
+    return f"{stage}: {what} since this stage started; pass --overwrite to redo the stage, or restore the setting"

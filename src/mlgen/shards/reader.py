@@ -1,0 +1,58 @@
+"""Reading a stage's finished shards through their manifests (never a glob of ``*.tar``)."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import webdataset as wds
+
+from mlgen.errors import MlgenError
+from mlgen.pipeline.rundir import PLAN
+from mlgen.shards.writer import shard_paths
+
+
+def finished_shards(folder: Path) -> list[int]:
+    """Shard numbers of the plan whose stats file exists, in plan order."""
+    plan_file = folder / PLAN
+    if not plan_file.is_file():
+        return []
+    plan = json.loads(plan_file.read_text(encoding="utf-8"))
+    return [s["shard"] for s in plan["shards"] if (folder / f"{s['shard']:05d}_stats.json").exists()]
+
+
+def read_manifest(folder: Path, shard: int) -> pa.Table:
+    _, manifest = shard_paths(folder, shard)
+    try:
+        return pq.read_table(manifest)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise MlgenError(f"corrupt or missing manifest {manifest}: {err}") from None
+
+
+def read_manifests(folder: Path) -> pa.Table:
+    """All rows of the finished shards of a stage folder, in plan order."""
+    tables = [read_manifest(folder, shard) for shard in finished_shards(folder)]
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def iter_shard(folder: Path, shard: int) -> Iterator[dict[str, Any]]:
+    """The raw samples of one shard (``__key__`` and bytes per extension), checked against its manifest."""
+    tar, _ = shard_paths(folder, shard)
+    expected = read_manifest(folder, shard).column("key").to_pylist()
+    dataset = wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)
+    seen = 0
+    try:
+        for sample, key in zip(dataset, expected, strict=False):
+            if sample["__key__"] != key:
+                raise MlgenError(f"corrupt shard {tar}: sample {sample['__key__']} where the manifest has {key}")
+            seen += 1
+            yield sample
+    except (OSError, ValueError, EOFError, tarfile.TarError) as err:
+        raise MlgenError(f"corrupt shard {tar}: {err}") from None
+    if seen != len(expected):
+        raise MlgenError(f"corrupt shard {tar}: {seen} samples, the manifest lists {len(expected)}")
