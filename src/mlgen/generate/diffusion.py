@@ -25,7 +25,7 @@ def load_pipeline(name: str, device: torch.device, dtype: str):
 
     folder = diffusers_folder(name)
     try:
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype(dtype, device))
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype(dtype, device))
     except (OSError, ValueError) as err:
         raise MlgenError(f"cannot load diffusion model '{name}': {str(err).splitlines()[0][:200]}") from None
     pipe.set_progress_bar_config(disable=True)

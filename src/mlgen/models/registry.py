@@ -101,7 +101,13 @@ def smollm2_folder() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF).save_pretrained(out)
-        AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF).save_pretrained(out)
+        dequantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
+        config = dequantized.config
+        config.quantization_config = None  # the weights are plain float32 once dequantized
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(dequantized.state_dict())
+        model.generation_config = dequantized.generation_config
+        model.save_pretrained(out)
 
     return build_dir_atomic(cache_dir() / "smollm2-135m-instruct", convert)
 

@@ -38,7 +38,7 @@ class PromptWriter(Protocol):
 
     def scene_prompts(self, label_sets: list[tuple[str, ...]], n: int, seed: int) -> list[list[Prompt]]: ...
 
-    def synonyms(self, labels: list[str], n: int, seed: int) -> list[list[str]]: ...
+    def synonyms(self, labels: list[str], n: int, seed: int, all_labels: list[str]) -> list[list[str]]: ...
 
 
 def mentions(text: str, label: str) -> bool:
@@ -75,12 +75,14 @@ def pick_prompts(candidates: list[str], label_set: tuple[str, ...], n: int, sour
     return chosen
 
 
-def parse_synonyms(answer: str, label: str, n: int) -> list[str]:
-    items = re.split(r"[,\n;]", answer)
+def parse_synonyms(answer: str, label: str, n: int, other_labels: tuple[str, ...] = ()) -> list[str]:
+    """Distinct short synonyms from a comma-separated answer; other classes' names are refused."""
     synonyms: list[str] = []
-    for item in items:
-        word = re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", item).strip().strip(".\"'").lower()
-        if word and word != label and len(word.split()) <= 4 and word not in synonyms and word.isascii():
+    for item in re.split(r"[,\n;]", answer):
+        word = re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", item.lower())
+        word = re.sub(r"^(a|an|the)\s+", "", re.sub(r"[^a-z0-9' -]", "", word).strip())
+        too_close = word == label or any(mentions(word, other) for other in other_labels)
+        if word and not too_close and len(word.split()) <= 4 and word not in synonyms:
             synonyms.append(word)
     return synonyms[:n]
 
@@ -93,7 +95,7 @@ class TemplateWriter:
     def scene_prompts(self, label_sets: list[tuple[str, ...]], n: int, seed: int) -> list[list[Prompt]]:
         return [[Prompt(template_prompt(s), TEMPLATE)] for s in label_sets]
 
-    def synonyms(self, labels: list[str], n: int, seed: int) -> list[list[str]]:
+    def synonyms(self, labels: list[str], n: int, seed: int, all_labels: list[str]) -> list[list[str]]:
         return [[] for _ in labels]
 
 
@@ -143,10 +145,14 @@ class TransformersWriter:
         answers = self._chat(requests, samples=2 * n, seed=seed)  # oversample: some answers are invalid
         return [pick_prompts(a, s, n, f"llm:{self.name}") for a, s in zip(answers, label_sets, strict=True)]
 
-    def synonyms(self, labels: list[str], n: int, seed: int) -> list[list[str]]:
+    def synonyms(self, labels: list[str], n: int, seed: int, all_labels: list[str]) -> list[list[str]]:
+        """Up to ``n`` synonyms per label (S^3's synonym spaces start from these)."""
         requests = [SYNONYM_REQUEST.format(n=n, label=label) for label in labels]
         answers = self._chat(requests, samples=2, seed=seed)
-        return [parse_synonyms(", ".join(a), label, n) for a, label in zip(answers, labels, strict=True)]
+        return [
+            parse_synonyms(", ".join(a), label, n, tuple(x for x in all_labels if x != label))
+            for a, label in zip(answers, labels, strict=True)
+        ]
 
 
 def scene_request(label_set: tuple[str, ...]) -> str:

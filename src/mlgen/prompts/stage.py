@@ -84,7 +84,7 @@ class PromptStage(Stage):
         else:
             labels = self.classes[start:end]
             for label, synonyms in zip(
-                labels, self.writer.synonyms(labels, self.config.synonyms_per_label, seed), strict=True
+                labels, self.writer.synonyms(labels, self.config.synonyms_per_label, seed, self.classes), strict=True
             ):
                 rows.append(dict(kind="synonym", set_id=None, labels=[label], text=label, source="label"))
                 rows += [
