@@ -32,7 +32,15 @@ app = typer.Typer(
     add_completion=False,
 )
 
-RunOpt = Annotated[Path, typer.Option("--run", envvar="MLGEN_RUN", help="Run directory.")]
+RunOpt = Annotated[
+    Path,
+    typer.Option(
+        "--run",
+        "--run-dir",
+        envvar="MLGEN_RUN",
+        help="Run directory (--run-dir under torchrun, whose own --run-path makes --run ambiguous).",
+    ),
+]
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", envvar="MLGEN_CONFIG", help="YAML config file (sections per stage).")
 ]
@@ -187,7 +195,8 @@ def run_all(
         typer.Option("--config", envvar="MLGEN_CONFIG", help="YAML config: run, classes and one section per stage."),
     ],
     run: Annotated[
-        Path | None, typer.Option("--run", envvar="MLGEN_RUN", help="Run directory (default: the config's `run`).")
+        Path | None,
+        typer.Option("--run", "--run-dir", envvar="MLGEN_RUN", help="Run directory (default: the config's `run`)."),
     ] = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -223,7 +232,15 @@ def status(run: RunOpt = DEFAULT_RUN) -> None:
 
 @app.command()
 def demo(
-    run: Annotated[Path, typer.Option("--run", envvar="MLGEN_RUN", help="Run directory.")] = Path("mlgen-demo"),
+    run: Annotated[
+        Path,
+        typer.Option(
+            "--run",
+            "--run-dir",
+            envvar="MLGEN_RUN",
+            help="Run directory (--run-dir under torchrun, whose own --run-path makes --run ambiguous).",
+        ),
+    ] = Path("mlgen-demo"),
     llm: Annotated[str, typer.Option("--llm", help="smollm2 (built-in LLM) or template (no LLM).")] = "smollm2",
 ) -> None:
     """The whole pipeline offline on the built-in tiny models (random weights: a smoke run, not real data)."""

@@ -93,11 +93,17 @@ def run_stage(stage: Stage, overwrite: bool = False, ranks: Ranks | None = None)
             stats.update(shard=shard["shard"], seconds=round(time.time() - shard_started, 3))
             write_json_atomic(stats_path(stage.folder, shard["shard"]), stats)  # last: the shard is done
     ranks.wait()
-    if not ranks.is_main:
-        return {}
+    if ranks.is_main:
+        _mark_finished(stage, plan, started)
+    ranks.wait()  # every rank sees the marker before the next stage reads it
+    return stage.run.success(stage.name) or {}
+
+
+def _mark_finished(stage: Stage, plan: dict[str, Any], started: float) -> None:
+    """Write the stage marker once every shard of the plan has its stats file."""
     marker = stage.run.success(stage.name)
     if marker is not None and marker["config_hash"] == plan["config_hash"]:
-        return marker
+        return
     all_stats = [json.loads(stats_path(stage.folder, s["shard"]).read_text()) for s in plan["shards"]]
     marker = {
         "stage": stage.name,
@@ -108,7 +114,6 @@ def run_stage(stage: Stage, overwrite: bool = False, ranks: Ranks | None = None)
         "seconds": round(time.time() - started, 3),
     }
     write_json_atomic(stage.folder / SUCCESS, marker)
-    return marker
 
 
 def _load_or_make_plan(stage: Stage, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
