@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from conftest import mlgen
 from helpers import images_by_key, manifest_keys
 

@@ -22,9 +22,13 @@ from mlgen.pipeline.runner import Stage
 from mlgen.shards.reader import finished_shards, iter_shard
 
 
-def held_out(key: str, fraction: float) -> bool:
-    """A stable split: a sample's side depends on its key only."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little") / 2**32 < fraction
+def held_out(keys: list[str], fraction: float) -> torch.Tensor:
+    """A stable split (the same keys always split the same way) with at least one image per side."""
+    order = sorted(range(len(keys)), key=lambda i: hashlib.sha256(keys[i].encode()).digest())
+    count = min(max(1, round(len(keys) * fraction)), len(keys) - 1)
+    mask = torch.zeros(len(keys), dtype=torch.bool)
+    mask[order[:count]] = True
+    return mask
 
 
 class ClassifierStage(Stage):
@@ -61,12 +65,12 @@ class ClassifierStage(Stage):
 
     def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
         keys, images, targets = self.load_data()
-        test = torch.tensor([held_out(k, self.config.holdout) for k in keys], dtype=torch.bool)
-        if len(keys) < 2 or test.all() or not test.any():
+        if len(keys) < 2:
             raise MlgenError(
                 f"the filter kept {len(keys)} images: too few to train and hold out a test part "
                 "(generate more images or lower the filter --threshold)"
             )
+        test = held_out(keys, self.config.holdout)
         features = image_features(self.model, self.preprocess, images, self.device)
         class_embeddings = label_embeddings(self.model, self.tokenizer, self.classes, self.device)
         c = self.config

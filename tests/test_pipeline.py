@@ -1,0 +1,128 @@
+"""The four commands end to end on tiny models, and the run-directory contract they leave."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+import yaml
+
+from conftest import FAST_GENERATE, mlgen
+from helpers import manifest_keys, planned_shards
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("pipeline")
+    classes = tmp / "unseen.txt"
+    classes.write_text("zebra\nsurfboard\nkite\nbench\n")
+    run = tmp / "run"
+    for command in (
+        ["prompts", "--run", run, "--classes", classes, "--llm", "template"],
+        ["generate", "--run", run, *FAST_GENERATE, "--images-per-prompt", "6"],
+        ["filter", "--run", run],
+        ["train-classifier", "--run", run, "--epochs", "5"],
+    ):
+        result = mlgen(*command)
+        assert result.returncode == 0, f"{command[0]}: {result.stderr[-2000:]}"
+    return run
+
+
+def test_prompt_tables(finished_run: Path) -> None:
+    assert (finished_run / "classes.txt").read_text() == "zebra\nsurfboard\nkite\nbench\n"
+    sets = pq.read_table(finished_run / "prompts" / "label_sets.parquet").to_pylist()
+    assert len(sets) == 10  # 4 labels: 6 pairs + 4 self pairs, self pairs are one label
+    assert sum(len(s["labels"]) == 1 for s in sets) == 4
+    prompts = pq.read_table(finished_run / "prompts" / "prompts.parquet").to_pylist()
+    assert [p["prompt_id"] for p in prompts] == list(range(10))
+    assert prompts[1]["text"] == "A photo of a zebra next to a surfboard."
+    assert all(p["negative_text"] and p["source"] == "template" for p in prompts)
+    assert pq.read_table(finished_run / "prompts" / "synonyms.parquet").num_rows == 4  # each label itself
+
+
+def test_raw_shards_read_with_webdataset(finished_run: Path) -> None:
+    raw = finished_run / "raw"
+    keys = manifest_keys(raw)
+    assert len(keys) == len(set(keys)) == 60
+    tars = [str(raw / f"{s:05d}.tar") for s in planned_shards(raw)]
+    samples = list(wds.WebDataset(tars, shardshuffle=False).decode("pil"))
+    assert [s["__key__"] for s in samples] == keys
+    first = samples[0]
+    assert first["jpg"].size == (64, 64)
+    assert first["txt"].startswith("A photo of a")
+    assert {"prompt_id", "labels", "seed", "model", "steps", "guidance", "size"} <= set(first["json"])
+    assert all("." not in key for key in keys)
+    stats = json.loads((raw / "00000_stats.json").read_text())
+    assert stats["images"] == 4 and stats["seconds"] >= 0
+
+
+def test_filter_keeps_exact_label_sets(finished_run: Path) -> None:
+    filtered = finished_run / "filtered"
+    marker = json.loads((filtered / "_SUCCESS.json").read_text())
+    assert marker["counts"]["images"] == 60
+    assert marker["counts"]["kept"] + marker["counts"]["dropped"] == 60
+    decisions = pq.read_table(filtered / "00000_decisions.parquet").to_pylist()
+    assert len(decisions) == 4
+    for decision in decisions:
+        assert decision["kept"] == (sorted(decision["detected"]) == sorted(decision["labels"]))
+    kept = {
+        d["key"]
+        for s in planned_shards(filtered)
+        for d in pq.read_table(filtered / f"{s:05d}_decisions.parquet").to_pylist()
+        if d["kept"]
+    }
+    assert set(manifest_keys(filtered)) == kept
+    for sample in wds.WebDataset(
+        [str(filtered / f"{s:05d}.tar") for s in planned_shards(filtered)], shardshuffle=False
+    ).decode():
+        assert sample["json"]["kept"] is True
+        assert set(sample["json"]["scores"]) == {"zebra", "surfboard", "kite", "bench"}
+
+
+def test_classifier_outputs_and_metrics(finished_run: Path) -> None:
+    classifier = finished_run / "classifier"
+    config = json.loads((classifier / "config.json").read_text())
+    assert config["classes"] == ["zebra", "surfboard", "kite", "bench"]
+    metrics = json.loads((classifier / "metrics.json").read_text())
+    assert 0 <= metrics["test"]["mAP"] <= 1
+    assert {"precision@3", "recall@3", "f1@3"} <= set(metrics["test"])
+    from safetensors.torch import load_file
+
+    assert load_file(classifier / "model.safetensors")["weight"].shape == (4, config["feature_dim"])
+    result = mlgen("evaluate", "--run", finished_run)
+    assert result.returncode == 0 and "mAP" in result.stdout
+
+
+def test_config_yaml_and_status(finished_run: Path) -> None:
+    config = yaml.safe_load((finished_run / "config.yaml").read_text())
+    assert set(config) == {"prompts", "generate", "filter", "classifier"}
+    assert config["generate"]["steps"] == 2 and config["prompts"]["llm"] == "template"
+    result = mlgen("status", "--run", finished_run)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert "15/15" in lines["raw"] and "finished" in lines["raw"]
+    assert "1/1" in lines["classifier"]
+
+
+def test_run_command_from_one_config_file(tmp_path: Path) -> None:
+    (tmp_path / "labels.txt").write_text("cat\ndog\n")
+    (tmp_path / "mlgen.yaml").write_text(
+        "run: out\nclasses: labels.txt\n"
+        "prompts: {llm: template}\n"
+        "generate: {steps: 2, size: 64, images_per_prompt: 8, shard_size: 8}\n"
+        "classifier: {epochs: 2}\n"
+    )
+    result = mlgen("run", "--config", "mlgen.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for stage in ("prompts", "raw", "filtered", "classifier"):
+        assert (tmp_path / "out" / stage / "_SUCCESS.json").exists()
+
+
+def test_demo_with_template_prompts(tmp_path: Path) -> None:
+    result = mlgen("demo", "--run", tmp_path / "demo", "--llm", "template")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "kept" in result.stdout and "mAP" in result.stdout
+    assert (tmp_path / "demo" / "classifier" / "metrics.json").exists()
