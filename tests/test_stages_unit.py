@@ -124,7 +124,7 @@ def test_runner_resumes_and_refuses_changed_settings(tmp_path: Path) -> None:
     marker = run_stage(resumed)
     assert resumed.ran == [3, 4]  # finished shards are skipped
     assert marker["counts"] == {"items": 10} and marker["shards"] == 5
-    with pytest.raises(MlgenError, match="setting 'steps' changed from 3 to 4.*--overwrite"):
+    with pytest.raises(MlgenError, match=r"setting 'steps' changed from 3 to 4.*--overwrite"):
         run_stage(CountingStage(run, GenerateConfig(steps=4)))
     batch_only = CountingStage(run, GenerateConfig(steps=3, batch_size=99))  # runtime setting: allowed
     run_stage(batch_only)
