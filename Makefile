@@ -29,7 +29,7 @@ lint: install
 	$(BIN)/ruff format --check src tests bench
 
 bench: install
-	$(BIN)/python bench/bench_generate.py
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/bench_generate.py
 
 clean:
 	rm -rf $(VENV) mlgen-demo mlgen-run

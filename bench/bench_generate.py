@@ -1,0 +1,78 @@
+"""Generation speed, as ratios against baselines measured in the same run (absolute times are noise here).
+
+1. batching: images/s of the generate stage at --batch-size 8 vs --batch-size 1;
+2. overhead: the whole stage (plan, seeds, JPEG, tar, manifest, stats) vs a bare diffusers loop
+   rendering the same images with the same batches.
+
+Usage: python bench/bench_generate.py [--images 32] [--steps 10] [--size 128] [--model tiny]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mlgen.config import GenerateConfig, PromptsConfig
+from mlgen.generate.diffusion import load_pipeline, render, sample_seed
+from mlgen.pipeline.rundir import RunDir
+from mlgen.pipeline.runner import run_stage
+from mlgen.prompts.stage import PromptStage
+from mlgen.workflow import generate
+
+LABELS = ["zebra", "surfboard", "kite", "bench", "dog", "cat", "car", "tree"]  # 36 label sets
+
+
+def stage_seconds(images: int, batch_size: int, args: argparse.Namespace) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunDir(Path(tmp))
+        run_stage(PromptStage(run, PromptsConfig(llm="template"), LABELS))
+        config = GenerateConfig(model=args.model, steps=args.steps, size=args.size, shard_size=images,
+                                batch_size=batch_size, images_per_prompt=1)  # fmt: skip
+        run_stage_prompts_limited(run, images)
+        started = time.perf_counter()
+        generate(run, config, PromptsConfig(llm="template"))
+        return time.perf_counter() - started
+
+
+def run_stage_prompts_limited(run: RunDir, images: int) -> None:
+    """Keep the first ``images`` prompts so every variant renders the same images."""
+    import pyarrow.parquet as pq
+
+    path = run.stage_dir("prompts") / "prompts.parquet"
+    pq.write_table(pq.read_table(path).slice(0, images), path)
+
+
+def bare_seconds(images: int, batch_size: int, args: argparse.Namespace) -> float:
+    pipe = load_pipeline(args.model, torch.device("cuda" if torch.cuda.is_available() else "cpu"), "auto")
+    texts = [f"A photo of a {a} next to a {b}." for a, b in zip(LABELS * 8, LABELS[1:] * 8, strict=False)][:images]
+    started = time.perf_counter()
+    for start in range(0, images, batch_size):
+        batch = texts[start : start + batch_size]
+        seeds = [sample_seed(0, start + i, 0) for i in range(len(batch))]
+        render(pipe, batch, [""] * len(batch), seeds, args.steps, args.size, 7.5)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--model", default="tiny")
+    args = parser.parse_args()
+    bare_seconds(8, 8, args)  # warm-up: model cache, kernels
+    one = stage_seconds(args.images, 1, args)
+    eight = stage_seconds(args.images, 8, args)
+    bare = bare_seconds(args.images, 8, args)
+    print(f"{args.images} images, {args.steps} steps, {args.size} px, model {args.model}")
+    print(f"stage batch 1 : {args.images / one:6.2f} images/s")
+    print(f"stage batch 8 : {args.images / eight:6.2f} images/s   speed-up vs batch 1: {one / eight:.2f}x")
+    print(f"bare diffusers: {args.images / bare:6.2f} images/s   stage time / bare time: {eight / bare:.2f}")
+
+
+if __name__ == "__main__":
+    main()
