@@ -8,8 +8,9 @@ from typing import Any
 from mlgen.classifiers.stage import ClassifierStage
 from mlgen.config import ClassifierConfig, FilterConfig, GenerateConfig, PromptsConfig
 from mlgen.filters.stage import FilterStage
+from mlgen.generate.diffusion import image_side
 from mlgen.generate.stage import GenerateStage
-from mlgen.models.registry import diffusers_folder, open_clip_name
+from mlgen.models.registry import open_clip_name
 from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir
 from mlgen.pipeline.runner import run_stage
 from mlgen.prompts.stage import PromptStage
@@ -34,7 +35,7 @@ def generate(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Render every prompt; runs the prompt stage first when the run has none (or labels are given)."""
-    diffusers_folder(config.model)  # an unknown model fails now, not after the prompt stage
+    image_side(config.model, config.size)  # an unknown model or a bad size fails now, not after the prompts
     if labels is not None or run.success("prompts") is None:
         make_prompts(run, prompts_config, labels)
     return run_stage(GenerateStage(run, config), overwrite)

@@ -264,12 +264,14 @@ def _quiet_libraries() -> None:
     """Keep library chatter (weight-loading bars, deprecation notes) out of mlgen's output."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import diffusers
+    import huggingface_hub
     import transformers
 
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.logging.set_verbosity_error()
 
 
 def main() -> None:

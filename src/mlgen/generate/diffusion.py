@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from mlgen.errors import MlgenError
-from mlgen.models.registry import diffusers_folder, torch_dtype
+from mlgen.models.registry import diffusers_folder, hub_file, torch_dtype
 
 
 def sample_seed(run_seed: int, prompt_id: int, image_index: int) -> int:
@@ -34,15 +36,32 @@ def load_pipeline(name: str, device: torch.device, dtype: str):
     return pipe.to(device)
 
 
-def native_size(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+def component_config(folder: str, component: str) -> dict:
+    """A pipeline component's config.json, read without loading any weights."""
+    path = Path(folder) / component / "config.json"
+    if not path.is_file():
+        path = Path(hub_file(folder, f"{component}/config.json", "diffusion model"))
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
-def check_size(pipe, size: int, name: str) -> None:
-    """Reject a side the UNet cannot take (latents must halve cleanly at every down block)."""
-    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+def size_rules(folder: str) -> tuple[int, int]:
+    """(native image side, the multiple every side must be) of a Stable Diffusion-style pipeline."""
+    unet, vae = component_config(folder, "unet"), component_config(folder, "vae")
+    vae_scale = 2 ** (len(vae["block_out_channels"]) - 1)
+    sample_size = unet["sample_size"]
+    native = (sample_size if isinstance(sample_size, int) else sample_size[0]) * vae_scale
+    # Latents must halve cleanly at every UNet down block.
+    return native, vae_scale * 2 ** (len(unet["block_out_channels"]) - 1)
+
+
+def image_side(name: str, size: int | None) -> int:
+    """The image side to render: ``size`` checked against the model, or the model's native side."""
+    native, multiple = size_rules(diffusers_folder(name))
+    if size is None:
+        return native
     if size % multiple or size < multiple:
         raise MlgenError(f"image size {size} does not fit model '{name}': use a multiple of {multiple}")
+    return size
 
 
 def render(pipe, prompts: list[str], negatives: list[str], seeds: list[int], steps: int, size: int, guidance: float):

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from mlgen.config import GenerateConfig
-from mlgen.generate.diffusion import check_size, encode_image, load_pipeline, native_size, render, sample_seed
+from mlgen.generate.diffusion import encode_image, image_side, load_pipeline, render, sample_seed
 from mlgen.pipeline.ranks import Ranks
 from mlgen.pipeline.rundir import RunDir
 from mlgen.pipeline.runner import Stage
@@ -44,9 +44,8 @@ class GenerateStage(Stage):
         ]
 
     def setup(self, ranks: Ranks) -> None:
+        self.size = image_side(self.config.model, self.config.size)
         self.pipe = load_pipeline(self.config.model, ranks.device, self.config.dtype)
-        self.size = self.config.size or native_size(self.pipe)
-        check_size(self.pipe, self.size, self.config.model)
         self.batch_size = self.config.batch_size or (16 if ranks.device.type == "cuda" else 8)
 
     def samples(self, start: int, end: int) -> list[dict[str, Any]]:

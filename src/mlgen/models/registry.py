@@ -7,7 +7,9 @@ Every loader checks the name before any heavy work and turns "not found" into on
 from __future__ import annotations
 
 import importlib.util
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -26,15 +28,29 @@ def torch_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def _hub_file(repo_id: str, filename: str, what: str) -> None:
-    """Fail fast unless ``filename`` of hub repo ``repo_id`` is cached or downloadable."""
+def _hub_reachable() -> bool:
+    """Whether the model hub's host resolves (without a network, the hub client retries for ~30 s)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.getaddrinfo(urlparse(constants.ENDPOINT).hostname, 443)
+    except OSError:
+        return False
+    return True
+
+
+def hub_file(repo_id: str, filename: str, what: str) -> str:
+    """Local path of ``filename`` in hub repo ``repo_id`` (cache first); one clear error if it cannot be had."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    online = _hub_reachable()
     try:
-        hf_hub_download(repo_id, filename)
+        return hf_hub_download(repo_id, filename, local_files_only=not online)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-        reason = str(err).splitlines()[0][:160]
+        reason = str(err).splitlines()[0][:160] if online else "not in the local cache, and the hub is offline"
         raise MlgenError(f"{what} '{repo_id}' not found: not a folder, and not on the model hub ({reason})") from None
 
 
@@ -46,7 +62,7 @@ def diffusers_folder(name: str) -> str:
         if not (Path(name) / "model_index.json").is_file():
             raise MlgenError(f"{name} is not a diffusers pipeline folder (no model_index.json)")
         return name
-    _hub_file(name, "model_index.json", "diffusion model")
+    hub_file(name, "model_index.json", "diffusion model")
     return name
 
 
@@ -117,5 +133,5 @@ def causal_lm_folder(name: str) -> str:
         return str(smollm2_folder())
     if Path(name).is_dir():
         return name
-    _hub_file(name, "config.json", "LLM")
+    hub_file(name, "config.json", "LLM")
     return name
