@@ -140,3 +140,12 @@ def test_runner_gives_each_rank_its_shards(tmp_path: Path) -> None:
     rank1 = CountingStage(run, GenerateConfig())
     run_stage(rank1, ranks=Ranks(1, 2, torch.device("cpu")))
     assert rank1.ran == [1, 3]
+
+
+def test_a_changed_setting_before_any_shard_finished_just_replans(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    with pytest.raises(RuntimeError):
+        run_stage(CountingStage(run, GenerateConfig(steps=3), fail_on=0))  # e.g. a model that fails to load
+    fixed = CountingStage(run, GenerateConfig(steps=5))
+    run_stage(fixed)  # no work would be lost: no refusal
+    assert fixed.ran == [0, 1, 2, 3, 4]

@@ -14,7 +14,7 @@ def run_demo(run: RunDir, llm: str = "smollm2") -> list[str]:
     """Run prompts -> generate -> filter -> classifier; return summary lines."""
     classes = parse_labels("\n".join(workflow.DEMO_CLASSES), "demo classes")
     prompt_settings = PromptsConfig(llm=llm, prompts_per_set=3, synonyms_per_label=3, sets_per_shard=5)
-    raw_settings = GenerateConfig(model="tiny", images_per_prompt=2, shard_size=16, steps=20)
+    raw_settings = GenerateConfig(model="tiny", images_per_prompt=4, shard_size=32, steps=20)
     raw = workflow.generate(run, raw_settings, prompt_settings, classes)
     filtered = workflow.filter_images(run, FilterConfig(clip="tiny"))
     workflow.train_classifier(run, ClassifierConfig(clip="tiny", epochs=30))

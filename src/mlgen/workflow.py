@@ -13,6 +13,7 @@ from mlgen.generate.stage import GenerateStage
 from mlgen.models.registry import open_clip_name
 from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir
 from mlgen.pipeline.runner import run_stage
+from mlgen.prompts.llm import check_llm
 from mlgen.prompts.stage import PromptStage
 
 STAGE_FOLDERS = ("prompts", "raw", "filtered", "classifier")
@@ -24,6 +25,7 @@ def make_prompts(
     run: RunDir, config: PromptsConfig, labels: list[str] | None, overwrite: bool = False
 ) -> dict[str, Any]:
     """Label sets, scene prompts and synonyms for ``labels`` (default: the run's classes.txt)."""
+    check_llm(config.llm)
     return run_stage(PromptStage(run, config, labels or run.classes()), overwrite)
 
 

@@ -122,9 +122,10 @@ def _load_or_make_plan(stage: Stage, settings: dict[str, Any], overwrite: bool) 
         plan = json.loads(plan_file.read_text(encoding="utf-8"))
         if plan["config_hash"] == settings_hash(settings):
             return plan
-        if not overwrite:
+        work_done = any(stats_path(stage.folder, s["shard"]).exists() for s in plan["shards"])
+        if work_done and not overwrite:
             raise MlgenError(_describe_change(stage.name, plan["settings"], settings))
-        shutil.rmtree(stage.folder)
+        shutil.rmtree(stage.folder)  # nothing finished yet (e.g. a typo'd model name) or --overwrite
     plan = {"stage": stage.name, "config_hash": settings_hash(settings), "settings": settings, "shards": stage.plan()}
     write_json_atomic(plan_file, plan)
     return plan

@@ -7,6 +7,7 @@ duplicate) and sets left short are topped up with the template sentence.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from typing import Protocol
@@ -14,6 +15,7 @@ from typing import Protocol
 import torch
 
 from mlgen.config import PromptsConfig
+from mlgen.errors import MlgenError
 from mlgen.models.registry import causal_lm_folder
 from mlgen.prompts.composer import template_prompt
 
@@ -170,12 +172,8 @@ class VllmWriter(TransformersWriter):
     """The same requests through vLLM (``pip install 'mlgen[vllm]'``, GPU machines)."""
 
     def __init__(self, name: str, config: PromptsConfig, device: torch.device) -> None:
-        from mlgen.errors import MlgenError
+        from vllm import LLM
 
-        try:
-            from vllm import LLM
-        except ImportError:
-            raise MlgenError("--llm vllm:... needs vLLM: pip install 'mlgen[vllm]'") from None
         self.name = name
         self.config = config
         self.llm = LLM(model=causal_lm_folder(name))
@@ -193,6 +191,17 @@ class VllmWriter(TransformersWriter):
         messages = [[{"role": "system", "content": PAINTER_SYSTEM}, {"role": "user", "content": r}] for r in requests]
         outputs = self.llm.chat(messages, params, use_tqdm=False)
         return [[choice.text for choice in out.outputs] for out in outputs]
+
+
+def check_llm(name: str) -> None:
+    """Fail at once on an LLM that cannot be loaded (missing vLLM, unknown id)."""
+    if name == TEMPLATE:
+        return
+    if name.startswith("vllm:"):
+        if importlib.util.find_spec("vllm") is None:
+            raise MlgenError("--llm vllm:... needs vLLM: pip install 'mlgen[vllm]'")
+        name = name.removeprefix("vllm:")
+    causal_lm_folder(name)
 
 
 def make_writer(config: PromptsConfig, device: torch.device) -> PromptWriter:
