@@ -11,7 +11,7 @@ from mlgen.filters.stage import FilterStage
 from mlgen.generate.diffusion import image_side
 from mlgen.generate.stage import GenerateStage
 from mlgen.models.registry import open_clip_name
-from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir
+from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir, stats_path
 from mlgen.pipeline.runner import run_stage
 from mlgen.prompts.llm import check_llm
 from mlgen.prompts.stage import PromptStage
@@ -65,7 +65,7 @@ def stage_progress(run: RunDir) -> list[dict[str, Any]]:
             rows.append({"stage": name, "done": 0, "total": 0, "finished": False, "counts": {}})
             continue
         shards = json.loads(plan_file.read_text(encoding="utf-8"))["shards"]
-        done = sum((folder / f"{s['shard']:05d}_stats.json").exists() for s in shards)
+        done = sum(stats_path(folder, s["shard"]).exists() for s in shards)
         marker = json.loads((folder / SUCCESS).read_text()) if (folder / SUCCESS).is_file() else None
         rows.append(
             {

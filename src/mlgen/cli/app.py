@@ -232,15 +232,7 @@ def status(run: RunOpt = DEFAULT_RUN) -> None:
 
 @app.command()
 def demo(
-    run: Annotated[
-        Path,
-        typer.Option(
-            "--run",
-            "--run-dir",
-            envvar="MLGEN_RUN",
-            help="Run directory (--run-dir under torchrun, whose own --run-path makes --run ambiguous).",
-        ),
-    ] = Path("mlgen-demo"),
+    run: RunOpt = Path("mlgen-demo"),
     llm: Annotated[str, typer.Option("--llm", help="smollm2 (built-in LLM) or template (no LLM).")] = "smollm2",
 ) -> None:
     """The whole pipeline offline on the built-in tiny models (random weights: a smoke run, not real data)."""

@@ -24,6 +24,11 @@ STAGE_COMMANDS = {
 }
 
 
+def stats_path(stage_folder: Path, shard: int) -> Path:
+    """A shard's stats file: written last, so the shard is done exactly when it exists."""
+    return stage_folder / f"{shard:05d}_stats.json"
+
+
 class RunDir:
     """Paths and small files of one run; shard files are handled by :mod:`mlgen.shards`."""
 

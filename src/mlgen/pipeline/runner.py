@@ -13,7 +13,6 @@ import json
 import shutil
 import time
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, ClassVar
 
 from tqdm import tqdm
@@ -23,15 +22,11 @@ from mlgen.config import as_dict, output_settings
 from mlgen.errors import MlgenError
 from mlgen.paths import remove_stale_temps, write_json_atomic
 from mlgen.pipeline.ranks import Ranks, current_ranks
-from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir
+from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir, stats_path
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def stats_path(folder: Path, shard: int) -> Path:
-    return folder / f"{shard:05d}_stats.json"
 
 
 class Stage(ABC):

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from mlgen.errors import MlgenError
-from mlgen.pipeline.rundir import PLAN
+from mlgen.pipeline.rundir import PLAN, stats_path
 from mlgen.shards.writer import shard_paths
 
 
@@ -23,7 +23,7 @@ def finished_shards(folder: Path) -> list[int]:
     if not plan_file.is_file():
         return []
     plan = json.loads(plan_file.read_text(encoding="utf-8"))
-    return [s["shard"] for s in plan["shards"] if (folder / f"{s['shard']:05d}_stats.json").exists()]
+    return [s["shard"] for s in plan["shards"] if stats_path(folder, s["shard"]).exists()]
 
 
 def read_manifest(folder: Path, shard: int) -> pa.Table:
