@@ -16,7 +16,8 @@ def image_features(model, preprocess, images: list[bytes], device: torch.device,
         range(0, len(images), batch_size), desc="image features", unit="batch", disable=len(images) <= batch_size
     ):
         batch = images[start : start + batch_size]
-        pixels = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch]).to(device)
+        pixels = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch])
+        pixels = pixels.to(device, model.logit_scale.dtype)  # fp16 on CUDA
         with torch.inference_mode():
             chunks.append(torch.nn.functional.normalize(model.encode_image(pixels).float(), dim=-1).cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, model.visual.output_dim)

@@ -63,7 +63,7 @@ class FilterStage(Stage):
     def logits(self, images: list[bytes]) -> torch.Tensor:
         pixels = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
         with torch.inference_mode():
-            features = self.model.encode_image(pixels.to(self.device))
+            features = self.model.encode_image(pixels.to(self.device, self.model.logit_scale.dtype))
             features = torch.nn.functional.normalize(features.float(), dim=-1)
             return (self.logit_scale * features @ self.text_features.T).cpu()
 

@@ -91,12 +91,14 @@ def open_clip_name(name: str) -> tuple[str, str | None]:
 
 
 def load_open_clip(name: str, device: torch.device):
-    """(model in eval mode, image preprocess, tokenizer) of an open_clip model."""
+    """(model in eval mode, image preprocess, tokenizer) of an open_clip model; fp16 on CUDA."""
     import open_clip
 
     model_name, pretrained = open_clip_name(name)
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name, pretrained=pretrained, device=device, precision="fp16" if device.type == "cuda" else "fp32"
+        )
     except (RuntimeError, OSError, ValueError) as err:
         raise MlgenError(f"cannot load CLIP model '{name}': {str(err).splitlines()[0][:200]}") from None
     model.eval().requires_grad_(False)
