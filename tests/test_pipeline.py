@@ -126,3 +126,15 @@ def test_demo_with_template_prompts(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "kept" in result.stdout and "mAP" in result.stdout
     assert (tmp_path / "demo" / "classifier" / "metrics.json").exists()
+
+
+def test_predict_prints_top_labels(finished_run: Path, tmp_path: Path) -> None:
+    sample = next(iter(wds.WebDataset(str(finished_run / "raw" / "00000.tar"), shardshuffle=False)))
+    image = tmp_path / "image.jpg"
+    image.write_bytes(sample["jpg"])
+    result = mlgen("predict", image, "--run", finished_run, "--top-k", "2")
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert line.startswith(str(image)) and len(line.split("\t")[1].split("  ")) == 2
+    result = mlgen("predict", tmp_path / "missing.jpg", "--run", finished_run)
+    assert result.returncode == 1 and "image not found" in result.stderr

@@ -188,6 +188,19 @@ def _print_metrics(run: Path) -> None:
         typer.echo(f"{name}: {values}")
 
 
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    run: RunOpt = DEFAULT_RUN,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Labels to print per image.")] = 3,
+) -> None:
+    """Print the top labels of each image with the trained classifier."""
+    from mlgen.classifiers.predict import predict_files
+
+    for path, labels in zip(images, predict_files(RunDir(run), images, top_k), strict=True):
+        typer.echo(f"{path}\t" + "  ".join(f"{label} {p:.3f}" for label, p in labels))
+
+
 @app.command("run")
 def run_all(
     config: Annotated[
