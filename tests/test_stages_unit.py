@@ -137,9 +137,12 @@ def test_runner_resumes_and_refuses_changed_settings(tmp_path: Path) -> None:
 
 def test_runner_gives_each_rank_its_shards(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
-    rank1 = CountingStage(run, GenerateConfig())
+    rank0, rank1 = CountingStage(run, GenerateConfig()), CountingStage(run, GenerateConfig())
+    assert run_stage(rank0, ranks=Ranks(0, 2, torch.device("cpu"))) == {}  # rank 1's shards missing
     run_stage(rank1, ranks=Ranks(1, 2, torch.device("cpu")))
-    assert rank1.ran == [1, 3]
+    assert (rank0.ran, rank1.ran) == ([0, 2, 4], [1, 3])
+    marker = run_stage(CountingStage(run, GenerateConfig()), ranks=Ranks(0, 2, torch.device("cpu")))
+    assert marker["counts"] == {"items": 10}
 
 
 def test_a_changed_setting_before_any_shard_finished_just_replans(tmp_path: Path) -> None:

@@ -44,8 +44,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def remove_stale_temps(folder: Path) -> None:
     """Delete temporary files a killed process left behind (they never hold finished work)."""
     if folder.is_dir():
-        for tmp in folder.glob(".*.tmp-*"):
-            tmp.unlink(missing_ok=True)
+        for tmp in folder.rglob(".*.tmp-*"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
 
 def build_dir_atomic(final: Path, build: Callable[[Path], None]) -> Path:

@@ -74,13 +74,16 @@ def run_stage(stage: Stage, overwrite: bool = False, ranks: Ranks | None = None)
     ranks = ranks or current_ranks()
     started = time.time()
     settings = stage.settings()
+    _check_settings(stage, settings, overwrite)  # on every rank, so all of them stop alike
     with ranks.main_first():
-        plan = _load_or_make_plan(stage, settings, overwrite and ranks.is_main)
-        if ranks.is_main:
+        if ranks.is_main:  # the other ranks wait: nobody writes in the folder yet
+            remove_stale_temps(stage.folder)
+            plan = _load_or_make_plan(stage, settings)
             stage.run.record_config(stage.config_section, as_dict(stage.config))
+        else:
+            plan = json.loads((stage.folder / PLAN).read_text(encoding="utf-8"))
     todo = [s for s in plan["shards"] if ranks.owns(s["shard"]) and not stats_path(stage.folder, s["shard"]).exists()]
     if todo:
-        remove_stale_temps(stage.folder)
         stage.setup(ranks)
         for shard in tqdm(todo, desc=f"{stage.name} shards", unit="shard", disable=len(todo) < 2):
             shard_started = time.time()
@@ -95,11 +98,14 @@ def run_stage(stage: Stage, overwrite: bool = False, ranks: Ranks | None = None)
 
 
 def _mark_finished(stage: Stage, plan: dict[str, Any], started: float) -> None:
-    """Write the stage marker once every shard of the plan has its stats file."""
+    """Write the stage marker if every shard of the plan has its stats file."""
     marker = stage.run.success(stage.name)
     if marker is not None and marker["config_hash"] == plan["config_hash"]:
         return
-    all_stats = [json.loads(stats_path(stage.folder, s["shard"]).read_text()) for s in plan["shards"]]
+    paths = [stats_path(stage.folder, s["shard"]) for s in plan["shards"]]
+    if not all(p.exists() for p in paths):  # some rank stopped early: the stage is not complete
+        return
+    all_stats = [json.loads(p.read_text()) for p in paths]
     marker = {
         "stage": stage.name,
         "mlgen_version": __version__,
@@ -111,18 +117,29 @@ def _mark_finished(stage: Stage, plan: dict[str, Any], started: float) -> None:
     write_json_atomic(stage.folder / SUCCESS, marker)
 
 
-def _load_or_make_plan(stage: Stage, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
+def _recorded_plan(stage: Stage) -> dict[str, Any] | None:
     plan_file = stage.folder / PLAN
-    if plan_file.is_file():
-        plan = json.loads(plan_file.read_text(encoding="utf-8"))
-        if plan["config_hash"] == settings_hash(settings):
-            return plan
-        work_done = any(stats_path(stage.folder, s["shard"]).exists() for s in plan["shards"])
-        if work_done and not overwrite:
-            raise MlgenError(_describe_change(stage.name, plan["settings"], settings))
-        shutil.rmtree(stage.folder)  # nothing finished yet (e.g. a typo'd model name) or --overwrite
+    return json.loads(plan_file.read_text(encoding="utf-8")) if plan_file.is_file() else None
+
+
+def _check_settings(stage: Stage, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse settings that differ from the plan's once some shard is done (work would be lost)."""
+    plan = _recorded_plan(stage)
+    if plan is None or overwrite or plan["config_hash"] == settings_hash(settings):
+        return
+    if any(stats_path(stage.folder, s["shard"]).exists() for s in plan["shards"]):
+        raise MlgenError(_describe_change(stage.name, plan["settings"], settings))
+
+
+def _load_or_make_plan(stage: Stage, settings: dict[str, Any]) -> dict[str, Any]:
+    """The recorded plan if its settings match; otherwise (checked before) a fresh stage folder."""
+    plan = _recorded_plan(stage)
+    if plan is not None and plan["config_hash"] == settings_hash(settings):
+        return plan
+    if plan is not None:
+        shutil.rmtree(stage.folder)  # --overwrite, or nothing finished yet (e.g. a typo'd model name)
     plan = {"stage": stage.name, "config_hash": settings_hash(settings), "settings": settings, "shards": stage.plan()}
-    write_json_atomic(plan_file, plan)
+    write_json_atomic(stage.folder / PLAN, plan)
     return plan
 
 
