@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any, ClassVar
 
 from tqdm import tqdm
@@ -77,6 +79,8 @@ def run_stage(stage: Stage, overwrite: bool = False, ranks: Ranks | None = None)
     _check_settings(stage, settings, overwrite)  # on every rank, so all of them stop alike
     with ranks.main_first():
         if ranks.is_main:  # the other ranks wait: nobody writes in the folder yet
+            for trash in stage.run.root.glob(f".{stage.name}.discarded-*"):
+                shutil.rmtree(trash)  # a killed --overwrite
             remove_stale_temps(stage.folder)
             plan = _load_or_make_plan(stage, settings)
             stage.run.record_config(stage.config_section, as_dict(stage.config))
@@ -136,11 +140,18 @@ def _load_or_make_plan(stage: Stage, settings: dict[str, Any]) -> dict[str, Any]
     plan = _recorded_plan(stage)
     if plan is not None and plan["config_hash"] == settings_hash(settings):
         return plan
-    if plan is not None:
-        shutil.rmtree(stage.folder)  # --overwrite, or nothing finished yet (e.g. a typo'd model name)
+    if plan is not None:  # --overwrite, or nothing finished yet (e.g. a typo'd model name)
+        _discard(stage.folder)
     plan = {"stage": stage.name, "config_hash": settings_hash(settings), "settings": settings, "shards": stage.plan()}
     write_json_atomic(stage.folder / PLAN, plan)
     return plan
+
+
+def _discard(folder: Path) -> None:
+    """Remove a stage folder; renamed away first, so a kill mid-delete leaves no half-deleted stage."""
+    trash = folder.with_name(f".{folder.name}.discarded-{os.getpid()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
 
 
 def _describe_change(stage: str, recorded: dict[str, Any], current: dict[str, Any]) -> str:
