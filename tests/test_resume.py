@@ -79,3 +79,23 @@ def test_rerun_of_a_finished_stage_does_no_work(tmp_path, uninterrupted):
     result = mlgen("generate", "--run", uninterrupted, *ARGS)
     assert result.returncode == 0, result.stderr
     assert [p.stat().st_mtime_ns for p in stats] == before
+
+
+def test_a_second_process_on_the_same_stage_stops_with_one_line(tmp_path):
+    classes = tmp_path / "classes.txt"
+    classes.write_text("zebra\nsurfboard\nkite\n")
+    run = tmp_path / "run"
+    first = start_generate(run, classes)
+    try:
+        wait_for("raw/plan.json", run, 1, first)
+        second = mlgen("generate", "--run", run, *ARGS)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"mlgen: error: another mlgen process is running stage 'raw' in {run}"
+        )
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    result = mlgen("generate", "--run", run, *ARGS)  # the killed holder released its lock
+    assert result.returncode == 0, result.stderr

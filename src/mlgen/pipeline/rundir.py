@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,20 @@ class RunDir:
         if marker is None:
             raise MlgenError(f"stage '{stage}' has not finished in {self.root}: run `{STAGE_COMMANDS[stage]}` first")
         return marker
+
+    @contextlib.contextmanager
+    def lock(self, stage: str) -> Iterator[None]:
+        """Hold the stage's lock: a second mlgen process on the same stage stops instead of racing.
+
+        An OS file lock, so a killed process releases it with nothing to clean up.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{stage}.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MlgenError(f"another mlgen process is running stage '{stage}' in {self.root}") from None
+            yield
 
     def record_config(self, section: str, values: dict[str, Any]) -> None:
         """Store a stage's resolved settings as one section of ``config.yaml``."""

@@ -8,6 +8,7 @@ its stats file exists) and the stage's ``_SUCCESS.json`` marker.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -74,6 +75,12 @@ class Stage(ABC):
 def run_stage(stage: Stage, overwrite: bool = False, ranks: Ranks | None = None) -> dict[str, Any]:
     """Run the shards of ``stage`` still to do on this rank; return the stage marker when complete."""
     ranks = ranks or current_ranks()
+    # One job per stage at a time; its rank 0 holds the lock for all of its ranks.
+    with stage.run.lock(stage.name) if ranks.is_main else contextlib.nullcontext():
+        return _run_stage(stage, overwrite, ranks)
+
+
+def _run_stage(stage: Stage, overwrite: bool, ranks: Ranks) -> dict[str, Any]:
     started = time.time()
     settings = stage.settings()
     _check_settings(stage, settings, overwrite)  # on every rank, so all of them stop alike
