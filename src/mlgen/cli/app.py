@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -67,9 +68,14 @@ ClipOpt = Annotated[
 DEFAULT_RUN = Path("mlgen-run")
 
 
+@functools.cache
+def _config_sections(config_file: Path | None) -> dict[str, Any]:
+    return read_config_file(config_file)
+
+
 def _settings(config_file: Path | None, section: str, cls: type, **flags: Any) -> Any:
     """Defaults < config file section < environment / flags (typer reads env into the flags)."""
-    return build_config(cls, read_config_file(config_file).get(section), flags)
+    return build_config(cls, _config_sections(config_file).get(section), flags)
 
 
 def _prompt_settings(config_file: Path | None, llm: str | None, prompts_per_set: int | None) -> PromptsConfig:

@@ -34,12 +34,6 @@ def read_manifest(folder: Path, shard: int) -> pa.Table:
         raise MlgenError(f"corrupt or missing manifest {manifest}: {err}") from None
 
 
-def read_manifests(folder: Path) -> pa.Table:
-    """All rows of the finished shards of a stage folder, in plan order."""
-    tables = [read_manifest(folder, shard) for shard in finished_shards(folder)]
-    return pa.concat_tables(tables) if tables else pa.table({})
-
-
 def iter_shard(folder: Path, shard: int) -> Iterator[dict[str, Any]]:
     """The raw samples of one shard (``__key__`` and bytes per extension), checked against its manifest."""
     tar, _ = shard_paths(folder, shard)
