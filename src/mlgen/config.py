@@ -75,11 +75,41 @@ class ClassifierConfig:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Text-encoder fine-tuning (Diff-ZS-MLC); names follow the diffusers training scripts."""
+
+    model: str = "tiny"  # the diffusion model whose text encoder learns
+    clip: str = "tiny"  # the CLIP discriminator (as the filter's --clip)
+    learning_rate: float = 7e-8  # AdamW, as the paper
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-3
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"  # constant, linear or cosine (no warmup)
+    train_batch_size: int = 1  # images per optimizer step, over all ranks
+    max_train_steps: int = 1000
+    steps: int = 30  # denoising steps per training image
+    size: int = 560  # image side in pixels
+    guidance: float = 7.5
+    grad_steps: int | None = None  # backpropagate through the last K denoising steps only; None = all
+    lora_rank: int | None = None  # None: the whole text encoder learns; else LoRA adapters of this rank
+    lora_alpha: float | None = None  # None: the rank
+    seed: int = 0
+    gradient_checkpointing: bool = runtime(True)  # on the UNet and VAE decoder: less memory, same result
+    mixed_precision: str = runtime("auto")  # auto (bf16/fp16 on CUDA, none on CPU), no, fp16, bf16
+    save_every: int = runtime(100)  # checkpoint every N steps (--checkpointing-steps)
+    checkpoints_total_limit: int = runtime(2)  # older checkpoints are deleted
+    log_every: int = runtime(10)  # a log.csv row every N steps
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "prompts": PromptsConfig,
     "generate": GenerateConfig,
     "filter": FilterConfig,
     "classifier": ClassifierConfig,
+    "finetune": FinetuneConfig,
 }
 
 ConfigT = TypeVar("ConfigT")
