@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from mlgen import __version__, workflow
+from mlgen.cli.finetune import finetune_command
 from mlgen.config import (
     ClassifierConfig,
     FilterConfig,
@@ -262,6 +263,9 @@ def demo(
     typer.echo(f"\nmlgen demo finished in {time.time() - started:.0f} s. Outputs in {run}/:")
     for line in summary:
         typer.echo(f"  {line}")
+
+
+app.command("finetune")(finetune_command)
 
 
 @app.callback(invoke_without_command=True)

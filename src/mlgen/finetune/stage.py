@@ -1,0 +1,294 @@
+"""The fine-tuning stage: one shard (the whole training run), resumable from its checkpoints.
+
+Every rank trains (data parallel): the global batch of a step is fixed by the seed and the step
+number, rank ``r`` renders its images ``r, r + world, ...`` and the gradients are summed over
+ranks, so any number of ranks gives the one-process result. A sample's prompt and noise depend
+on (seed, step, index) alone, so a resumed run repeats exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from mlgen.config import FinetuneConfig
+from mlgen.errors import MlgenError
+from mlgen.finetune import checkpoint as ckpt
+from mlgen.finetune.model import add_lora, check_text_encoder, clip_logits, discriminative_loss, load_parts
+from mlgen.finetune.model import render as render_images
+from mlgen.finetune.output import save_text_encoder
+from mlgen.generate.diffusion import sample_seed
+from mlgen.models.registry import open_clip_name
+from mlgen.paths import write_atomic, write_text_atomic
+from mlgen.pipeline.ranks import Ranks, current_ranks
+from mlgen.pipeline.rundir import PLAN, RunDir
+from mlgen.pipeline.runner import Stage, _describe_change, run_stage, settings_hash
+
+LOG_FIELDS = ["step", "loss", "pass_share", "lr"]
+
+
+@dataclasses.dataclass(frozen=True)
+class EveryRank(Ranks):
+    """Data parallel training: every rank works on the one shard (the runner gives shard i to rank i % world)."""
+
+    def owns(self, shard: int) -> bool:
+        return True
+
+
+def check_config(c: FinetuneConfig) -> None:
+    checks = {
+        "learning_rate": c.learning_rate > 0,
+        "adam_weight_decay": c.adam_weight_decay >= 0,
+        "max_grad_norm": c.max_grad_norm > 0,
+        "lr_scheduler": c.lr_scheduler in ("constant", "linear", "cosine"),
+        "mixed_precision": c.mixed_precision in ("auto", "no", "fp16", "bf16"),
+        "grad_steps": c.grad_steps is None or c.grad_steps <= c.steps,
+        "size": c.size % 8 == 0,
+    }
+    for name, ok in checks.items():
+        if not ok:
+            raise MlgenError(f"setting '{name}' has an invalid value: {getattr(c, name)!r}")
+
+
+class FinetuneStage(Stage):
+    name = "finetune"
+    config_section = "finetune"
+    requires = ("prompts",)
+
+    def __init__(self, run: RunDir, config: FinetuneConfig) -> None:
+        super().__init__(run, config)
+        self.classes = run.classes()
+        self.checkpoints = self.folder / "checkpoints"
+
+    def plan(self) -> list[dict[str, Any]]:
+        return [{"shard": 0, "kind": "train", "steps": self.config.max_train_steps}]
+
+    def prompts(self) -> list[dict[str, Any]]:
+        rows = pq.read_table(self.run.stage_dir("prompts") / "prompts.parquet").to_pylist()
+        if not rows:
+            raise MlgenError(f"{self.run.root} has no prompts to train on: run `mlgen prompts --classes FILE` first")
+        return rows
+
+    def setup(self, ranks: Ranks) -> None:
+        c = self.config
+        self.ranks = ranks
+        if c.train_batch_size % ranks.world_size:
+            raise MlgenError(
+                f"--train-batch-size {c.train_batch_size} does not split over {ranks.world_size} processes"
+            )
+        self.rows = self.prompts()
+        self.parts = load_parts(
+            c.model, c.clip, self.classes, ranks.device, c.mixed_precision, c.gradient_checkpointing
+        )
+        if c.lora_rank:
+            self.parts.text_encoder = add_lora(self.parts.text_encoder, c.lora_rank, c.lora_alpha, c.seed)
+        else:
+            self.parts.text_encoder.requires_grad_(True)
+        self.params = [p for p in self.parts.text_encoder.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params,
+            lr=c.learning_rate,
+            betas=(c.adam_beta1, c.adam_beta2),
+            weight_decay=c.adam_weight_decay,
+            eps=c.adam_epsilon,
+        )
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(c.lr_scheduler, self.optimizer, num_training_steps=c.max_train_steps)
+        self.scaler = torch.amp.GradScaler(ranks.device.type, enabled=self.parts.amp == torch.float16)
+        self.hash = settings_hash(self.settings())
+
+    # --- one step -------------------------------------------------------------------------------------------
+
+    def batch(self, step: int) -> list[tuple[int, dict[str, Any]]]:
+        """This rank's (index in the global batch, prompt row) pairs of ``step``: fixed by seed and step."""
+        rng = np.random.default_rng([self.config.seed, step])
+        picks = rng.integers(len(self.rows), size=self.config.train_batch_size)
+        return [(i, self.rows[p]) for i, p in enumerate(picks) if i % self.ranks.world_size == self.ranks.rank]
+
+    def requested(self, rows: list[dict[str, Any]]) -> torch.Tensor:
+        index = {label: i for i, label in enumerate(self.classes)}
+        mask = torch.zeros(len(rows), len(self.classes), dtype=torch.bool, device=self.ranks.device)
+        for r, row in enumerate(rows):
+            mask[r, [index[label] for label in row["labels"]]] = True
+        return mask
+
+    def image_loss(self, step: int, index: int, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, passes the exact-set rule) of one rendered training image."""
+        from mlgen.filters import exact_set_keep
+
+        c, parts = self.config, self.parts
+        generator = torch.Generator("cpu").manual_seed(sample_seed(c.seed, step, index))
+        with torch.autocast(parts.device.type, dtype=parts.amp or torch.float32, enabled=parts.amp is not None):
+            images = render_images(
+                parts, [row["text"]], [row["negative_text"]], generator, c.steps, c.size, c.guidance, c.grad_steps
+            )
+            logits = clip_logits(parts, images)
+        requested = self.requested([row])
+        loss, probs = discriminative_loss(logits, requested)
+        return loss, exact_set_keep(probs.detach(), requested).float().sum()
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        """One optimizer step over the global batch; returns (mean loss, share passing the filter rule)."""
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = torch.zeros(2, dtype=torch.float64, device=self.ranks.device)
+        for index, row in self.batch(step):  # one image at a time: the memory of batch 1 at any batch size
+            loss, passed = self.image_loss(step, index, row)
+            self.scaler.scale(loss / c.train_batch_size).backward()
+            totals += torch.stack([loss.detach().double(), passed.double()])
+        if self.ranks.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals)
+            for p in self.params:  # each rank holds its images' share of the batch mean: sum them
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+        loss, share = (totals / c.train_batch_size).tolist()
+        if not math.isfinite(loss):
+            self.fail(step, "the loss")
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
+        if not self.scaler.is_enabled() and not torch.isfinite(norm):  # fp16 scaling skips such steps itself
+            self.fail(step, "the gradient")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+        return loss, share
+
+    def fail(self, step: int, what: str) -> None:
+        saved = ckpt.checkpoints(self.checkpoints)
+        kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint was saved yet"
+        raise MlgenError(
+            f"finetune: {what} became NaN/inf at step {step}; stopped, {kept} "
+            "(lower --learning-rate or --max-grad-norm, or try --mixed-precision no)"
+        )
+
+    # --- the run --------------------------------------------------------------------------------------------
+
+    def resume(self) -> ckpt.TrainState:
+        """Restore the newest checkpoint, if any; one clear line when it belongs to another run."""
+        saved = ckpt.checkpoints(self.checkpoints)
+        if not saved:
+            return ckpt.TrainState()
+        meta = ckpt.read_meta(saved[-1])
+        if meta.get("settings_hash") != self.hash:
+            raise MlgenError(
+                f"finetune: checkpoint {saved[-1]} was made with other settings (model {meta.get('model')!r}); "
+                "pass --overwrite to start again, or restore the settings"
+            )
+        meta = ckpt.load(
+            saved[-1], self.parts.text_encoder, self.optimizer, self.lr_scheduler, self.scaler, self.ranks.device
+        )
+        print(f"finetune: resuming after step {meta['step']} from {saved[-1]}", flush=True)
+        return ckpt.TrainState(step=meta["step"], log=meta["log"])
+
+    def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
+        c, main = self.config, self.ranks.is_main
+        if main:
+            ckpt.remove_stale(self.checkpoints)
+        self.ranks.wait()
+        state = self.resume()
+        window: list[tuple[float, float]] = []
+        from tqdm import tqdm
+
+        steps = range(state.step + 1, c.max_train_steps + 1)
+        for step in tqdm(steps, desc="finetune", unit="step", disable=not main or len(steps) < 2):
+            window.append(self.train_step(step))
+            if step % c.log_every == 0 or step == c.max_train_steps:
+                losses, shares = zip(*window, strict=True)
+                lr = self.lr_scheduler.get_last_lr()[0]
+                state.log.append(
+                    {"step": step, "loss": float(np.mean(losses)), "pass_share": float(np.mean(shares)), "lr": lr}
+                )
+                window = []
+                if main:
+                    self.write_log(state.log)
+            if main and (step % c.save_every == 0 or step == c.max_train_steps):
+                meta = {"settings_hash": self.hash, "model": c.model, "log": state.log}
+                ckpt.save(
+                    self.checkpoints,
+                    step,
+                    self.parts.text_encoder,
+                    self.optimizer,
+                    self.lr_scheduler,
+                    self.scaler,
+                    meta,
+                    c.checkpoints_total_limit,
+                )
+        if main:
+            info = {
+                "base_model": c.model,
+                "settings_hash": self.hash,
+                "steps": c.max_train_steps,
+                "lora_rank": c.lora_rank,
+            }
+            save_text_encoder(self.parts.text_encoder, self.run.root / "text_encoder", info)
+        self.ranks.wait()  # the stats file (written after this) must not appear before the output
+        last = state.log[-1] if state.log else {}
+        return {"steps": c.max_train_steps, "final_loss": last.get("loss"), "final_pass_share": last.get("pass_share")}
+
+    def finish(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
+        return {k: v for k, v in stats[0].items() if k not in ("shard", "seconds") and v is not None}
+
+    def write_log(self, rows: list[dict[str, Any]]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=LOG_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(self.folder / "log.csv", buffer.getvalue())
+        write_atomic(self.folder / "log.png", lambda tmp: plot_log(rows, tmp))
+
+
+def plot_log(rows: list[dict[str, Any]], out: Path) -> None:
+    """Loss and share of training images passing the exact-set rule, against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    top.plot(steps, [r["loss"] for r in rows], marker=".")
+    top.set_ylabel("loss (ASL)")
+    bottom.plot(steps, [r["pass_share"] for r in rows], marker=".", color="tab:green")
+    bottom.set_ylabel("share passing filter")
+    bottom.set_ylim(-0.05, 1.05)
+    bottom.set_xlabel("step")
+    fig.suptitle("mlgen finetune")
+    fig.tight_layout()
+    fig.savefig(out, format="png", dpi=80)
+    plt.close(fig)
+
+
+def finetune(run: RunDir, config: FinetuneConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Fine-tune the text encoder on the run's prompts; writes ``RUN/text_encoder/``."""
+    check_config(config)
+    run.require("prompts")
+    check_text_encoder(config.model)  # a model without a text encoder fails before any loading
+    open_clip_name(config.clip)
+    stage = FinetuneStage(run, config)
+    _refuse_other_checkpoints(stage, overwrite)
+    ranks = current_ranks()
+    every = EveryRank(**{f.name: getattr(ranks, f.name) for f in dataclasses.fields(ranks)})
+    return run_stage(stage, overwrite, every)
+
+
+def _refuse_other_checkpoints(stage: FinetuneStage, overwrite: bool) -> None:
+    """The runner replans a stage with no finished shard; here that would silently drop checkpoints."""
+    plan_file = stage.folder / PLAN
+    if overwrite or not plan_file.is_file() or not ckpt.checkpoints(stage.checkpoints):
+        return
+    plan = json.loads(plan_file.read_text(encoding="utf-8"))
+    settings = stage.settings()
+    if plan["config_hash"] != settings_hash(settings):
+        raise MlgenError(_describe_change(stage.name, plan["settings"], settings))
