@@ -29,6 +29,7 @@ class TrainState:
 
     step: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)  # the rows of log.csv so far
+    window: list[list[float]] = field(default_factory=list)  # (loss, pass share) of each step since the last row
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -190,7 +190,7 @@ class FinetuneStage(Stage):
             saved[-1], self.parts.text_encoder, self.optimizer, self.lr_scheduler, self.scaler, self.ranks.device
         )
         print(f"finetune: resuming after step {meta['step']} from {saved[-1]}", flush=True)
-        return ckpt.TrainState(step=meta["step"], log=meta["log"])
+        return ckpt.TrainState(step=meta["step"], log=meta["log"], window=meta["window"])
 
     def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
         c, main = self.config, self.ranks.is_main
@@ -198,33 +198,16 @@ class FinetuneStage(Stage):
             ckpt.remove_stale(self.checkpoints)
         self.ranks.wait()
         state = self.resume()
-        window: list[tuple[float, float]] = []
         from tqdm import tqdm
 
         steps = range(state.step + 1, c.max_train_steps + 1)
         for step in tqdm(steps, desc="finetune", unit="step", disable=not main or len(steps) < 2):
-            window.append(self.train_step(step))
+            state.window.append(list(self.train_step(step)))
+            state.step = step
             if step % c.log_every == 0 or step == c.max_train_steps:
-                losses, shares = zip(*window, strict=True)
-                lr = self.lr_scheduler.get_last_lr()[0]
-                state.log.append(
-                    {"step": step, "loss": float(np.mean(losses)), "pass_share": float(np.mean(shares)), "lr": lr}
-                )
-                window = []
-                if main:
-                    self.write_log(state.log)
+                self.log_row(state)
             if main and (step % c.save_every == 0 or step == c.max_train_steps):
-                meta = {"settings_hash": self.hash, "model": c.model, "log": state.log}
-                ckpt.save(
-                    self.checkpoints,
-                    step,
-                    self.parts.text_encoder,
-                    self.optimizer,
-                    self.lr_scheduler,
-                    self.scaler,
-                    meta,
-                    c.checkpoints_total_limit,
-                )
+                self.save_checkpoint(state)
         if main:
             info = {
                 "base_model": c.model,
@@ -236,6 +219,30 @@ class FinetuneStage(Stage):
         self.ranks.wait()  # the stats file (written after this) must not appear before the output
         last = state.log[-1] if state.log else {}
         return {"steps": c.max_train_steps, "final_loss": last.get("loss"), "final_pass_share": last.get("pass_share")}
+
+    def log_row(self, state: ckpt.TrainState) -> None:
+        """A log.csv row: the mean loss and pass share of the steps since the previous row."""
+        losses, shares = zip(*state.window, strict=True)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        state.log.append(
+            {"step": state.step, "loss": float(np.mean(losses)), "pass_share": float(np.mean(shares)), "lr": lr}
+        )
+        state.window = []
+        if self.ranks.is_main:
+            self.write_log(state.log)
+
+    def save_checkpoint(self, state: ckpt.TrainState) -> None:
+        meta = {"settings_hash": self.hash, "model": self.config.model, "log": state.log, "window": state.window}
+        ckpt.save(
+            self.checkpoints,
+            state.step,
+            self.parts.text_encoder,
+            self.optimizer,
+            self.lr_scheduler,
+            self.scaler,
+            meta,
+            self.config.checkpoints_total_limit,
+        )
 
     def finish(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
         return {k: v for k, v in stats[0].items() if k not in ("shard", "seconds") and v is not None}
@@ -278,9 +285,13 @@ def finetune(run: RunDir, config: FinetuneConfig, overwrite: bool = False) -> di
     open_clip_name(config.clip)
     stage = FinetuneStage(run, config)
     _refuse_other_checkpoints(stage, overwrite)
+    return run_stage(stage, overwrite, every_rank())
+
+
+def every_rank() -> EveryRank:
+    """This process's ranks, each of which trains on the one shard."""
     ranks = current_ranks()
-    every = EveryRank(**{f.name: getattr(ranks, f.name) for f in dataclasses.fields(ranks)})
-    return run_stage(stage, overwrite, every)
+    return EveryRank(**{f.name: getattr(ranks, f.name) for f in dataclasses.fields(ranks)})
 
 
 def _refuse_other_checkpoints(stage: FinetuneStage, overwrite: bool) -> None:
