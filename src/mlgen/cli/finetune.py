@@ -12,7 +12,9 @@ from mlgen.pipeline.rundir import RunDir
 
 
 def _opt(*names: str, help: str) -> typer.models.OptionInfo:
-    return typer.Option(*names, help=help)
+    """An option that the environment can set too: ``--learning-rate`` <- ``MLGEN_LEARNING_RATE``."""
+    envvar = "MLGEN_" + names[0].split("/")[0].removeprefix("--").replace("-", "_").upper()
+    return typer.Option(*names, envvar=envvar, help=help)
 
 
 def finetune_command(
