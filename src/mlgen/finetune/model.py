@@ -8,6 +8,7 @@ Every step of it is a torch op, so the loss's gradient reaches the text encoder.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,14 +189,36 @@ def clip_logits(parts: Parts, images: Tensor) -> Tensor:
     return parts.logit_scale * features @ parts.class_features.T
 
 
+def filter_rules() -> tuple[Callable[[Tensor, Tensor], Tensor], Callable[..., Tensor]]:
+    """The filter's batched ``grouping_softmax(logits [N,C], requested bool [N,C])`` and ``exact_set_keep``.
+
+    They are exported by :mod:`mlgen.filters`; a checkout that has only the filter's per-image
+    functions (:mod:`mlgen.filters.discriminator`) gets them applied row by row.
+    """
+    import mlgen.filters
+
+    if hasattr(mlgen.filters, "grouping_softmax") and hasattr(mlgen.filters, "exact_set_keep"):
+        return mlgen.filters.grouping_softmax, mlgen.filters.exact_set_keep
+    from mlgen.filters import discriminator
+
+    def grouping_softmax(logits: Tensor, requested: Tensor) -> Tensor:
+        rows = zip(logits, requested, strict=True)
+        return torch.stack([discriminator.grouping_softmax(row, r.nonzero().flatten().tolist()) for row, r in rows])
+
+    def exact_set_keep(probs: Tensor, requested: Tensor, threshold: float = 0.5) -> Tensor:
+        rows = zip(probs, requested, strict=True)
+        return torch.tensor([discriminator.keep(p, r.nonzero().flatten().tolist(), threshold)[0] for p, r in rows])
+
+    return grouping_softmax, exact_set_keep
+
+
 def discriminative_loss(logits: Tensor, requested: Tensor) -> tuple[Tensor, Tensor]:
     """(ASL summed per image, then averaged over images; grouping-softmax probabilities [N, C]).
 
     The paper's loss: ASL (gamma- 4, gamma+ 0, clip 0.05) on the grouping-softmax probabilities
     with no further sigmoid, against the multi-hot of the requested labels.
     """
-    from mlgen.filters import grouping_softmax
-
+    grouping_softmax, _ = filter_rules()
     probs = grouping_softmax(logits.float(), requested)
     loss = asymmetric_loss_probs(probs, requested.float(), gamma_neg=4.0, gamma_pos=0.0, clip=0.05, reduction="sum")
     return loss / len(logits), probs

@@ -23,7 +23,14 @@ import torch
 from mlgen.config import FinetuneConfig
 from mlgen.errors import MlgenError
 from mlgen.finetune import checkpoint as ckpt
-from mlgen.finetune.model import add_lora, check_text_encoder, clip_logits, discriminative_loss, load_parts
+from mlgen.finetune.model import (
+    add_lora,
+    check_text_encoder,
+    clip_logits,
+    discriminative_loss,
+    filter_rules,
+    load_parts,
+)
 from mlgen.finetune.model import render as render_images
 from mlgen.finetune.output import save_text_encoder
 from mlgen.generate.diffusion import sample_seed
@@ -124,8 +131,6 @@ class FinetuneStage(Stage):
 
     def image_loss(self, step: int, index: int, row: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, passes the exact-set rule) of one rendered training image."""
-        from mlgen.filters import exact_set_keep
-
         c, parts = self.config, self.parts
         generator = torch.Generator("cpu").manual_seed(sample_seed(c.seed, step, index))
         with torch.autocast(parts.device.type, dtype=parts.amp or torch.float32, enabled=parts.amp is not None):
@@ -135,6 +140,7 @@ class FinetuneStage(Stage):
             logits = clip_logits(parts, images)
         requested = self.requested([row])
         loss, probs = discriminative_loss(logits, requested)
+        _, exact_set_keep = filter_rules()
         return loss, exact_set_keep(probs.detach(), requested).float().sum()
 
     def train_step(self, step: int) -> tuple[float, float]:
@@ -145,7 +151,7 @@ class FinetuneStage(Stage):
         for index, row in self.batch(step):  # one image at a time: the memory of batch 1 at any batch size
             loss, passed = self.image_loss(step, index, row)
             self.scaler.scale(loss / c.train_batch_size).backward()
-            totals += torch.stack([loss.detach().double(), passed.double()])
+            totals += torch.stack([loss.detach().double(), passed.double().to(totals.device)])
         if self.ranks.world_size > 1:
             import torch.distributed as dist
 
