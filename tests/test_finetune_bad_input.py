@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +22,12 @@ def error_line(result) -> str:
     errors = [line for line in result.stderr.splitlines() if line.startswith("mlgen: error:")]
     assert len(errors) == 1, result.stderr[-3000:]
     return errors[0]
+
+
+def both(first: list, second: list) -> list:
+    """Two mlgen processes at once (each spends seconds importing torch)."""
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda args: mlgen(*args), [first, second]))
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +53,12 @@ def test_model_without_a_text_encoder(prompted: Path, tmp_path: Path) -> None:
 
 
 def test_run_without_prompts(prompted: Path, tmp_path: Path) -> None:
-    line = error_line(mlgen("finetune", "--run", tmp_path / "empty", *FAST))
-    assert "stage 'prompts' has not finished" in line and "mlgen prompts" in line
     run = fresh_copy(prompted, tmp_path)
     path = run / "prompts" / "prompts.parquet"
     pq.write_table(pa.Table.from_pylist([], schema=pq.read_schema(path)), path)
-    assert "has no prompts to train on" in error_line(mlgen("finetune", "--run", run, *FAST))
+    missing, empty = both(["finetune", "--run", tmp_path / "empty", *FAST], ["finetune", "--run", run, *FAST])
+    assert "stage 'prompts' has not finished" in error_line(missing) and "mlgen prompts" in error_line(missing)
+    assert "has no prompts to train on" in error_line(empty)
 
 
 def test_nan_loss_stops_and_a_resume_with_other_settings_is_refused(prompted: Path, tmp_path: Path) -> None:
@@ -62,12 +69,14 @@ def test_nan_loss_stops_and_a_resume_with_other_settings_is_refused(prompted: Pa
     checkpoints = run / "finetune" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["step-000001"]  # the last good one is kept
 
-    line = error_line(mlgen("finetune", "--run", run, *args, "--learning-rate", "1e-3"))
-    assert "setting 'learning_rate' changed" in line and "--overwrite" in line
     other_model = tmp_path / "other-model"
     shutil.copytree(tiny_sd_dir(), other_model)
-    line = error_line(mlgen("finetune", "--run", run, *args, "--learning-rate", "1e10", "--model", other_model))
-    assert "setting 'model' changed" in line
+    other_lr, other_model = both(  # each stops before any model is loaded
+        ["finetune", "--run", run, *args, "--learning-rate", "1e-3"],
+        ["finetune", "--run", run, *args, "--learning-rate", "1e10", "--model", other_model],
+    )
+    assert "setting 'learning_rate' changed" in error_line(other_lr) and "--overwrite" in error_line(other_lr)
+    assert "setting 'model' changed" in error_line(other_model)
     assert [p.name for p in checkpoints.iterdir()] == ["step-000001"]  # nothing was lost
 
     # A checkpoint that another run's settings made, found in a fresh run.
