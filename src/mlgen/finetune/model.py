@@ -35,6 +35,9 @@ def check_text_encoder(name: str) -> str:
     entry = index.get("text_encoder")
     if not entry or entry[0] is None or index.get("tokenizer", [None])[0] is None:
         raise MlgenError(f"diffusion model '{name}' has no text encoder (and tokenizer) to fine-tune")
+    second_encoder = (index.get("text_encoder_2") or [None])[0]
+    if second_encoder is not None or index.get("unet", [None, None])[1] != "UNet2DConditionModel":
+        raise MlgenError(f"diffusion model '{name}': finetune trains Stable Diffusion 1.x/2.x-style pipelines only")
     if entry[1] != "CLIPTextModel":
         raise MlgenError(f"diffusion model '{name}': its text encoder is a {entry[1]}; finetune trains a CLIPTextModel")
     return folder
