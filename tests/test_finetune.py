@@ -189,7 +189,6 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path: Path) -> None:
     one_process = load_file(one / "text_encoder" / "model.safetensors")
     base = load_parts("tiny", "tiny", CLASSES, torch.device("cpu"), "no", False).text_encoder.state_dict()
     assert any(not torch.equal(one_process[k], base[k]) for k in one_process)
-    for key, value in one_process.items():
-        torch.testing.assert_close(two_ranks[key], value, rtol=1e-6, atol=1e-8)
-    for two_row, one_row in zip(read_log(run), read_log(one), strict=True):
-        assert two_row == pytest.approx(one_row, rel=1e-5)
+    # Each rank's gradient is its image's share of the batch mean; the sum of two shares is exact.
+    assert all(torch.equal(two_ranks[k], v) for k, v in one_process.items())
+    assert read_log(run) == read_log(one)
