@@ -54,10 +54,24 @@ def hub_file(repo_id: str, filename: str, what: str) -> str:
         raise MlgenError(f"{what} '{repo_id}' not found: not a folder, and not on the model hub ({reason})") from None
 
 
+TOY_SD = "toy"  # the trained toy text-to-image pipeline shipped in the package (mlgen world train unet)
+
+
+def toy_sd_dir() -> Path:
+    """Folder of the shipped toy Stable Diffusion pipeline (diffusers layout)."""
+    from mlgen.world.train_sd import TOY_SD_DIR
+
+    if not (TOY_SD_DIR / "model_index.json").is_file():
+        raise MlgenError(f"the toy text-to-image weights are missing from {TOY_SD_DIR}: run 'mlgen world train unet'")
+    return TOY_SD_DIR
+
+
 def diffusers_folder(name: str) -> str:
     """Where to load a diffusers pipeline from: a folder path or a hub id that was checked."""
     if name == TINY:
         return str(tiny_sd_dir())
+    if name == TOY_SD:
+        return str(toy_sd_dir())
     if Path(name).is_dir():
         if not (Path(name) / "model_index.json").is_file():
             raise MlgenError(f"{name} is not a diffusers pipeline folder (no model_index.json)")

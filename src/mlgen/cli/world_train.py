@@ -1,0 +1,75 @@
+"""``mlgen world train vae`` / ``mlgen world train unet``: the toy text-to-image model (see world/train_sd.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+WorkOpt = Annotated[
+    Path,
+    typer.Option("--work", help="Training folder: checkpoints (a killed run resumes from the newest) and vae/."),
+]
+StepsOpt = Annotated[int, typer.Option("--steps", min=1, help="Train until this many optimizer steps in all.")]
+BatchOpt = Annotated[
+    int | None, typer.Option("--batch", min=1, help="Images per step [default: 64 on CPU, 256 on CUDA].")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the weights, the rendered data and the noise.")]
+EveryOpt = Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads (0 = torch's default).")]
+LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate (AdamW, linear warm-up).")]
+DEFAULT_WORK = Path("toy-sd-train")
+
+
+def _settings(steps: int, batch: int | None, lr: float, seed: int, every: int, threads: int):
+    from mlgen.world.train_sd import TrainSettings, pick_device
+
+    if batch is None:
+        batch = 256 if pick_device().type == "cuda" else 64
+    return TrainSettings(steps=steps, batch=batch, lr=lr, seed=seed, checkpoint_every=every, threads=threads)
+
+
+def _print(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def train_vae_command(
+    work: WorkOpt = DEFAULT_WORK,
+    steps: StepsOpt = 1500,
+    batch: BatchOpt = None,
+    lr: LrOpt = 1e-3,
+    seed: SeedOpt = 0,
+    checkpoint_every: EveryOpt = 100,
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Train the toy VAE (64 px scenes -> 16x16x4 latents) into WORK/vae; prints its PSNR."""
+    import json
+
+    from mlgen.world.train_sd import train_vae
+
+    result = train_vae(work, _settings(steps, batch, lr, seed, checkpoint_every, threads), log=_print)
+    print(json.dumps(result))
+
+
+def train_unet_command(
+    work: WorkOpt = DEFAULT_WORK,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Pipeline folder to write [default: the package's toy-sd weights].")
+    ] = None,
+    steps: StepsOpt = 3000,
+    batch: BatchOpt = None,
+    lr: LrOpt = 5e-4,
+    seed: SeedOpt = 0,
+    checkpoint_every: EveryOpt = 100,
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Train the toy UNet and text encoder on WORK/vae; export the pipeline (also at every checkpoint)."""
+    import json
+
+    from mlgen.world.train_sd import TOY_SD_DIR, train_unet
+
+    settings = _settings(steps, batch, lr, seed, checkpoint_every, threads)
+    result = train_unet(work, out or TOY_SD_DIR, settings, log=_print)
+    print(json.dumps(result))

@@ -1,0 +1,1 @@
+"""The toy world: procedural multi-label scenes and the tiny models trained on them."""
