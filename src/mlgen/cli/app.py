@@ -17,6 +17,7 @@ from mlgen.cli.finetune import finetune_command
 from mlgen.config import (
     ClassifierConfig,
     FilterConfig,
+    FinetuneConfig,
     GenerateConfig,
     PromptsConfig,
     build_config,
@@ -233,6 +234,12 @@ def run_all(
             ("classifier", ClassifierConfig),
         ]
     }
+    if "finetune" in data:  # the optional stage runs when the config has a finetune: section
+        from mlgen.finetune.stage import finetune
+
+        if classes is not None or run_dir.success("prompts") is None:
+            workflow.make_prompts(run_dir, section["prompts"], classes)
+        finetune(run_dir, build_config(FinetuneConfig, data["finetune"]), overwrite)
     workflow.generate(run_dir, section["generate"], section["prompts"], classes, overwrite)
     workflow.filter_images(run_dir, section["filter"], overwrite)
     workflow.train_classifier(run_dir, section["classifier"], overwrite)
