@@ -110,7 +110,9 @@ class FinetuneStage(Stage):
         )
         from diffusers.optimization import get_scheduler
 
-        self.lr_scheduler = get_scheduler(c.lr_scheduler, self.optimizer, num_training_steps=c.max_train_steps)
+        self.lr_scheduler = get_scheduler(
+            c.lr_scheduler, self.optimizer, num_warmup_steps=0, num_training_steps=c.max_train_steps
+        )
         self.scaler = torch.amp.GradScaler(ranks.device.type, enabled=self.parts.amp == torch.float16)
         self.hash = settings_hash(self.settings())
 
@@ -166,6 +168,7 @@ class FinetuneStage(Stage):
         norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
         if not self.scaler.is_enabled() and not torch.isfinite(norm):  # fp16 scaling skips such steps itself
             self.fail(step, "the gradient")
+        self.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (logged)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
@@ -229,9 +232,8 @@ class FinetuneStage(Stage):
     def log_row(self, state: ckpt.TrainState) -> None:
         """A log.csv row: the mean loss and pass share of the steps since the previous row."""
         losses, shares = zip(*state.window, strict=True)
-        lr = self.lr_scheduler.get_last_lr()[0]
         state.log.append(
-            {"step": state.step, "loss": float(np.mean(losses)), "pass_share": float(np.mean(shares)), "lr": lr}
+            {"step": state.step, "loss": float(np.mean(losses)), "pass_share": float(np.mean(shares)), "lr": self.lr}
         )
         state.window = []
         if self.ranks.is_main:
