@@ -12,6 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import mlgen
+from mlgen.config import FinetuneConfig
+from mlgen.errors import MlgenError
+from mlgen.finetune.stage import check_config
 from mlgen.models.tiny import tiny_sd_dir
 from test_finetune import FAST, make_run
 
@@ -85,3 +88,18 @@ def test_nan_loss_stops_and_a_resume_with_other_settings_is_refused(prompted: Pa
     shutil.copytree(checkpoints, other / "finetune" / "checkpoints")
     line = error_line(mlgen("finetune", "--run", other, *args, "--learning-rate", "1e-3"))
     assert "was made with other settings" in line
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"steps": 2, "grad_steps": 3}, "--grad-steps 3 is more than the 2 denoising steps"),
+        ({"size": 30}, "--size 30 is not a multiple of 8"),
+        ({"mixed_precision": "fp8"}, "setting 'mixed_precision' has an invalid value"),
+        ({"lr_scheduler": "warm"}, "setting 'lr_scheduler' has an invalid value"),
+        ({"learning_rate": 0.0}, "setting 'learning_rate' has an invalid value"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_work(settings: dict, message: str) -> None:
+    with pytest.raises(MlgenError, match=message):
+        check_config(FinetuneConfig(**settings))

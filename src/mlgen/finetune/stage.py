@@ -58,12 +58,14 @@ def check_config(c: FinetuneConfig) -> None:
         "max_grad_norm": c.max_grad_norm > 0,
         "lr_scheduler": c.lr_scheduler in ("constant", "linear", "cosine"),
         "mixed_precision": c.mixed_precision in ("auto", "no", "fp16", "bf16"),
-        "grad_steps": c.grad_steps is None or c.grad_steps <= c.steps,
-        "size": c.size % 8 == 0,
     }
     for name, ok in checks.items():
         if not ok:
             raise MlgenError(f"setting '{name}' has an invalid value: {getattr(c, name)!r}")
+    if c.grad_steps is not None and c.grad_steps > c.steps:
+        raise MlgenError(f"--grad-steps {c.grad_steps} is more than the {c.steps} denoising steps (--steps)")
+    if c.size % 8:
+        raise MlgenError(f"--size {c.size} is not a multiple of 8 (the VAE's latent grid)")
 
 
 class FinetuneStage(Stage):
