@@ -14,6 +14,7 @@ import typer
 
 from mlgen import __version__, workflow
 from mlgen.cli.finetune import finetune_command
+from mlgen.cli.world import world_app
 from mlgen.config import (
     ClassifierConfig,
     FilterConfig,
@@ -34,6 +35,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+app.add_typer(world_app)  # mlgen world ...: the toy world
 
 RunOpt = Annotated[
     Path,

@@ -14,7 +14,7 @@ WorkOpt = Annotated[
 ]
 StepsOpt = Annotated[int, typer.Option("--steps", min=1, help="Train until this many optimizer steps in all.")]
 BatchOpt = Annotated[
-    int | None, typer.Option("--batch", min=1, help="Images per step [default: 64 on CPU, 256 on CUDA].")
+    int | None, typer.Option("--batch", min=1, help="Images per step (default: 64 on CPU, 256 on CUDA).")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the weights, the rendered data and the noise.")]
 EveryOpt = Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")]
