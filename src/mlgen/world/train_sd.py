@@ -318,7 +318,9 @@ def latest_checkpoint(work: Path) -> Path | None:
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, settings: dict) -> int:
     saved = json.loads((path / "settings.json").read_text(encoding="utf-8"))
     changed = sorted(
-        k for k in settings if k not in ("steps", "checkpoint_every", "threads") and saved.get(k) != settings[k]
+        k
+        for k in settings
+        if k not in ("steps", "checkpoint_every", "threads", "eval_images") and saved.get(k) != settings[k]
     )
     if changed:
         raise MlgenError(f"{path.parent} holds a run with other settings ({', '.join(changed)}): use another --work")
@@ -357,6 +359,7 @@ class TrainSettings:
     warmup: int = 100
     checkpoint_every: int = 100
     threads: int = 0
+    eval_images: int = 256  # renders for the VAE's latent scale and PSNR at the end
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -441,12 +444,12 @@ def train_vae(work: Path, settings: TrainSettings, log: Callable[[str], None] | 
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             save_checkpoint(work, step, {"vae": vae}, optimizer, config)
     vae.eval()
-    vae.register_to_config(scaling_factor=latent_scale(vae))
+    vae.register_to_config(scaling_factor=latent_scale(vae, settings.eval_images))
     _replace_dir(work / "vae", lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
     result = {
         "steps": step,
         "params": param_count(vae),
-        "psnr_db": psnr(vae),
+        "psnr_db": psnr(vae, settings.eval_images),
         "scaling_factor": vae.config.scaling_factor,
     }
     _log(log, f"vae done: {json.dumps(result)}")
