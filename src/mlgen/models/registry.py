@@ -80,12 +80,26 @@ def diffusers_folder(name: str) -> str:
     return name
 
 
+TOY_CLIP = "toy"  # the trained toy CLIP shipped in the package (mlgen world train clip)
+
+
+def toy_clip_dir() -> Path:
+    """Folder of the shipped toy CLIP (open_clip local-dir layout)."""
+    from mlgen.world.train_clip import TOY_CLIP_DIR
+
+    if not (TOY_CLIP_DIR / "open_clip_model.safetensors").is_file():
+        raise MlgenError(f"the toy CLIP weights are missing from {TOY_CLIP_DIR}: run 'mlgen world train clip'")
+    return TOY_CLIP_DIR
+
+
 def open_clip_name(name: str) -> tuple[str, str | None]:
     """open_clip (model_name, pretrained) for ``tiny``, a folder, ``hf-hub:ID``, or ``ARCH/PRETRAINED``."""
     import open_clip
 
     if name == TINY:
         return f"local-dir:{tiny_clip_dir()}", None
+    if name == TOY_CLIP:
+        return f"local-dir:{toy_clip_dir()}", None
     if name.startswith(("hf-hub:", "local-dir:")):
         return name, None
     if Path(name).is_dir():

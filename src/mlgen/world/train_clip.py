@@ -1,0 +1,179 @@
+"""Training the toy CLIP (``--clip toy``) on rendered scenes, on a CPU.
+
+An ordinary open_clip CLIP: a small ModifiedResNet image tower and a small text transformer.
+Two choices make it learn zero-shot multi-label recognition in minutes:
+
+- each training caption names a random non-empty SUBSET of the image's shapes, so
+  "a photo of a circle." learns to match every image holding a circle, not only lone circles;
+- the contrastive target is multi-label aware: caption j matches image i whenever all of j's
+  shapes are in i, so the other images of a batch that also hold them are not pushed away.
+
+Checkpoints, resuming and the (seed, step) data streams are those of :mod:`mlgen.world.train_sd`.
+The result is written in open_clip's ``local-dir:`` layout (open_clip_config.json +
+open_clip_model.safetensors, fp16 to keep the package small).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from mlgen.world.train_sd import (
+    TrainSettings,
+    _autocast,
+    _log,
+    _replace_dir,
+    _set_lr,
+    latest_checkpoint,
+    load_checkpoint,
+    param_count,
+    pick_device,
+    render_batch,
+    save_checkpoint,
+    step_generators,
+)
+
+TOY_CLIP_DIR = Path(__file__).resolve().parent / "weights" / "toy-clip"
+ZERO_SHOT_TEMPLATE = "a photo of a {}."
+# A ModifiedResNet image tower (``layers`` as a list) of ~1.6M parameters; a 2-layer text tower whose
+# 49,408-token embedding (the open_clip tokenizer's) is most of the file.
+TOY_CLIP_CONFIG: dict[str, Any] = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 32},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 48, "heads": 4, "layers": 2},
+}
+OPENAI_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+OPENAI_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+TEMPLATES = ["a photo of {}.", "{}", "a picture of {}.", "an image of {}.", "there is {}.", "a drawing of {}."]
+
+
+def build_clip(seed: int):
+    import open_clip
+
+    torch.manual_seed(seed)
+    return open_clip.CLIP(**TOY_CLIP_CONFIG)
+
+
+def subset_caption(labels: list[str], rng: np.random.Generator) -> tuple[str, list[str]]:
+    """A caption naming a random non-empty subset of ``labels`` (with or without colour words)."""
+    from mlgen.world.render import COLOURS
+
+    k = int(rng.integers(1, len(labels) + 1))
+    subset = [labels[i] for i in rng.permutation(len(labels))[:k]]
+    colours = rng.random() < 0.3
+    words = [f"a {COLOURS[s][0]} {s}" if colours else f"a {s}" for s in subset]
+    listed = words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+    template = TEMPLATES[0] if rng.random() < 0.5 else TEMPLATES[int(rng.integers(len(TEMPLATES)))]
+    return template.format(listed), subset
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> what open_clip's preprocess gives (OpenAI mean/std)."""
+    return ((batch + 1.0) / 2.0 - OPENAI_MEAN) / OPENAI_STD
+
+
+def multilabel_clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor, match: torch.Tensor):
+    """Symmetric contrastive loss whose targets spread over every matching pair (``match[i, j]``)."""
+    logits = scale * image_emb @ text_emb.T
+    target = match.float()
+    image_loss = -(F.log_softmax(logits, dim=1) * target / target.sum(1, keepdim=True)).sum(1).mean()
+    text_loss = -(F.log_softmax(logits.T, dim=1) * target.T / target.sum(0, keepdim=True).T).sum(1).mean()
+    return (image_loss + text_loss) / 2
+
+
+def export_clip(model, out: Path) -> None:
+    """open_clip ``local-dir:`` layout, weights in fp16 (loaded back as fp32 on the CPU)."""
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        config = {"model_cfg": TOY_CLIP_CONFIG, "preprocess_cfg": {}}
+        (tmp / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        weights = {k: v.detach().cpu().half().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / "open_clip_model.safetensors")
+
+    _replace_dir(out, build)
+
+
+@torch.no_grad()
+def zero_shot_map(model, tokenizer, n: int = 512, seed: int = 999, device: torch.device | None = None) -> float:
+    """Multi-label mAP of cosine(image, "a photo of a {shape}.") over ``n`` rendered scenes."""
+    from mlgen.classifiers.metrics import mean_average_precision
+    from mlgen.world.render import SHAPES
+
+    device = device or torch.device("cpu")
+    rng = np.random.default_rng(seed)
+    images, labels = render_batch(rng, n)
+    text = F.normalize(model.encode_text(tokenizer([ZERO_SHOT_TEMPLATE.format(s) for s in SHAPES]).to(device)), dim=-1)
+    feats = [F.normalize(model.encode_image(normalize(chunk).to(device)), dim=-1) for chunk in images.split(128)]
+    scores = (torch.cat(feats) @ text.T).float().cpu()
+    truth = torch.tensor([[s in names for s in SHAPES] for names in labels])
+    return mean_average_precision(scores.numpy(), truth.numpy())
+
+
+def train_clip(
+    work: Path,
+    out: Path,
+    settings: TrainSettings,
+    log: Callable[[str], None] | None = None,
+    max_cpu_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Train (or resume) in ``work``; export to ``out`` at every checkpoint and at the end.
+
+    ``max_cpu_seconds`` stops early (after a checkpoint) once this process used that much CPU time;
+    running again resumes. The schedule does not depend on ``settings.steps``, so stopping at step N
+    gives the weights of a run with ``steps=N``.
+    """
+    import open_clip
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = pick_device()
+    model = build_clip(settings.seed).to(device)
+    context = TOY_CLIP_CONFIG["text_cfg"]["context_length"]
+    tokenizer = open_clip.get_tokenizer("RN50", context_length=context)  # open_clip's standard BPE tokenizer
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.05)
+    record = {"model": "toy-clip", **asdict(settings)}
+    work.mkdir(parents=True, exist_ok=True)
+    step = 0
+    if (ckpt := latest_checkpoint(work)) is not None:
+        step = load_checkpoint(ckpt, {"clip": model}, optimizer, record)
+        _log(log, f"resumed from {ckpt.name}")
+    _log(log, f"toy CLIP: {param_count(model.visual) / 1e6:.2f}M image / {param_count(model) / 1e6:.2f}M total")
+    started = time.process_time()
+    model.train()
+    while step < settings.steps:
+        rng, _ = step_generators(settings.seed, step)
+        images, labels = render_batch(rng, settings.batch)
+        captions, subsets = zip(*(subset_caption(names, rng) for names in labels), strict=True)
+        match = torch.tensor([[set(sub) <= set(names) for sub in subsets] for names in labels], device=device)
+        _set_lr(optimizer, settings, step)
+        with _autocast(device):
+            image_emb, text_emb, scale = model(normalize(images).to(device), tokenizer(list(captions)).to(device))
+            loss = multilabel_clip_loss(image_emb.float(), text_emb.float(), scale.float(), match)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, 4.6052)  # at most 100, as in CLIP
+        step += 1
+        if step % 20 == 0:
+            _log(log, f"step {step} loss {loss.item():.4f} cpu {time.process_time() - started:.0f}s")
+        out_of_time = max_cpu_seconds is not None and time.process_time() - started > max_cpu_seconds
+        if step % settings.checkpoint_every == 0 or step == settings.steps or out_of_time:
+            save_checkpoint(work, step, {"clip": model}, optimizer, record)
+            export_clip(model, out)
+        if out_of_time:
+            break
+    model.eval()
+    result = {"steps": step, "zero_shot_map": zero_shot_map(model, tokenizer, device=device), "out": str(out)}
+    _log(log, json.dumps(result))
+    return result
