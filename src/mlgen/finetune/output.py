@@ -41,6 +41,12 @@ def save_text_encoder(model: torch.nn.Module, final: Path, info: dict[str, Any])
         shutil.rmtree(old, ignore_errors=True)
 
 
+def remove_stale_output(final: Path) -> None:
+    """Folders a run killed inside :func:`save_text_encoder` left beside ``final`` (a rerun writes it anew)."""
+    for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def is_lora(folder: Path) -> bool:
     return (Path(folder) / ADAPTER_CONFIG).is_file()
 

@@ -32,7 +32,7 @@ from mlgen.finetune.model import (
     load_parts,
 )
 from mlgen.finetune.model import render as render_images
-from mlgen.finetune.output import save_text_encoder
+from mlgen.finetune.output import remove_stale_output, save_text_encoder
 from mlgen.generate.diffusion import sample_seed
 from mlgen.models.registry import open_clip_name
 from mlgen.paths import write_atomic, write_text_atomic
@@ -207,6 +207,7 @@ class FinetuneStage(Stage):
         c, main = self.config, self.ranks.is_main
         if main:
             ckpt.remove_stale(self.checkpoints)
+            remove_stale_output(self.run.root / "text_encoder")
         self.ranks.wait()
         state = self.resume()
         from tqdm import tqdm
