@@ -125,6 +125,7 @@ def train_clip(
     settings: TrainSettings,
     log: Callable[[str], None] | None = None,
     max_cpu_seconds: float | None = None,
+    eval_images: int = 512,
 ) -> dict[str, Any]:
     """Train (or resume) in ``work``; export to ``out`` at every checkpoint and at the end.
 
@@ -174,6 +175,10 @@ def train_clip(
         if out_of_time:
             break
     model.eval()
-    result = {"steps": step, "zero_shot_map": zero_shot_map(model, tokenizer, device=device), "out": str(out)}
+    result = {
+        "steps": step,
+        "zero_shot_map": zero_shot_map(model, tokenizer, n=eval_images, device=device),
+        "out": str(out),
+    }
     _log(log, json.dumps(result))
     return result
