@@ -16,10 +16,10 @@ import yaml
 
 from mlgen.errors import MlgenError
 
-# The paper's negative prompt (Diff-ZS-MLC, generation script).
+# The paper's negative prompt, verbatim (Diff-ZS-MLC, methods.md section A).
 PAPER_NEGATIVE_PROMPT = (
-    "watermark, text, signature, blurry, lowres, bad anatomy, bad hands, cropped, worst quality, "
-    "low quality, jpeg artifacts, deformed, disfigured, extra limbs"
+    "watermark, text, poorly-drawn-eyes, poorly-drawn-fingers, bad-anatomy, ugly, extra fingers, "
+    "extra limbs, missing fingers, missing limbs, deformed, mutated hands and fingers"
 )
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from mlgen.classifiers.stage import ClassifierStage
-from mlgen.config import ClassifierConfig, FilterConfig, GenerateConfig, PromptsConfig
+from mlgen.config import ClassifierConfig, FilterConfig, GenerateConfig, PromptsConfig, build_config
 from mlgen.filters.stage import FilterStage
 from mlgen.generate.diffusion import image_side
 from mlgen.generate.stage import GenerateStage
@@ -27,6 +28,17 @@ def make_prompts(
     """Label sets, scene prompts and synonyms for ``labels`` (default: the run's classes.txt)."""
     check_llm(config.llm)
     return run_stage(PromptStage(run, config, labels or run.classes()), overwrite)
+
+
+def prompt_settings_for_generate(run: RunDir, explicit: dict[str, Any]) -> PromptsConfig:
+    """The prompt settings ``generate`` runs the prompt stage with.
+
+    The settings the run's prompts were made with, updated only by the prompt options given
+    explicitly (flag, environment, config file): so ``mlgen prompts --llm template`` followed by
+    ``mlgen generate`` reuses those prompts instead of comparing them with generate's defaults.
+    """
+    recorded = run.recorded_config("prompts") if run.success("prompts") is not None else {}
+    return build_config(PromptsConfig, recorded, explicit)
 
 
 def generate(
@@ -74,6 +86,30 @@ def stage_progress(run: RunDir) -> list[dict[str, Any]]:
                 "total": len(shards),
                 "finished": marker is not None,
                 "counts": marker["counts"] if marker else {},
+                "stale": stale_inputs(run, folder) if marker else [],
             }
         )
     return rows
+
+
+def stale_inputs(run: RunDir, folder: Path) -> list[str]:
+    """The input stages of a finished stage that were redone since it ran (so its output is out of date).
+
+    Redone means the input's marker hash differs from the one recorded in this stage's plan, or the
+    input's marker was written after this stage's own marker (``--overwrite`` with the same settings).
+    """
+    settings = json.loads((folder / PLAN).read_text(encoding="utf-8"))["settings"]
+    finished_at = (folder / SUCCESS).stat().st_mtime
+    stale = []
+    for key, recorded in settings.items():
+        if not key.startswith("upstream "):
+            continue
+        upstream = key.removeprefix("upstream ")
+        marker_file = run.stage_dir(upstream) / SUCCESS
+        if not marker_file.is_file():
+            stale.append(upstream)
+            continue
+        current = json.loads(marker_file.read_text(encoding="utf-8"))["config_hash"]
+        if current != recorded or marker_file.stat().st_mtime > finished_at:
+            stale.append(upstream)
+    return stale

@@ -151,7 +151,9 @@ def generate(
         seed=seed,
         guidance=guidance,
     )
-    prompt_settings = _prompt_settings(config, llm, prompts_per_set)
+    # Only prompt options given explicitly (config file, environment, flag) may change existing prompts.
+    explicit = {**(_config_sections(config).get("prompts") or {}), "llm": llm, "prompts_per_set": prompts_per_set}
+    prompt_settings = workflow.prompt_settings_for_generate(RunDir(run), explicit)
     _say(workflow.generate(RunDir(run), settings, prompt_settings, _labels(classes), overwrite), run)
 
 
@@ -255,6 +257,9 @@ def status(run: RunOpt = DEFAULT_RUN) -> None:
         raise MlgenError(f"no run directory at {run}")
     for row in workflow.stage_progress(RunDir(run)):
         state = "finished" if row["finished"] else ("not started" if row["total"] == 0 else "in progress")
+        if row.get("stale"):
+            redone = ", ".join(row["stale"])
+            state = f"STALE (input '{redone}' redone since; rerun with --overwrite)"
         counts = ", ".join(f"{k} {v}" for k, v in row["counts"].items())
         typer.echo(f"{row['stage']:<11} {row['done']:>5}/{row['total']:<5} shards  {state}  {counts}".rstrip())
 
@@ -263,12 +268,16 @@ def status(run: RunOpt = DEFAULT_RUN) -> None:
 def demo(
     run: RunOpt = Path("mlgen-demo"),
     llm: Annotated[str, typer.Option("--llm", help="smollm2 (built-in LLM) or template (no LLM).")] = "smollm2",
+    model: Annotated[
+        str,
+        typer.Option("--model", help="toy (the trained toy world) or tiny (random weights: a smoke test)."),
+    ] = "toy",
 ) -> None:
-    """The whole pipeline offline on the built-in tiny models (random weights: a smoke run, not real data)."""
+    """The whole pipeline offline on the toy world, scored on rendered real scenes (--model tiny: a smoke run)."""
     from mlgen.demo import run_demo
 
     started = time.time()
-    summary = run_demo(RunDir(run), llm)
+    summary = run_demo(RunDir(run), llm, model)
     typer.echo(f"\nmlgen demo finished in {time.time() - started:.0f} s. Outputs in {run}/:")
     for line in summary:
         typer.echo(f"  {line}")
@@ -305,3 +314,7 @@ def main() -> None:
     except MlgenError as err:
         typer.echo(f"mlgen: error: {err}", err=True)
         sys.exit(1)
+    except SystemExit as exit_:
+        if exit_.code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit status 130
+            typer.echo("mlgen: interrupted: finished shards are kept; run the same command again to resume", err=True)
+        raise

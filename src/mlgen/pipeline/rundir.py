@@ -78,6 +78,12 @@ class RunDir:
                 raise MlgenError(f"another mlgen process is running stage '{stage}' in {self.root}") from None
             yield
 
+    def recorded_config(self, section: str) -> dict[str, Any]:
+        """One section of ``config.yaml`` as recorded by the last run of that stage (``{}`` if none)."""
+        path = self.root / "config.yaml"
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return dict((data or {}).get(section) or {})
+
     def record_config(self, section: str, values: dict[str, Any]) -> None:
         """Store a stage's resolved settings as one section of ``config.yaml``."""
         path = self.root / "config.yaml"
