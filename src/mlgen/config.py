@@ -45,17 +45,21 @@ class PromptsConfig:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    model: str = "tiny"  # diffusers id or folder; tiny = built-in random-weight model
+    model: str = "tiny"  # diffusers text-to-image id or folder; tiny = built-in random weights, toy = toy world
+    preset: str | None = None  # None: chosen by model id (mlgen models); fills steps/guidance/size/scheduler left unset
     images_per_prompt: int = 1
     shard_size: int = 100
-    steps: int = 50
-    size: int | None = None  # image side in pixels; None = the model's native size
-    guidance: float = 7.5
+    steps: int | None = None  # None: the preset's
+    size: int | None = None  # image side in pixels; None: the preset's, else the model's native size
+    guidance: float | None = None  # None: the preset's
+    scheduler: str | None = None  # euler, euler-a, ddim, dpm++, pndm, lms, heun, unipc, or model; None: the preset's
     seed: int = 0
     image_format: str = "jpg"  # jpg, png or webp
     jpeg_quality: int = 95
-    batch_size: int | None = runtime(None)  # None: 8 on CPU, 16 on GPU
+    batch_size: int | None = runtime(None)  # None: 8 on CPU; on CUDA, what fits in free memory
     dtype: str = runtime("auto")  # auto: fp16 on CUDA, fp32 on CPU
+    compile: bool = runtime(False)  # torch.compile the UNet (CUDA; pays off over thousands of images)
+    text_encoder: str | None = runtime(None)  # fine-tuned text encoder folder; None: RUN/text_encoder if present
 
 
 @dataclass(frozen=True)
@@ -151,7 +155,7 @@ def build_config(cls: type[ConfigT], *layers: dict[str, Any] | None) -> ConfigT:
     return config
 
 
-NUMERIC_TYPES = {"int": int, "int | None": int, "float": float}
+NUMERIC_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float}
 
 
 def validate(config: Any) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 from mlgen.classifiers.stage import ClassifierStage
 from mlgen.config import ClassifierConfig, FilterConfig, GenerateConfig, PromptsConfig, build_config
 from mlgen.filters.stage import FilterStage
-from mlgen.generate.diffusion import image_side
+from mlgen.generate.diffusion import check_scheduler, check_text_to_image, image_side
+from mlgen.generate.presets import apply_preset
 from mlgen.generate.stage import GenerateStage
 from mlgen.models.registry import open_clip_name
 from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir, stats_path
@@ -49,7 +50,10 @@ def generate(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Render every prompt; runs the prompt stage first when the run has none (or labels are given)."""
-    image_side(config.model, config.size)  # an unknown model or a bad size fails now, not after the prompts
+    config = apply_preset(config)  # an unknown preset, model, scheduler or a bad size fails now, not after the prompts
+    check_text_to_image(config.model)
+    check_scheduler(config.scheduler)
+    image_side(config.model, config.size)
     if labels is not None or run.success("prompts") is None:
         make_prompts(run, prompts_config, labels)
     return run_stage(GenerateStage(run, config), overwrite)

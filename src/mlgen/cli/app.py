@@ -14,6 +14,7 @@ import typer
 
 from mlgen import __version__, workflow
 from mlgen.cli.finetune import finetune_command
+from mlgen.cli.models import models_command
 from mlgen.cli.world import world_app
 from mlgen.config import (
     ClassifierConfig,
@@ -132,6 +133,25 @@ def generate(
     guidance: Annotated[
         float | None, typer.Option(envvar="MLGEN_GUIDANCE", help="Classifier-free guidance scale.")
     ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            envvar="MLGEN_SCHEDULER", help="euler (paper), euler-a, ddim, dpm++, pndm, lms, heun, unipc, model."
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(envvar="MLGEN_PRESET", help="Sampling preset (default: by model id; mlgen models).")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(envvar="MLGEN_DTYPE", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32.")
+    ] = None,
+    compile_unet: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", envvar="MLGEN_COMPILE", help="torch.compile the UNet.")
+    ] = None,
+    text_encoder: Annotated[
+        str | None,
+        typer.Option(envvar="MLGEN_TEXT_ENCODER", help="Fine-tuned text encoder folder (default: RUN/text_encoder)."),
+    ] = None,
     llm: LlmOpt = None,
     prompts_per_set: PromptsPerSetOpt = None,
     config: ConfigOpt = None,
@@ -150,6 +170,11 @@ def generate(
         size=size,
         seed=seed,
         guidance=guidance,
+        scheduler=scheduler,
+        preset=preset,
+        dtype=dtype,
+        compile=compile_unet,
+        text_encoder=text_encoder,
     )
     # Only prompt options given explicitly (config file, environment, flag) may change existing prompts.
     explicit = {**(_config_sections(config).get("prompts") or {}), "llm": llm, "prompts_per_set": prompts_per_set}
@@ -284,6 +309,7 @@ def demo(
 
 
 app.command("finetune")(finetune_command)
+app.command("models")(models_command)
 
 
 @app.callback(invoke_without_command=True)

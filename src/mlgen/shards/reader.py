@@ -37,7 +37,10 @@ def read_manifest(folder: Path, shard: int) -> pa.Table:
 def iter_shard(folder: Path, shard: int) -> Iterator[dict[str, Any]]:
     """The raw samples of one shard (``__key__`` and bytes per extension), checked against its manifest."""
     tar, _ = shard_paths(folder, shard)
-    expected = read_manifest(folder, shard).column("key").to_pylist()
+    manifest = read_manifest(folder, shard)
+    expected = manifest.column("key").to_pylist()
+    if "failed" in manifest.column_names:  # samples that came out NaN/black are listed, with no image
+        expected = [k for k, reason in zip(expected, manifest.column("failed").to_pylist(), strict=True) if not reason]
     dataset = wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)
     seen = 0
     try:
