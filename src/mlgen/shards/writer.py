@@ -67,8 +67,12 @@ class ShardWriter:
         return len(self.rows)
 
     def abort(self) -> None:
-        self._tar.close()
-        self._tmp_tar.unlink(missing_ok=True)
+        try:
+            self._tar.close()  # may fail again (a full disk): the temp file goes all the same
+        except OSError:
+            pass
+        finally:
+            self._tmp_tar.unlink(missing_ok=True)
 
     def __enter__(self) -> ShardWriter:
         return self
