@@ -11,7 +11,8 @@ import torch
 
 from mlgen.config import GenerateConfig, build_config
 from mlgen.errors import MlgenError
-from mlgen.filters.discriminator import grouping_softmax, keep
+from mlgen.filters.discriminator import grouping_softmax_one as grouping_softmax
+from mlgen.filters.discriminator import keep
 from mlgen.generate.diffusion import sample_seed
 from mlgen.labels import parse_labels
 from mlgen.pipeline.ranks import Ranks

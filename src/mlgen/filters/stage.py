@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mlgen.config import FilterConfig
-from mlgen.filters.discriminator import grouping_softmax, keep
+from mlgen.filters.discriminator import detected, exact_set_keep, grouping_softmax, requested_mask
 from mlgen.models.registry import load_open_clip
 from mlgen.pipeline.ranks import Ranks
 from mlgen.pipeline.runner import Stage
@@ -85,19 +85,20 @@ class FilterStage(Stage):
 
     def judge(self, batch: list[dict[str, Any]], writer: ShardWriter) -> list[dict[str, Any]]:
         logits = self.logits([image_of(s)[1] for s in batch])
+        metas = [json.loads(sample["json"]) for sample in batch]
+        requested = requested_mask([[self.class_index[x] for x in m["labels"]] for m in metas], len(self.classes))
+        probs = grouping_softmax(logits, requested)  # the whole batch at once
+        found = detected(probs, requested, self.config.threshold)
+        keep = exact_set_keep(probs, requested, self.config.threshold)
         decisions = []
-        for sample, row_logits in zip(batch, logits, strict=True):
-            meta = json.loads(sample["json"])
-            requested = [self.class_index[label] for label in meta["labels"]]
-            probs = grouping_softmax(row_logits, requested)
-            kept, found = keep(probs, requested, self.config.threshold)
-            scores = [round(float(p), 6) for p in probs]
-            detected = [self.classes[i] for i in sorted(found)]
+        for sample, meta, row_probs, row_found, kept in zip(batch, metas, probs, found, keep.tolist(), strict=True):
+            scores = [round(float(p), 6) for p in row_probs]
+            detected_labels = [self.classes[i] for i in row_found.nonzero().flatten().tolist()]
             decisions.append(
                 {
                     "key": sample["__key__"],
                     "labels": meta["labels"],
-                    "detected": detected,
+                    "detected": detected_labels,
                     "kept": kept,
                     "scores": scores,
                 }
@@ -105,7 +106,7 @@ class FilterStage(Stage):
             if kept:
                 meta.update(
                     scores=dict(zip(self.classes, scores, strict=True)),
-                    detected=detected,
+                    detected=detected_labels,
                     kept=True,
                     clip=self.config.clip,
                 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from mlgen.filters.discriminator import grouping_softmax, keep
+from mlgen.filters import exact_set_keep, grouping_softmax, requested_mask
 from mlgen.generate.diffusion import load_pipeline, render
 from mlgen.models.registry import load_open_clip
 from mlgen.prompts.composer import label_pairs, template_prompt
@@ -44,8 +44,8 @@ def exact_set_share(
         with torch.inference_mode():
             features = torch.nn.functional.normalize(clip_model.encode_image(pixels).float(), dim=-1)
             logits = (scale * features @ text.T).cpu()
-        requested = [index[label] for label in label_set]
-        hits = sum(keep(grouping_softmax(row, requested), requested, threshold)[0] for row in logits)
+        requested = requested_mask([[index[label] for label in label_set]] * per_set, len(index))
+        hits = int(exact_set_keep(grouping_softmax(logits, requested), requested, threshold).sum())
         per_label_set["+".join(label_set)] = hits / per_set
         kept += hits
     return {
