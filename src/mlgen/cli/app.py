@@ -14,7 +14,7 @@ import typer
 
 from mlgen import __version__, workflow
 from mlgen.cli.finetune import finetune_command
-from mlgen.cli.models import models_command
+from mlgen.cli.models import export_command, models_command
 from mlgen.cli.world import world_app
 from mlgen.config import (
     ClassifierConfig,
@@ -202,27 +202,59 @@ def train_classifier(
     run: RunOpt = DEFAULT_RUN,
     clip: ClipOpt = None,
     epochs: Annotated[int | None, typer.Option(envvar="MLGEN_EPOCHS", help="Training epochs.")] = None,
+    source: Annotated[
+        str | None,
+        typer.Option(envvar="MLGEN_SOURCE", help="filtered (kept images) or raw (all generated: no-filter ablation)."),
+    ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Train a classifier head on frozen CLIP features of the kept images; evaluate on a held-out part."""
-    settings = _settings(config, "classifier", ClassifierConfig, clip=clip, epochs=epochs)
+    """Train a classifier head on frozen CLIP features of the kept images; scored on held-out label sets."""
+    settings = _settings(config, "classifier", ClassifierConfig, clip=clip, epochs=epochs, source=source)
     _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
     _print_metrics(run)
 
 
 @app.command()
-def evaluate(run: RunOpt = DEFAULT_RUN) -> None:
-    """Print the classifier's held-out metrics (mAP, P/R/F1@3)."""
-    RunDir(run).require("classifier")
+def evaluate(
+    run: RunOpt = DEFAULT_RUN,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Real labelled images: a labels CSV, a COCO-style JSON, or WebDataset tars."),
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option("--labels", help="The unseen labels scored in the ZSL setting (default: all).")
+    ] = None,
+) -> None:
+    """Score the classifier on real labelled images (ZSL, GZSL, beside CLIP zero-shot); no --data: print metrics."""
+    run_dir = RunDir(run)
+    run_dir.require("classifier")
+    if data is not None:
+        workflow.evaluate(run_dir, data, _labels(labels))
     _print_metrics(run)
+
+
+METRIC_TITLES = {
+    "zsl": "real images, ZSL (unseen labels)",
+    "gzsl": "real images, GZSL (all labels)",
+    "synthetic_heldout": "SYNTHETIC held-out images (not real)",
+    "zero_shot_clip_heldout": "CLIP zero-shot, synthetic held-out",
+}
 
 
 def _print_metrics(run: Path) -> None:
     metrics = json.loads((run / "classifier" / "metrics.json").read_text())
-    for name in ("test", "zero_shot_clip_test"):
-        values = "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics[name].items())
-        typer.echo(f"{name}: {values}")
+    rows = {name: metrics[name] for name in METRIC_TITLES if name in metrics}
+    if "zero_shot_clip" in metrics:
+        rows = {"zsl": rows.pop("zsl"), "zero_shot_clip": metrics["zero_shot_clip"]["zsl"], **rows}
+    titles = {**METRIC_TITLES, "zero_shot_clip": "CLIP zero-shot, real images, ZSL"}
+    for name, values in rows.items():
+        shown = "  ".join(f"{k} {values[k]:.3f}" for k in ("mAP", "precision@3", "recall@3", "f1@3") if k in values)
+        typer.echo(f"{titles[name]:<40} {shown}  ({values['images']} images)")
+    if metrics.get("corrupt_images_skipped"):
+        typer.echo(f"skipped {metrics['corrupt_images_skipped']} unreadable images")
+    if metrics.get("unknown_labels"):
+        typer.echo(f"labels the classifier does not know (ignored): {', '.join(sorted(metrics['unknown_labels']))}")
 
 
 @app.command()
@@ -310,6 +342,7 @@ def demo(
 
 app.command("finetune")(finetune_command)
 app.command("models")(models_command)
+app.command("export")(export_command)
 
 
 @app.callback(invoke_without_command=True)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
 import typer
 
+from mlgen.errors import MlgenError
 from mlgen.generate.diffusion import SCHEDULERS
 from mlgen.generate.presets import PRESET_FIELDS, presets
 
@@ -17,3 +21,18 @@ def models_command() -> None:
         typer.echo(f"{name:<9} {values}")
         typer.echo(f"{'':<9} {preset['description']}; matches: {matches}")
     typer.echo(f"schedulers: {', '.join(SCHEDULERS)}")
+
+
+def export_command(
+    folder: Annotated[Path, typer.Argument(help="A shard folder: RUN/raw or RUN/filtered.")],
+    out: Annotated[Path | None, typer.Argument(help="Output file (coco).")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="coco (label JSON) or sizes (sizes.json in FOLDER).")] = "coco",
+) -> None:
+    """Export a shard folder: COCO-style labels (with per-label confidences once filtered), or sizes.json."""
+    from mlgen.generate.export import export
+    from mlgen.pipeline.rundir import RunDir
+
+    if fmt == "coco" and out is None:
+        raise MlgenError("mlgen export --format coco needs an output file: mlgen export RUN/filtered OUT.json")
+    counts = export(folder, out or folder / "sizes.json", fmt, RunDir(folder.parent).classes())
+    typer.echo(f"export {fmt}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {out or folder}")

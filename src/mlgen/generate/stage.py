@@ -161,6 +161,12 @@ class GenerateStage(Stage):
             written = writer.commit()
         return {"images": written - failed, "failed": failed}
 
+    def finish(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
+        from mlgen.generate.export import write_sizes
+
+        write_sizes(self.folder)  # open_clip's loader reads the sample count from here
+        return super().finish(stats)
+
     def write_batch(
         self, writer: ShardWriter, shard: int, begin: int, batch: list[dict], images: np.ndarray, reasons: list
     ) -> None:
