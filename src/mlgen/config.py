@@ -75,8 +75,9 @@ class ClassifierConfig:
     epochs: int = 30
     lr: float = 1e-3
     batch_size: int = 64
-    holdout: float = 0.2  # fraction of the kept images held out for evaluation
+    holdout: float = 0.2  # fraction of the label sets held out (synthetic held-out score)
     seed: int = 0
+    source: str = "filtered"  # filtered (kept images) or raw (every generated image: the no-filter ablation)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,7 @@ def validate(config: Any) -> None:
         "jpeg_quality": lambda v: 1 <= v <= 100,
         "shard_size": lambda v: v <= 10_000,  # sample keys have four digits for the index
         "dtype": lambda v: v in ("auto", "fp32", "fp16", "bf16"),
+        "source": lambda v: v in ("filtered", "raw"),
     }
     for name, ok in checks.items():
         if hasattr(config, name) and getattr(config, name) is not None and not ok(getattr(config, name)):

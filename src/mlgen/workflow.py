@@ -13,6 +13,7 @@ from mlgen.generate.diffusion import check_scheduler, check_text_to_image, image
 from mlgen.generate.presets import apply_preset
 from mlgen.generate.stage import GenerateStage
 from mlgen.models.registry import open_clip_name
+from mlgen.paths import write_json_atomic
 from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir, stats_path
 from mlgen.pipeline.runner import run_stage
 from mlgen.prompts.llm import check_llm
@@ -66,9 +67,21 @@ def filter_images(run: RunDir, config: FilterConfig, overwrite: bool = False) ->
 
 
 def train_classifier(run: RunDir, config: ClassifierConfig, overwrite: bool = False) -> dict[str, Any]:
-    run.require("filtered")
+    run.require(config.source)
     open_clip_name(config.clip)
     return run_stage(ClassifierStage(run, config), overwrite)
+
+
+def evaluate(run: RunDir, data: Path, labels: list[str] | None = None) -> dict[str, Any]:
+    """Score the run's classifier on real labelled images; adds zsl/gzsl/zero_shot_clip to metrics.json."""
+    from mlgen.classifiers.evaluate import evaluate_on_data, plot_per_class_ap
+
+    folder = run.stage_dir("classifier")
+    metrics = evaluate_on_data(run, data, labels)
+    stored = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    write_json_atomic(folder / "metrics.json", {**stored, **metrics})
+    plot_per_class_ap(metrics, folder / "plots" / "per_class_ap.png")
+    return metrics
 
 
 def stage_progress(run: RunDir) -> list[dict[str, Any]]:

@@ -23,8 +23,10 @@ def image_features(model, preprocess, images: list[bytes], device: torch.device,
     return torch.cat(chunks) if chunks else torch.empty(0, model.visual.output_dim)
 
 
-def label_embeddings(model, tokenizer, labels: list[str], device: torch.device) -> torch.Tensor:
-    """CLIP text embeddings of "a photo of a {label}." (the zero-shot classifier's weights)."""
+def label_embeddings(
+    model, tokenizer, labels: list[str], device: torch.device, template: str = "a photo of a {}."
+) -> torch.Tensor:
+    """CLIP text embeddings of ``template`` filled with each label (the zero-shot classifier's weights)."""
     with torch.inference_mode():
-        text = model.encode_text(tokenizer([f"a photo of a {label}." for label in labels]).to(device))
+        text = model.encode_text(tokenizer([template.format(label) for label in labels]).to(device))
     return torch.nn.functional.normalize(text.float(), dim=-1).cpu()

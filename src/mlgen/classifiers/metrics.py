@@ -70,3 +70,27 @@ def evaluate_scores(scores: np.ndarray, targets: np.ndarray, k: int = 3) -> dict
         f"f1@{k}": prf["f1"],
         "images": scores.shape[0],
     }
+
+
+def threshold_metrics(probs: np.ndarray, targets: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Per-class (CP, CR, CF1) and overall (OP, OR, OF1) precision/recall/F1 of ``probs >= threshold``.
+
+    As in the ML-GCN / ASL evaluation: CP averages over all classes (a class never predicted has
+    precision 0), CR over the classes that have positives.
+    """
+    probs, positive = _as_pair(probs, targets, ndim=2)
+    predicted = probs >= threshold
+    true_positive = (predicted & positive).sum(0)
+    per_class_precision = np.divide(
+        true_positive, predicted.sum(0), out=np.zeros(probs.shape[1]), where=predicted.any(0)
+    )
+    has_positive = positive.any(0)
+    cp = float(per_class_precision.mean())
+    cr = float((true_positive[has_positive] / positive.sum(0)[has_positive]).mean()) if has_positive.any() else 0.0
+    op = float(true_positive.sum() / predicted.sum()) if predicted.any() else 0.0
+    orecall = float(true_positive.sum() / positive.sum()) if positive.any() else 0.0
+
+    def f1(p: float, r: float) -> float:
+        return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+    return {"CP": cp, "CR": cr, "CF1": f1(cp, cr), "OP": op, "OR": orecall, "OF1": f1(op, orecall)}

@@ -22,13 +22,16 @@ from mlgen.pipeline.runner import Stage
 from mlgen.shards.reader import finished_shards, iter_shard
 
 
-def held_out(keys: list[str], fraction: float) -> torch.Tensor:
-    """A stable split (the same keys always split the same way) with at least one image per side."""
-    order = sorted(range(len(keys)), key=lambda i: hashlib.sha256(keys[i].encode()).digest())
-    count = min(max(1, round(len(keys) * fraction)), len(keys) - 1)
-    mask = torch.zeros(len(keys), dtype=torch.bool)
-    mask[order[:count]] = True
-    return mask
+def held_out(groups: list[int], fraction: float) -> torch.Tensor:
+    """A stable split by label set: every image of a held-out set is held out (no prompt on both sides).
+
+    About ``fraction`` of the sets (at least one, and at least one left to train on), chosen by a hash
+    of the set id so the same run always splits the same way.
+    """
+    sets = sorted(set(groups), key=lambda g: hashlib.sha256(str(g).encode()).digest())
+    count = min(max(1, round(len(sets) * fraction)), len(sets) - 1)
+    chosen = set(sets[:count])
+    return torch.tensor([g in chosen for g in groups], dtype=torch.bool)
 
 
 class ClassifierStage(Stage):
@@ -41,6 +44,7 @@ class ClassifierStage(Stage):
     def __init__(self, run, config: ClassifierConfig) -> None:
         super().__init__(run, config)
         self.classes = run.classes()
+        self.requires = (config.source,)  # "raw": the same classifier without the filter (an ablation)
 
     def plan(self) -> list[dict[str, Any]]:
         return [{"shard": 0, "kind": "train"}]
@@ -49,28 +53,31 @@ class ClassifierStage(Stage):
         self.device = ranks.device
         self.model, self.preprocess, self.tokenizer = load_open_clip(self.config.clip, ranks.device)
 
-    def load_data(self) -> tuple[list[str], list[bytes], torch.Tensor]:
-        keys, images, rows = [], [], []
+    def load_data(self) -> tuple[list[int], list[bytes], torch.Tensor]:
+        """(label-set id, image bytes, multi-hot targets) of every sample of the source stage."""
+        groups, images, rows = [], [], []
         index = {label: i for i, label in enumerate(self.classes)}
-        folder = self.run.stage_dir("filtered")
+        folder = self.run.stage_dir(self.config.source)
         for shard in finished_shards(folder):
             for sample in iter_shard(folder, shard):
-                keys.append(sample["__key__"])
+                meta = json.loads(sample["json"])
+                groups.append(meta["set_id"])
                 images.append(image_of(sample)[1])
-                rows.append([index[label] for label in json.loads(sample["json"])["labels"]])
+                rows.append([index[label] for label in meta["labels"]])
         targets = torch.zeros(len(rows), len(self.classes))
         for i, labels in enumerate(rows):
             targets[i, labels] = 1
-        return keys, images, targets
+        return groups, images, targets
 
     def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
-        keys, images, targets = self.load_data()
-        if len(keys) < 2:
+        groups, images, targets = self.load_data()
+        if len(set(groups)) < 2:
             raise MlgenError(
-                f"the filter kept {len(keys)} images: too few to train and hold out a test part "
+                f"the {self.config.source} stage has {len(images)} images of {len(set(groups))} label sets: "
+                "too few to train and hold out a label set "
                 "(generate more images or lower the filter --threshold)"
             )
-        test = held_out(keys, self.config.holdout)
+        test = held_out(groups, self.config.holdout)
         features = image_features(self.model, self.preprocess, images, self.device)
         class_embeddings = label_embeddings(self.model, self.tokenizer, self.classes, self.device)
         c = self.config
@@ -78,8 +85,8 @@ class ClassifierStage(Stage):
             features[~test], targets[~test], class_embeddings, c.epochs, lr=c.lr, batch_size=c.batch_size, seed=c.seed
         )
         metrics = {
-            "test": evaluate_scores(predict_scores(head, features[test]).numpy(), targets[test].numpy()),
-            "zero_shot_clip_test": evaluate_scores(
+            "synthetic_heldout": evaluate_scores(predict_scores(head, features[test]).numpy(), targets[test].numpy()),
+            "zero_shot_clip_heldout": evaluate_scores(
                 (features[test] @ class_embeddings.T).numpy(), targets[test].numpy()
             ),
             "train_images": int((~test).sum()),

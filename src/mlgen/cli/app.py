@@ -281,6 +281,11 @@ def run_all(
         typer.Option("--run", "--run-dir", envvar="MLGEN_RUN", help="Run directory (default: the config's `run`)."),
     ] = None,
     overwrite: OverwriteOpt = False,
+    quota: Annotated[
+        int | None,
+        typer.Option(min=1, help="Generate and filter in rounds until every label has this many kept images."),
+    ] = None,
+    max_rounds: Annotated[int, typer.Option(min=1, help="Most quota rounds before the run stops.")] = 5,
 ) -> None:
     """Run every stage from one config file."""
     data = read_config_file(config)
@@ -301,8 +306,15 @@ def run_all(
         if classes is not None or run_dir.success("prompts") is None:
             workflow.make_prompts(run_dir, section["prompts"], classes)
         finetune(run_dir, build_config(FinetuneConfig, data["finetune"]), overwrite)
-    workflow.generate(run_dir, section["generate"], section["prompts"], classes, overwrite)
-    workflow.filter_images(run_dir, section["filter"], overwrite)
+    if quota is not None:  # the paper's loop: rounds of generate + filter until every label has `quota` kept
+        from mlgen.generate.rounds import run_rounds
+
+        if classes is not None or run_dir.success("prompts") is None:
+            workflow.make_prompts(run_dir, section["prompts"], classes)
+        run_rounds(run_dir, section["generate"], section["filter"], quota, max_rounds)
+    else:
+        workflow.generate(run_dir, section["generate"], section["prompts"], classes, overwrite)
+        workflow.filter_images(run_dir, section["filter"], overwrite)
     workflow.train_classifier(run_dir, section["classifier"], overwrite)
     _print_metrics(run_dir.root)
 
@@ -319,6 +331,10 @@ def status(run: RunOpt = DEFAULT_RUN) -> None:
             state = f"STALE (input '{redone}' redone since; rerun with --overwrite)"
         counts = ", ".join(f"{k} {v}" for k, v in row["counts"].items())
         typer.echo(f"{row['stage']:<11} {row['done']:>5}/{row['total']:<5} shards  {state}  {counts}".rstrip())
+    from mlgen.generate.rounds import quota_status
+
+    for line in quota_status(RunDir(run)):
+        typer.echo(line)
 
 
 @app.command()
