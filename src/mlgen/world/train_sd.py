@@ -231,7 +231,12 @@ def build_text_encoder(vocab_size: int, bos: int, eos: int):
         eos_token_id=eos,
         pad_token_id=eos,
     )
-    return CLIPTextModel(config)
+    model = CLIPTextModel(config)
+    # CLIP's init (std 0.02) leaves the output nearly the same for every prompt (mean |difference|
+    # 0.016 at unit scale, still after 300 steps), so the UNet had nothing to follow: token
+    # embeddings at unit scale make the words the largest signal from the first step.
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
+    return model
 
 
 UNET_CHANNELS = (32, 64, 64)  # 1.5M parameters: 6 MB in fp32, ~0.8 s per step of 32 on one core
