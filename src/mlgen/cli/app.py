@@ -189,12 +189,18 @@ def filter_(
     threshold: Annotated[
         float | None, typer.Option(envvar="MLGEN_THRESHOLD", help="Probability a detected label needs.")
     ] = None,
+    rescore: Annotated[
+        bool,
+        typer.Option(
+            "--rescore", help="Redo every decision (new threshold or rule) from the cached image embeddings: no CLIP."
+        ),
+    ] = False,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Keep an image only when CLIP detects exactly the labels that were asked for."""
     settings = _settings(config, "filter", FilterConfig, clip=clip, threshold=threshold)
-    _say(workflow.filter_images(RunDir(run), settings, overwrite), run)
+    _say(workflow.filter_images(RunDir(run), settings, overwrite, rescore), run)
 
 
 @app.command("train-classifier")
