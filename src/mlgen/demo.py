@@ -10,6 +10,7 @@ random-weight smoke test instead (its numbers mean nothing).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,10 @@ from mlgen.classifiers.metrics import evaluate_scores
 from mlgen.classifiers.stage import ClassifierStage
 from mlgen.classifiers.train_head import predict_scores
 from mlgen.config import ClassifierConfig, FilterConfig, GenerateConfig, PromptsConfig
-from mlgen.filters.stage import image_of
 from mlgen.labels import parse_labels
 from mlgen.models.registry import load_open_clip
 from mlgen.pipeline.rundir import RunDir
 from mlgen.pipeline.runner import run_stage
-from mlgen.shards.reader import finished_shards, iter_shard
 
 TOY = "toy"
 # The demo's unseen labels: four of the toy world's eight shapes.
@@ -38,24 +37,9 @@ REAL_TEST_SEED = 7
 
 
 class UnfilteredClassifierStage(ClassifierStage):
-    """The same classifier trained on every generated image (raw/), for the no-filter comparison."""
+    """The same classifier trained on every generated image (``source: raw``), in its own folder."""
 
     name = "classifier-unfiltered"
-    requires = ("raw",)
-
-    def load_data(self) -> tuple[list[str], list[bytes], torch.Tensor]:
-        keys, images, rows = [], [], []
-        index = {label: i for i, label in enumerate(self.classes)}
-        folder = self.run.stage_dir("raw")
-        for shard in finished_shards(folder):
-            for sample in iter_shard(folder, shard):
-                keys.append(sample["__key__"])
-                images.append(image_of(sample)[1])
-                rows.append([index[label] for label in json.loads(sample["json"])["labels"]])
-        targets = torch.zeros(len(rows), len(self.classes))
-        for i, labels in enumerate(rows):
-            targets[i, labels] = 1
-        return keys, images, targets
 
 
 def real_test_metrics(run: RunDir, data: Path, clip: str, heads: dict[str, str]) -> dict[str, dict[str, float]]:
@@ -104,7 +88,7 @@ def run_demo(run: RunDir, llm: str = "smollm2", model: str = TOY) -> list[str]:
     # are already perfect): what it knows about shapes it learns from the generated images alone.
     classifier = ClassifierConfig(clip="tiny", epochs=50)
     workflow.train_classifier(run, classifier)
-    run_stage(UnfilteredClassifierStage(run, classifier))
+    run_stage(UnfilteredClassifierStage(run, replace(classifier, source="raw")))
     real = run.root / "real-test"
     if not (real / "labels.csv").is_file():
         render_dataset(real, REAL_TEST_IMAGES, REAL_TEST_SEED, classes)
