@@ -8,6 +8,7 @@ from typing import Any
 
 from mlgen.classifiers.stage import ClassifierStage
 from mlgen.config import ClassifierConfig, FilterConfig, GenerateConfig, PromptsConfig, build_config
+from mlgen.errors import MlgenError
 from mlgen.filters.stage import FilterStage
 from mlgen.generate.diffusion import check_scheduler, check_text_to_image, image_side
 from mlgen.generate.presets import apply_preset
@@ -60,10 +61,39 @@ def generate(
     return run_stage(GenerateStage(run, config), overwrite)
 
 
-def filter_images(run: RunDir, config: FilterConfig, overwrite: bool = False) -> dict[str, Any]:
+def check_raw_labels(run: RunDir) -> None:
+    """Every label in the raw manifests must be one of classes.txt (read from the manifests, no images)."""
+    import pyarrow.parquet as pq
+
+    classes, folder = set(run.classes()), run.stage_dir("raw")
+    plan = json.loads((folder / PLAN).read_text(encoding="utf-8"))
+    for shard in plan["shards"]:
+        manifest = folder / f"{shard['shard']:05d}.parquet"
+        labels = {
+            label for row in pq.read_table(manifest, columns=["labels"]).column("labels").to_pylist() for label in row
+        }
+        if labels - classes:
+            raise MlgenError(
+                f"{manifest}: label '{sorted(labels - classes)[0]}' is not in {run.classes_file}; "
+                "the raw images were made for other classes"
+            )
+
+
+def filter_images(run: RunDir, config: FilterConfig, overwrite: bool = False, rescore: bool = False) -> dict[str, Any]:
+    """Keep the exact-set matches; ``rescore`` redoes the decisions from cached embeddings (no image encoder)."""
     run.require("raw")
     open_clip_name(config.clip)
-    return run_stage(FilterStage(run, config), overwrite)
+    check_raw_labels(run)
+    stage = FilterStage(run, config, rescore=rescore)
+    if rescore:  # checked before the old decisions are discarded
+        plan = json.loads((run.stage_dir("raw") / PLAN).read_text(encoding="utf-8"))
+        missing = [s["shard"] for s in plan["shards"] if not stage.cache.path(s["shard"]).is_file()]
+        if missing:
+            raise MlgenError(
+                f"--rescore: no cached image embeddings of {config.clip!r} for {len(missing)} raw shard(s) "
+                f"(first: {missing[0]}): run `mlgen filter` with this --clip first"
+            )
+    return run_stage(stage, overwrite or rescore)
 
 
 def train_classifier(run: RunDir, config: ClassifierConfig, overwrite: bool = False) -> dict[str, Any]:

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 from PIL import Image
 
 from mlgen.config import FilterConfig
+from mlgen.errors import MlgenError
 from mlgen.filters.discriminator import detected, exact_set_keep, grouping_softmax, requested_mask
 from mlgen.models.registry import load_open_clip
+from mlgen.paths import write_atomic
 from mlgen.pipeline.ranks import Ranks
 from mlgen.pipeline.runner import Stage
 from mlgen.shards.reader import iter_shard
@@ -26,6 +33,7 @@ DECISIONS_SCHEMA = pa.schema(
         pa.field("labels", pa.list_(pa.string())),
         pa.field("detected", pa.list_(pa.string())),
         pa.field("kept", pa.bool_()),
+        pa.field("reason", pa.string()),  # "" when kept; else missing:<label> / extra:<label>, comma-joined
         pa.field("scores", pa.list_(pa.float32())),
     ]
 )
@@ -36,6 +44,50 @@ def image_of(sample: dict[str, Any]) -> tuple[str, bytes]:
     return ext, sample[ext]
 
 
+def rejection_reason(labels: list[str], detected_labels: list[str]) -> str:
+    """Why an image was dropped: requested labels CLIP did not find, and labels it found unasked."""
+    missing = [f"missing:{label}" for label in labels if label not in detected_labels]
+    extra = [f"extra:{label}" for label in detected_labels if label not in labels]
+    return ",".join(missing + extra)
+
+
+class EmbeddingCache:
+    """Image embeddings of each raw shard (float16), kept OUTSIDE ``filtered/`` so that redoing the
+    filter with another threshold or rule (``--rescore``, ``--overwrite``) never runs the image encoder again.
+
+    Keyed by the CLIP model and the raw stage's settings hash: other images or another CLIP miss.
+    """
+
+    def __init__(self, run_root: Path, clip: str, raw_hash: str) -> None:
+        key = hashlib.sha256(f"{clip}\n{raw_hash}".encode()).hexdigest()[:16]
+        self.folder = run_root / "cache" / "clip-embeddings" / key
+
+    def path(self, shard: int) -> Path:
+        return self.folder / f"{shard:05d}.npz"
+
+    def load(self, shard: int) -> tuple[list[str], torch.Tensor] | None:
+        if not self.path(shard).is_file():
+            return None
+        with np.load(self.path(shard), allow_pickle=False) as data:
+            return data["keys"].tolist(), torch.from_numpy(data["embeddings"].astype(np.float32))
+
+    def save(self, shard: int, keys: list[str], embeddings: torch.Tensor) -> None:
+        arrays = {"keys": np.array(keys), "embeddings": embeddings.numpy().astype(np.float16)}
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as handle:
+                np.savez(handle, **arrays)
+
+        write_atomic(self.path(shard), write)
+
+
+def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` items (the last may be shorter); itertools.batched needs Python 3.12."""
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
 class FilterStage(Stage):
     """Filtered shard ``i`` holds the kept samples of raw shard ``i``; scores are for every class."""
 
@@ -43,10 +95,12 @@ class FilterStage(Stage):
     config_section = "filter"
     requires = ("raw",)
 
-    def __init__(self, run, config: FilterConfig) -> None:
+    def __init__(self, run, config: FilterConfig, rescore: bool = False) -> None:
         super().__init__(run, config)
         self.classes = run.classes()
         self.class_index = {label: i for i, label in enumerate(self.classes)}
+        self.rescore = rescore  # decide from cached embeddings only; never run the image encoder
+        self.cache = EmbeddingCache(run.root, config.clip, run.require("raw")["config_hash"])
 
     def plan(self) -> list[dict[str, Any]]:
         raw_plan = json.loads((self.run.stage_dir("raw") / "plan.json").read_text(encoding="utf-8"))
@@ -60,32 +114,51 @@ class FilterStage(Stage):
             self.text_features = torch.nn.functional.normalize(text.float(), dim=-1)
             self.logit_scale = self.model.logit_scale.exp().float()
 
-    def logits(self, images: list[bytes]) -> torch.Tensor:
+    def encode(self, images: list[bytes]) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] (float32, CPU)."""
         pixels = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
         with torch.inference_mode():
             features = self.model.encode_image(pixels.to(self.device, self.model.logit_scale.dtype))
-            features = torch.nn.functional.normalize(features.float(), dim=-1)
-            return (self.logit_scale * features @ self.text_features.T).cpu()
+            return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    def cached(self, shard: int) -> tuple[list[str], torch.Tensor] | None:
+        cached = self.cache.load(shard)
+        if cached is None and self.rescore:
+            raise MlgenError(f"--rescore: no cached image embeddings for raw shard {shard}: run `mlgen filter` first")
+        return cached
 
     def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
-        decisions: list[dict[str, Any]] = []
-        raw = self.run.stage_dir("raw")
-        with ShardWriter(self.folder, shard["shard"], FILTERED_SCHEMA) as writer:
-            batch: list[dict[str, Any]] = []
-            for sample in iter_shard(raw, shard["shard"]):
-                batch.append(sample)
-                if len(batch) == self.config.batch_size:
-                    decisions += self.judge(batch, writer)
-                    batch = []
-            if batch:
-                decisions += self.judge(batch, writer)
+        number, decisions = shard["shard"], []
+        cached = self.cached(number)
+        keys, computed = [], []
+        with ShardWriter(self.folder, number, FILTERED_SCHEMA) as writer:
+            for batch in batches(iter_shard(self.run.stage_dir("raw"), number), self.config.batch_size):
+                batch_keys = [sample["__key__"] for sample in batch]
+                if cached is not None:
+                    start = len(keys)
+                    if cached[0][start : start + len(batch)] != batch_keys:
+                        raise MlgenError(f"cached embeddings of raw shard {number} do not match it: filter --overwrite")
+                    features = cached[1][start : start + len(batch)]
+                else:  # rounded as cached, so a rescore with the same settings repeats every decision
+                    features = self.encode([image_of(sample)[1] for sample in batch]).half().float()
+                    computed.append(features)
+                keys += batch_keys
+                decisions += self.judge(batch, features, writer)
             kept = writer.commit()
-        write_parquet_atomic(self.folder / f"{shard['shard']:05d}_decisions.parquet", decisions, DECISIONS_SCHEMA)
+        if computed:
+            self.cache.save(number, keys, torch.cat(computed))
+        write_parquet_atomic(self.folder / f"{number:05d}_decisions.parquet", decisions, DECISIONS_SCHEMA)
         return {"images": len(decisions), "kept": kept, "dropped": len(decisions) - kept}
 
-    def judge(self, batch: list[dict[str, Any]], writer: ShardWriter) -> list[dict[str, Any]]:
-        logits = self.logits([image_of(s)[1] for s in batch])
+    def judge(self, batch: list[dict[str, Any]], features: torch.Tensor, writer: ShardWriter) -> list[dict[str, Any]]:
+        logits = self.logit_scale * features.to(self.text_features.device) @ self.text_features.T
         metas = [json.loads(sample["json"]) for sample in batch]
+        unknown = {label for meta in metas for label in meta["labels"]} - self.class_index.keys()
+        if unknown:
+            raise MlgenError(
+                f"raw sample {batch[0]['__key__']}...: label '{sorted(unknown)[0]}' is not in "
+                f"{self.run.classes_file}; the raw images were made for other classes"
+            )
         requested = requested_mask([[self.class_index[x] for x in m["labels"]] for m in metas], len(self.classes))
         probs = grouping_softmax(logits, requested)  # the whole batch at once
         found = detected(probs, requested, self.config.threshold)
@@ -100,6 +173,7 @@ class FilterStage(Stage):
                     "labels": meta["labels"],
                     "detected": detected_labels,
                     "kept": kept,
+                    "reason": "" if kept else rejection_reason(meta["labels"], detected_labels),
                     "scores": scores,
                 }
             )

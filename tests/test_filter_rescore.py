@@ -1,0 +1,80 @@
+"""Filter decisions carry reasons; image embeddings are cached so --rescore never runs the image encoder."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import FAST_GENERATE, mlgen
+from mlgen import workflow
+from mlgen.config import FilterConfig
+from mlgen.filters.stage import FilterStage
+from mlgen.pipeline.rundir import RunDir
+
+
+@pytest.fixture(scope="module")
+def filtered_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("rescore")
+    (root / "classes.txt").write_text("zebra\nkite\nsurfboard\n", encoding="utf-8")
+    run = root / "run"
+    for args in (["generate", "--classes", root / "classes.txt", *FAST_GENERATE], ["filter"]):
+        done = mlgen(*args, "--run", run)
+        assert done.returncode == 0, done.stderr
+    return run
+
+
+def decisions(run: Path) -> list[dict]:
+    return pq.read_table(sorted((run / "filtered").glob("*_decisions.parquet"))).to_pylist()
+
+
+def test_every_dropped_image_says_why(filtered_run: Path) -> None:
+    rows = decisions(filtered_run)
+    assert any(not r["kept"] for r in rows)
+    for row in rows:
+        if row["kept"]:
+            assert row["reason"] == ""
+        else:
+            reasons = row["reason"].split(",")
+            assert all(r.split(":")[0] in ("missing", "extra") for r in reasons)
+            missing = {r.split(":", 1)[1] for r in reasons if r.startswith("missing:")}
+            assert missing == set(row["labels"]) - set(row["detected"])
+
+
+def test_rescore_decides_again_without_the_image_encoder(filtered_run: Path, monkeypatch) -> None:
+    before = decisions(filtered_run)
+
+    def no_encoder(self, images):  # a spy: rescoring must never reach the image encoder
+        raise AssertionError("the image encoder ran during --rescore")
+
+    monkeypatch.setattr(FilterStage, "encode", no_encoder)
+    run = RunDir(filtered_run)
+    workflow.filter_images(run, FilterConfig(clip="tiny"), rescore=True)  # same settings: same decisions
+    assert decisions(filtered_run) == before
+    workflow.filter_images(run, FilterConfig(clip="tiny", threshold=0.0), rescore=True)
+    lenient = decisions(filtered_run)
+    assert [r["key"] for r in lenient] == [r["key"] for r in before]
+    assert sum(r["kept"] for r in lenient) >= sum(r["kept"] for r in before)
+    marker = run.success("filtered")
+    assert marker is not None and marker["counts"]["kept"] == sum(r["kept"] for r in lenient)
+
+
+def test_rescore_without_cached_embeddings_is_one_line(filtered_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(filtered_run, copy)
+    shutil.rmtree(copy / "cache")
+    done = mlgen("filter", "--run", copy, "--rescore", "--threshold", "0.2")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "no cached image embeddings" in done.stderr
+    assert (copy / "filtered" / "_SUCCESS.json").is_file()  # the earlier decisions are untouched
+
+
+def test_a_raw_label_missing_from_classes_is_one_line(filtered_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(filtered_run, copy)
+    (copy / "classes.txt").write_text("zebra\nkite\nboat\n", encoding="utf-8")
+    done = mlgen("filter", "--run", copy, "--overwrite")
+    assert done.returncode == 1 and "surfboard" in done.stderr and "is not in" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
