@@ -1,0 +1,113 @@
+"""The toy text-to-image model: its training resumes exactly, and the shipped weights work and draw what is asked."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import mlgen
+from mlgen.errors import MlgenError
+from mlgen.shards.reader import finished_shards, iter_shard
+from mlgen.world import train_sd
+from mlgen.world.train_sd import TrainSettings, latest_checkpoint, train_unet, train_vae
+
+TINY_RUN = {"batch": 2, "threads": 1, "checkpoint_every": 2, "eval_images": 8}
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(ckpt / "weights.safetensors")
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Stop after a checkpoint (and leave a half-written one behind), resume: same weights as one run."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = {"channels": [16, 16, 32]}
+    train_vae(straight, TrainSettings(steps=4, **TINY_RUN))
+    train_unet(straight, straight / "pipe", TrainSettings(steps=4, extra=extra, **TINY_RUN))
+
+    train_vae(resumed, TrainSettings(steps=2, **TINY_RUN))
+    (resumed / ".ckpt-0000003.tmp-1").mkdir()  # what a kill during a save leaves: ignored
+    train_vae(resumed, TrainSettings(steps=4, **TINY_RUN))
+    train_unet(resumed, resumed / "pipe", TrainSettings(steps=2, extra=extra, **TINY_RUN))
+    train_unet(resumed, resumed / "pipe", TrainSettings(steps=4, extra=extra, **TINY_RUN))
+
+    for part in ("", "unet"):
+        a, b = latest_checkpoint(straight / part), latest_checkpoint(resumed / part)
+        assert a.name == b.name == "ckpt-0000004"
+        _assert_same(_weights(a), _weights(b))
+        # optimizer state and RNG are plain tensors: loadable without unpickling code
+        torch.load(b / "state.pt", weights_only=True)
+    _assert_same(
+        load_file(straight / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"),
+        load_file(resumed / "pipe" / "unet" / "diffusion_pytorch_model.safetensors"),
+    )
+
+
+def test_other_settings_refuse_to_resume(tmp_path: Path) -> None:
+    train_vae(tmp_path, TrainSettings(steps=2, **TINY_RUN))
+    with pytest.raises(MlgenError, match="other settings"):
+        train_vae(tmp_path, TrainSettings(steps=4, lr=0.5, **TINY_RUN))
+
+
+def test_unet_without_vae_is_one_clear_line(tmp_path: Path) -> None:
+    result = mlgen("world", "train", "unet", "--work", tmp_path / "w", "--out", tmp_path / "o", "--steps", "1")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mlgen: error: no trained VAE in {tmp_path / 'w' / 'vae'}")
+
+
+def test_pruned_tokenizer_keeps_the_world_words_and_drops_the_rest() -> None:
+    tokenizer = train_sd.pruned_tokenizer(train_sd.vocabulary_words(train_sd.world_shapes()))
+    assert len(tokenizer) < 1000  # CLIP's has 49,408
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("A red circle next to a blue square, 3 stars!").input_ids)
+    for word in ("circle", "square", "stars", "red", "next", "blue"):
+        assert f"{word}</w>" in tokens
+    assert "<|unk|>" in tokens  # digits and punctuation are outside the vocabulary
+    caption = train_sd.random_caption(["heart", "ring"], np.random.default_rng(0))
+    assert ("heart" in caption.lower()) and ("ring" in caption.lower())
+
+
+# --- the shipped weights --------------------------------------------------------------------------
+
+
+def test_toy_pipeline_is_a_standard_small_diffusers_folder() -> None:
+    folder = train_sd.TOY_SD_DIR
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["scheduler"][1] == "EulerDiscreteScheduler"
+    assert index["safety_checker"] == [None, None]
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 10 * 2**20
+    assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))  # safetensors only
+
+
+@pytest.mark.slow
+def test_generate_with_the_toy_model(tmp_path: Path) -> None:
+    """``mlgen generate --model toy``: the real command loads the shipped folder and renders 64 px images."""
+    classes = tmp_path / "c.txt"
+    classes.write_text("circle\nsquare\n", encoding="utf-8")
+    run = tmp_path / "run"
+    fast = ["--llm", "template", "--steps", "4", "--shard-size", "4", "--batch-size", "2"]
+    result = mlgen("generate", "--run", run, "--classes", classes, "--model", "toy", *fast)
+    assert result.returncode == 0, result.stderr
+    shards = finished_shards(run / "raw")
+    samples = [sample for shard in shards for sample in iter_shard(run / "raw", shard)]
+    assert len(samples) >= 2
+    for sample in samples:
+        data = next(value for key, value in sample.items() if key in ("jpg", "png", "webp"))
+        image = Image.open(io.BytesIO(data))
+        assert image.size == (64, 64)
+        assert np.asarray(image).std() > 5  # a picture, not a blank
