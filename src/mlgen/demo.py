@@ -26,6 +26,7 @@ from mlgen.classifiers.train_head import predict_scores
 from mlgen.config import ClassifierConfig, FilterConfig, GenerateConfig, PromptsConfig
 from mlgen.labels import parse_labels
 from mlgen.models.registry import load_open_clip
+from mlgen.paths import write_json_atomic
 from mlgen.pipeline.rundir import RunDir
 from mlgen.pipeline.runner import run_stage
 
@@ -67,38 +68,46 @@ def real_test_metrics(run: RunDir, data: Path, clip: str, heads: dict[str, str])
     return metrics
 
 
-def run_demo(run: RunDir, llm: str = "smollm2", model: str = TOY) -> list[str]:
-    """Run prompts -> generate -> filter -> classifier; return summary lines."""
-    if model == "tiny":
-        return run_tiny_demo(run, llm)
+def toy_experiment(run: RunDir, llm: str = "smollm2", model: str = TOY, seed: int = 0) -> dict[str, Any]:
+    """The toy-world pipeline in ``run``; returns the raw / filtered stage markers and the real-test metrics."""
     from mlgen.world.render import render_dataset
 
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny models on a shared CPU: extra threads mostly wait on each other
-
     classes = parse_labels("\n".join(TOY_DEMO_CLASSES), "demo classes")
     # Sized for a 2-core CPU: the LLM writes 20 short prompts, the toy model draws 6 images of each.
     prompt_settings = PromptsConfig(
-        llm=llm, prompts_per_set=2, synonyms_per_label=2, max_new_tokens=40, sets_per_shard=10
+        llm=llm, prompts_per_set=2, synonyms_per_label=2, max_new_tokens=40, sets_per_shard=10, seed=seed
     )
-    raw_settings = GenerateConfig(model=model, images_per_prompt=6, shard_size=60, steps=10, image_format="png")
+    raw_settings = GenerateConfig(
+        model=model, images_per_prompt=6, shard_size=60, steps=10, image_format="png", seed=seed
+    )
     raw = workflow.generate(run, raw_settings, prompt_settings, classes)
     filtered = workflow.filter_images(run, FilterConfig(clip=TOY))
     # The classifier's backbone is the random-weight tiny CLIP, not the toy CLIP (whose zero-shot scores
     # are already perfect): what it knows about shapes it learns from the generated images alone.
-    classifier = ClassifierConfig(clip="tiny", epochs=50)
+    classifier = ClassifierConfig(clip="tiny", epochs=50, seed=seed)
     workflow.train_classifier(run, classifier)
     run_stage(UnfilteredClassifierStage(run, replace(classifier, source="raw")))
     real = run.root / "real-test"
     if not (real / "labels.csv").is_file():
         render_dataset(real, REAL_TEST_IMAGES, REAL_TEST_SEED, classes)
     metrics = real_test_metrics(run, real, TOY, {"filtered": "classifier", "unfiltered": "classifier-unfiltered"})
-    (run.root / "real-test-metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    write_json_atomic(run.root / "real-test-metrics.json", metrics)
+    return {"raw": raw, "filtered": filtered, "metrics": metrics, "classes": classes}
+
+
+def run_demo(run: RunDir, llm: str = "smollm2", model: str = TOY) -> list[str]:
+    """Run prompts -> generate -> filter -> classifier -> real test; return summary lines."""
+    if model == "tiny":
+        return run_tiny_demo(run, llm)
+    result = toy_experiment(run, llm, model)
+    metrics = result["metrics"]
     return [
-        *_stage_lines(run, raw, filtered),
-        f"real test: {REAL_TEST_IMAGES} rendered scenes of {', '.join(classes)} (never seen in training)",
+        *_stage_lines(run, result["raw"], result["filtered"]),
+        f"real test: {REAL_TEST_IMAGES} rendered scenes of {', '.join(result['classes'])} (never seen in training)",
         *(
-            f"  {title:<44} mAP {metrics[key]['mAP']:.3f}  F1@3 {metrics[key]['f1@3']:.3f}"
+            f"  {title:<46} mAP {metrics[key]['mAP']:.3f}  F1@3 {metrics[key]['f1@3']:.3f}"
             for key, title in (
                 ("filtered", "classifier on CLIP-filtered toy images"),
                 ("unfiltered", "same classifier on all toy images (no filter)"),
