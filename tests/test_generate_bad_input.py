@@ -58,3 +58,16 @@ def test_full_disk_while_writing_a_shard(tmp_path: Path, classes_file: Path) -> 
     raw = run / "raw"
     assert not (raw / "00000_stats.json").exists() and not (raw / "_SUCCESS.json").exists()
     assert not [p for p in raw.iterdir() if ".tmp" in p.name]  # no partial file left behind
+
+
+def test_unreachable_quota_ends_the_run_naming_the_short_labels(tmp_path: Path) -> None:
+    (tmp_path / "unseen.txt").write_text("zebra\nkite\n", encoding="utf-8")
+    (tmp_path / "mlgen.yaml").write_text(
+        "run: run\nclasses: unseen.txt\nprompts: {llm: template}\n"
+        "generate: {steps: 2, size: 64, shard_size: 8, batch_size: 4}\n"
+        "filter: {threshold: 1.0}\n",  # a filter that keeps nothing: no number of rounds can fill the quota
+        encoding="utf-8",
+    )
+    result = mlgen("run", "--config", "mlgen.yaml", "--quota", "3", "--max-rounds", "1", cwd=tmp_path)
+    _one_line(result, "quota 3 not reached in 1 rounds", "zebra (0/3)", "kite (0/3)")
+    assert not (tmp_path / "run" / "classifier").exists()
