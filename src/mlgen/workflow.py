@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,8 @@ def prompt_settings_for_generate(run: RunDir, explicit: dict[str, Any]) -> Promp
     ``mlgen generate`` reuses those prompts instead of comparing them with generate's defaults.
     """
     recorded = run.recorded_config("prompts") if run.success("prompts") is not None else {}
-    return build_config(PromptsConfig, recorded, explicit)
+    known = {f.name for f in dataclasses.fields(PromptsConfig)}  # a setting renamed since is left out
+    return build_config(PromptsConfig, {k: v for k, v in recorded.items() if k in known}, explicit)
 
 
 def generate(
