@@ -42,11 +42,13 @@ def main() -> None:
     print(f"\nreal-test mAP on {args.seeds} seeds (toy world, {args.model} images, {args.llm} prompts)")
     print(f"{'':42} {'mean':>6} {'spread':>7}  per seed")
     for key, title in ROWS:
-        values = [m[key]["mAP"] for m in results]
+        values = [m[key]["mAP"] for m in results if key in m]  # no filtered row where the filter kept too few
+        if not values:
+            continue
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         seeds = " ".join(f"{v:.3f}" for v in values)
         print(f"{title:42} {statistics.mean(values):6.3f} {spread:7.3f}  {seeds}")
-    ratios = " ".join(f"{m['filtered']['mAP'] / m['unfiltered']['mAP']:.3f}" for m in results)
+    ratios = " ".join(f"{m['filtered']['mAP'] / m['unfiltered']['mAP']:.3f}" for m in results if "filtered" in m)
     print(f"{'filter on / filter off (ratio)':42} {'':6} {'':7}  {ratios}")
 
 

@@ -135,7 +135,7 @@ def test_toy_demo_scores_rendered_real_scenes(tmp_path: Path) -> None:
     for line in ("kept", "real test: 300 rendered scenes", "no filter", "toy CLIP zero-shot"):
         assert line in result.stdout
     metrics = json.loads((tmp_path / "demo" / "real-test-metrics.json").read_text(encoding="utf-8"))
-    assert set(metrics) == {"filtered", "unfiltered", "zero_shot_clip"}
+    assert {"unfiltered", "zero_shot_clip"} <= set(metrics) <= {"filtered", "unfiltered", "zero_shot_clip"}
     assert metrics["zero_shot_clip"]["mAP"] > 0.95  # the toy CLIP knows the shapes
     assert all(0.0 <= m["mAP"] <= 1.0 for m in metrics.values())
 

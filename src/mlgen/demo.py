@@ -24,6 +24,7 @@ from mlgen.classifiers.metrics import evaluate_scores
 from mlgen.classifiers.stage import ClassifierStage
 from mlgen.classifiers.train_head import predict_scores
 from mlgen.config import ClassifierConfig, FilterConfig, GenerateConfig, PromptsConfig
+from mlgen.errors import MlgenError
 from mlgen.labels import parse_labels
 from mlgen.models.registry import load_open_clip
 from mlgen.paths import write_json_atomic
@@ -87,12 +88,17 @@ def toy_experiment(run: RunDir, llm: str = "smollm2", model: str = TOY, seed: in
     # The classifier's backbone is the random-weight tiny CLIP, not the toy CLIP (whose zero-shot scores
     # are already perfect): what it knows about shapes it learns from the generated images alone.
     classifier = ClassifierConfig(clip="tiny", epochs=50, seed=seed)
-    workflow.train_classifier(run, classifier)
+    heads = {"filtered": "classifier", "unfiltered": "classifier-unfiltered"}
+    try:
+        workflow.train_classifier(run, classifier)
+    except MlgenError as err:  # the filter kept too few images (a weak toy model): say so, score the rest
+        heads.pop("filtered")
+        filtered = {**filtered, "classifier_error": str(err)}
     run_stage(UnfilteredClassifierStage(run, replace(classifier, source="raw")))
     real = run.root / "real-test"
     if not (real / "labels.csv").is_file():
         render_dataset(real, REAL_TEST_IMAGES, REAL_TEST_SEED, classes)
-    metrics = real_test_metrics(run, real, TOY, {"filtered": "classifier", "unfiltered": "classifier-unfiltered"})
+    metrics = real_test_metrics(run, real, TOY, heads)
     write_json_atomic(run.root / "real-test-metrics.json", metrics)
     return {"raw": raw, "filtered": filtered, "metrics": metrics, "classes": classes}
 
@@ -108,6 +114,8 @@ def run_demo(run: RunDir, llm: str = "smollm2", model: str = TOY) -> list[str]:
         f"real test: {REAL_TEST_IMAGES} rendered scenes of {', '.join(result['classes'])} (never seen in training)",
         *(
             f"  {title:<46} mAP {metrics[key]['mAP']:.3f}  F1@3 {metrics[key]['f1@3']:.3f}"
+            if key in metrics
+            else f"  {title:<46} not trained: {result['filtered']['classifier_error']}"
             for key, title in (
                 ("filtered", "classifier on CLIP-filtered toy images"),
                 ("unfiltered", "same classifier on all toy images (no filter)"),
