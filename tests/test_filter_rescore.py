@@ -78,3 +78,53 @@ def test_a_raw_label_missing_from_classes_is_one_line(filtered_run: Path, tmp_pa
     done = mlgen("filter", "--run", copy, "--overwrite")
     assert done.returncode == 1 and "surfboard" in done.stderr and "is not in" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# Appended to a copy of the page: after load, record how many images there are and how many failed.
+IMAGE_CHECK = (
+    "<script>window.addEventListener('load', () => {const all = [...document.images];"
+    "document.body.dataset.images = all.length;"
+    "document.body.dataset.broken = all.filter(i => !i.complete || i.naturalWidth === 0).length;});</script>"
+)
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_report_page_shows_every_image_in_chromium(filtered_run: Path, tmp_path: Path) -> None:
+    import re
+    import subprocess
+
+    done = mlgen("report", "--run", filtered_run)
+    assert done.returncode == 0, done.stderr
+    page = filtered_run / "report" / "index.html"
+    text = page.read_text(encoding="utf-8")
+    for label in ("zebra", "kite", "surfboard"):
+        assert f"<h2>{label}</h2>" in text
+    checked = page.with_name("check.html")
+    checked.write_text(text.replace("</body>", IMAGE_CHECK + "</body>"), encoding="utf-8")
+    browser = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(
+        [*browser, "--virtual-time-budget=10000", "--dump-dom", checked.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    images = int(re.search(r'data-images="(\d+)"', dom).group(1))
+    broken = int(re.search(r'data-broken="(\d+)"', dom).group(1))
+    assert images >= 4 and broken == 0, (images, broken)
+    screenshot = tmp_path / "report.png"
+    subprocess.run(
+        [*browser, f"--screenshot={screenshot}", "--window-size=1000,1400", page.as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
+    assert screenshot.stat().st_size > 10_000

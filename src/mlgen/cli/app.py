@@ -203,6 +203,14 @@ def filter_(
     _say(workflow.filter_images(RunDir(run), settings, overwrite, rescore), run)
 
 
+@app.command()
+def report(run: RunOpt = DEFAULT_RUN) -> None:
+    """Write RUN/report/index.html: per label, contact sheets of kept and dropped images, scores, counts."""
+    from mlgen.report import build_report
+
+    typer.echo(f"report: {build_report(RunDir(run))}")
+
+
 @app.command("train-classifier")
 def train_classifier(
     run: RunOpt = DEFAULT_RUN,

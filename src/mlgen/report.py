@@ -1,0 +1,164 @@
+"""``mlgen report``: one HTML page to LOOK at a run: per label, what the filter kept and dropped and why.
+
+``RUN/report/index.html`` with, for every label, contact sheets of kept and of dropped images (with
+the label's score and the reason), a histogram of the label's scores, and counts; then the prompt
+report and the classifier's metrics when those stages have run. Image files are named by index,
+never from user text, and every text shown is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+from PIL import Image
+
+from mlgen.errors import MlgenError
+from mlgen.filters.stage import image_of
+from mlgen.pipeline.rundir import PLAN, RunDir
+from mlgen.shards.reader import iter_shard
+
+PER_SHEET = 12  # images per contact sheet
+THUMBNAIL = 96  # pixels
+
+
+def _decisions(run: RunDir) -> list[dict[str, Any]]:
+    folder = run.stage_dir("filtered")
+    run.require("filtered")
+    shards = json.loads((folder / PLAN).read_text(encoding="utf-8"))["shards"]
+    tables = [folder / f"{s['shard']:05d}_decisions.parquet" for s in shards]
+    return [row for table in tables if table.is_file() for row in pq.read_table(table).to_pylist()]
+
+
+def _chosen(decisions: list[dict[str, Any]], classes: list[str]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Per label: the first kept and dropped decisions of images that asked for it."""
+    sheets: dict[str, dict[str, list[dict[str, Any]]]] = {c: {"kept": [], "dropped": []} for c in classes}
+    for row in decisions:
+        for label in row["labels"]:
+            side = sheets[label]["kept" if row["kept"] else "dropped"]
+            if len(side) < PER_SHEET:
+                side.append(row)
+    return sheets
+
+
+def _thumbnails(run: RunDir, keys: set[str], out: Path) -> dict[str, str]:
+    """Write a thumbnail of every wanted raw sample as img/NNNNN.jpg; returns key -> relative path."""
+    names: dict[str, str] = {}
+    folder = run.stage_dir("raw")
+    for shard in json.loads((folder / PLAN).read_text(encoding="utf-8"))["shards"]:
+        for sample in iter_shard(folder, shard["shard"]):
+            if sample["__key__"] in keys:
+                image = Image.open(io.BytesIO(image_of(sample)[1])).convert("RGB")
+                image.thumbnail((THUMBNAIL, THUMBNAIL))
+                names[sample["__key__"]] = f"img/{len(names):05d}.jpg"
+                image.save(out / names[sample["__key__"]], quality=90)
+    return names
+
+
+def _histogram(values_kept: list[float], values_dropped: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.2, 2.0))
+    bins = [i / 20 for i in range(21)]
+    ax.hist([values_kept, values_dropped], bins=bins, stacked=True, label=["kept", "dropped"], color=["g", "r"])
+    ax.set_xlabel("score of the label")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=80)
+    plt.close(fig)
+
+
+def _figure(row: dict[str, Any], label_index: int, thumbnails: dict[str, str]) -> str:
+    score = row["scores"][label_index]
+    why = "kept" if row["kept"] else row.get("reason", "") or "dropped"
+    return (
+        f'<figure><img src="{thumbnails[row["key"]]}" alt="{html.escape(row["key"])}">'
+        f"<figcaption>{score:.2f} · {html.escape(why)}</figcaption></figure>"
+    )
+
+
+def _metrics_section(root: Path, out: Path) -> str:
+    metrics_file = root / "classifier" / "metrics.json"
+    if not metrics_file.is_file():
+        return ""
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    rows = []
+    for name in ("zsl", "gzsl", "synthetic_heldout"):
+        if name in metrics:
+            rows.append(
+                f"<tr><td>{name}</td><td>{metrics[name]['mAP']:.3f}</td><td>{metrics[name]['f1@3']:.3f}</td></tr>"
+            )
+    if "zero_shot_clip" in metrics:
+        zs = metrics["zero_shot_clip"]["zsl"]
+        rows.append(f"<tr><td>CLIP zero-shot (zsl)</td><td>{zs['mAP']:.3f}</td><td>{zs['f1@3']:.3f}</td></tr>")
+    chart = root / "classifier" / "plots" / "per_class_ap.png"
+    picture = ""
+    if chart.is_file():
+        shutil.copyfile(chart, out / "per_class_ap.png")
+        picture = '<img src="per_class_ap.png" alt="per-class AP">'
+    return (
+        "<h2>Classifier</h2><table><tr><th>setting</th><th>mAP</th><th>F1@3</th></tr>"
+        + "".join(rows)
+        + f"</table>{picture}"
+    )
+
+
+def _prompt_section(root: Path) -> str:
+    report = root / "prompts" / "report.json"
+    if not report.is_file():
+        return ""
+    return f"<h2>Prompts</h2><pre>{html.escape(report.read_text(encoding='utf-8'))}</pre>"
+
+
+STYLE = (
+    "body{font-family:sans-serif;margin:1em}figure{display:inline-block;margin:2px;font-size:11px;text-align:center}"
+    "figcaption{max-width:96px;overflow-wrap:anywhere}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+    "padding:2px 6px}.sheet{margin:4px 0 12px}"
+)
+
+
+def build_report(run: RunDir) -> Path:
+    """Write ``RUN/report/`` (built beside it and renamed into place); returns index.html."""
+    classes = run.classes()
+    decisions = _decisions(run)
+    if not decisions:
+        raise MlgenError(f"{run.root}: the filter has no decisions to show yet")
+    sheets = _chosen(decisions, classes)
+    final = run.root / "report"
+    build = run.root / f".report.tmp-{os.getpid()}"
+    shutil.rmtree(build, ignore_errors=True)
+    (build / "img").mkdir(parents=True)
+    wanted = {row["key"] for side in sheets.values() for rows in side.values() for row in rows}
+    thumbnails = _thumbnails(run, wanted, build)
+    parts = [f"<h1>mlgen run {html.escape(run.root.name)}</h1>"]
+    for index, label in enumerate(classes):
+        asked = [row for row in decisions if label in row["labels"]]
+        kept = [row["scores"][index] for row in asked if row["kept"]]
+        dropped = [row["scores"][index] for row in asked if not row["kept"]]
+        _histogram(kept, dropped, build / f"hist_{index:03d}.png")
+        parts.append(
+            f"<h2>{html.escape(label)}</h2><p>{len(asked)} images asked for it: {len(kept)} kept, "
+            f"{len(dropped)} dropped</p><img src='hist_{index:03d}.png' alt='scores'>"
+        )
+        for side in ("kept", "dropped"):
+            figures = "".join(_figure(row, index, thumbnails) for row in sheets[label][side])
+            parts.append(f"<div class='sheet'><b>{side}</b><br>{figures or '(none)'}</div>")
+    parts.append(_prompt_section(run.root))
+    parts.append(_metrics_section(run.root, build))
+    page = f"<!doctype html><html><head><meta charset='utf-8'><style>{STYLE}</style></head><body>"
+    (build / "index.html").write_text(page + "".join(parts) + "</body></html>", encoding="utf-8")
+    old = run.root / f".report.old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(build, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final / "index.html"
