@@ -78,6 +78,7 @@ class ClassifierConfig:
     holdout: float = 0.2  # fraction of the label sets held out (synthetic held-out score)
     seed: int = 0
     source: str = "filtered"  # filtered (kept images) or raw (every generated image: the no-filter ablation)
+    head_init: str = "text"  # text: start from CLIP's zero-shot weights; random: learn from the images alone
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,7 @@ def validate(config: Any) -> None:
         "shard_size": lambda v: v <= 10_000,  # sample keys have four digits for the index
         "dtype": lambda v: v in ("auto", "fp32", "fp16", "bf16"),
         "source": lambda v: v in ("filtered", "raw"),
+        "head_init": lambda v: v in ("text", "random"),
     }
     for name, ok in checks.items():
         if hasattr(config, name) and getattr(config, name) is not None and not ok(getattr(config, name)):

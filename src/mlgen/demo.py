@@ -85,9 +85,9 @@ def toy_experiment(run: RunDir, llm: str = "smollm2", model: str = TOY, seed: in
     )
     raw = workflow.generate(run, raw_settings, prompt_settings, classes)
     filtered = workflow.filter_images(run, FilterConfig(clip=TOY))
-    # The classifier's backbone is the random-weight tiny CLIP, not the toy CLIP (whose zero-shot scores
-    # are already perfect): what it knows about shapes it learns from the generated images alone.
-    classifier = ClassifierConfig(clip="tiny", epochs=50, seed=seed)
+    # A head on the toy CLIP's frozen image features, started from random weights (not from its text
+    # embeddings, whose zero-shot scores are already perfect): what it knows it learns from the images.
+    classifier = ClassifierConfig(clip=TOY, head_init="random", epochs=50, seed=seed)
     heads = {"filtered": "classifier", "unfiltered": "classifier-unfiltered"}
     try:
         workflow.train_classifier(run, classifier)

@@ -82,7 +82,13 @@ class ClassifierStage(Stage):
         class_embeddings = label_embeddings(self.model, self.tokenizer, self.classes, self.device)
         c = self.config
         head, losses = train_linear_head(
-            features[~test], targets[~test], class_embeddings, c.epochs, lr=c.lr, batch_size=c.batch_size, seed=c.seed
+            features[~test],
+            targets[~test],
+            class_embeddings if c.head_init == "text" else None,
+            c.epochs,
+            lr=c.lr,
+            batch_size=c.batch_size,
+            seed=c.seed,
         )
         metrics = {
             "synthetic_heldout": evaluate_scores(predict_scores(head, features[test]).numpy(), targets[test].numpy()),

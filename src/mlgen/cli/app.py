@@ -220,11 +220,17 @@ def train_classifier(
         str | None,
         typer.Option(envvar="MLGEN_SOURCE", help="filtered (kept images) or raw (all generated: no-filter ablation)."),
     ] = None,
+    head_init: Annotated[
+        str | None,
+        typer.Option(envvar="MLGEN_HEAD_INIT", help="text (CLIP zero-shot weights) or random (learn from images)."),
+    ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a classifier head on frozen CLIP features of the kept images; scored on held-out label sets."""
-    settings = _settings(config, "classifier", ClassifierConfig, clip=clip, epochs=epochs, source=source)
+    settings = _settings(
+        config, "classifier", ClassifierConfig, clip=clip, epochs=epochs, source=source, head_init=head_init
+    )
     _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
     _print_metrics(run)
 
