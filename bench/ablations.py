@@ -1,10 +1,10 @@
 """The paper's ablations in miniature, on the toy world: real-test mAP over seeds, filter on vs off.
 
-Each seed runs the demo's toy pipeline (prompts -> toy generation -> toy-CLIP filter -> classifier on
-the toy CLIP's frozen features, head from random weights) in its own run folder, then scores both classifiers (trained on
-the kept images, and on every generated image) and the toy CLIP zero-shot on the same rendered real
-test scenes. Printed: mean and spread (standard deviation) over the seeds, and the filter-on / filter-off
-ratio per seed. Text-encoder fine-tuning and feature fusion rows are not here yet.
+Each seed runs the demo's toy pipeline (prompts -> toy generation -> toy-CLIP filter -> a classifier
+head from random weights on the toy CLIP's frozen features) in its own run folder, then scores both
+classifiers (trained on the kept images, and on every generated image) and the toy CLIP zero-shot on
+the same rendered real test scenes. Printed: mean and spread (standard deviation) over the seeds, and
+the filter-on / filter-off ratio per seed. Text-encoder fine-tuning and feature fusion rows are not here yet.
 
 Usage: python bench/ablations.py [--seeds 3] [--llm template] [--model toy] [--out DIR]
 """
