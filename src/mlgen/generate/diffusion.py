@@ -42,9 +42,7 @@ def check_scheduler(name: str) -> None:
 
 def check_text_to_image(name: str) -> str:
     """The model's pipeline class, after checking AutoPipelineForText2Image can load it as text-to-image."""
-    from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING, _get_task_class
-
-    folder = diffusers_folder(name)
+    folder = diffusers_folder(name)  # first: an unknown name fails before the slow import below
     index = Path(folder) / "model_index.json"
     if not index.is_file():
         index = Path(hub_file(folder, "model_index.json", "diffusion model"))
@@ -52,6 +50,8 @@ def check_text_to_image(name: str) -> str:
         class_name = json.loads(index.read_text(encoding="utf-8"))["_class_name"]
     except (ValueError, KeyError, TypeError):
         raise MlgenError(f"{name}: model_index.json names no pipeline class") from None
+    from diffusers.pipelines.auto_pipeline import AUTO_TEXT2IMAGE_PIPELINES_MAPPING, _get_task_class
+
     if _get_task_class(AUTO_TEXT2IMAGE_PIPELINES_MAPPING, class_name, throw_error_if_not_exist=False) is None:
         raise MlgenError(f"{name} is a {class_name}, not a text-to-image pipeline: pass a text-to-image model")
     return class_name
