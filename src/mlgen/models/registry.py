@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 import torch
 
 from mlgen.errors import MlgenError
-from mlgen.models.tiny import TINY, tiny_clip_dir, tiny_sd_dir
+from mlgen.models.tiny import TINY, TINY_RESNET, tiny_clip_dir, tiny_resnet_clip_dir, tiny_sd_dir
 from mlgen.paths import build_dir_atomic, cache_dir
 
 SMOLLM2 = "smollm2"
@@ -98,6 +98,8 @@ def open_clip_name(name: str) -> tuple[str, str | None]:
 
     if name == TINY:
         return f"local-dir:{tiny_clip_dir()}", None
+    if name == TINY_RESNET:
+        return f"local-dir:{tiny_resnet_clip_dir()}", None
     if name == TOY_CLIP:
         return f"local-dir:{toy_clip_dir()}", None
     if name.startswith(("hf-hub:", "local-dir:")):

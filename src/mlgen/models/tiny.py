@@ -15,6 +15,7 @@ import torch
 from mlgen.paths import build_dir_atomic, cache_dir
 
 TINY = "tiny"
+TINY_RESNET = "tiny-resnet"
 # Bump when the architecture or seed below changes, so old caches are not reused.
 TINY_VERSION = "v1"
 TINY_SEED = 0
@@ -22,6 +23,15 @@ TINY_SEED = 0
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+# open_clip's ModifiedResNet (``layers`` as a list): its 3x3 convs in layer3/layer4 have 64 and 128
+# input channels, so the classifier's GlobalBranch fusion (> 32 input channels) applies to them.
+TINY_RESNET_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
@@ -102,17 +112,18 @@ def _build_tiny_sd(out: Path) -> None:
     pipe.save_pretrained(out, safe_serialization=True)
 
 
-def _build_tiny_clip(out: Path) -> None:
+def _build_tiny_clip(out: Path, config: dict | None = None) -> None:
     import open_clip
     from safetensors.torch import save_file
 
+    config = TINY_CLIP_CONFIG if config is None else config
     torch.manual_seed(TINY_SEED)
-    model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+    model = open_clip.CLIP(**config)
     with torch.no_grad():  # a trained CLIP's temperature (100), so softmax decisions are sharp
         model.logit_scale.fill_(torch.log(torch.tensor(100.0)))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
-    config = {"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}
-    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    saved = {"model_cfg": config, "preprocess_cfg": {}}
+    (out / "open_clip_config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
 
 
 def tiny_sd_dir() -> Path:
@@ -123,3 +134,10 @@ def tiny_sd_dir() -> Path:
 def tiny_clip_dir() -> Path:
     """Folder of the tiny open_clip model (``local-dir:`` layout), built on first use."""
     return build_dir_atomic(cache_dir() / f"tiny-clip-{TINY_VERSION}", _build_tiny_clip)
+
+
+def tiny_resnet_clip_dir() -> Path:
+    """Folder of the tiny ResNet open_clip model (``local-dir:`` layout), built on first use."""
+    return build_dir_atomic(
+        cache_dir() / f"tiny-resnet-clip-{TINY_VERSION}", lambda out: _build_tiny_clip(out, TINY_RESNET_CONFIG)
+    )
