@@ -121,6 +121,11 @@ def _build_tiny_clip(out: Path, config: dict | None = None) -> None:
     model = open_clip.CLIP(**config)
     with torch.no_grad():  # a trained CLIP's temperature (100), so softmax decisions are sharp
         model.logit_scale.fill_(torch.log(torch.tensor(100.0)))
+        # open_clip zero-initialises every ResNet block's last BatchNorm (each block starts as the identity):
+        # random weights would then ignore every 3x3 conv, so give them weight 1 as a trained model has.
+        for name, parameter in model.visual.named_parameters():
+            if name.endswith("bn3.weight"):
+                parameter.fill_(1.0)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "open_clip_model.safetensors")
     saved = {"model_cfg": config, "preprocess_cfg": {}}
     (out / "open_clip_config.json").write_text(json.dumps(saved, indent=2), encoding="utf-8")
@@ -139,5 +144,5 @@ def tiny_clip_dir() -> Path:
 def tiny_resnet_clip_dir() -> Path:
     """Folder of the tiny ResNet open_clip model (``local-dir:`` layout), built on first use."""
     return build_dir_atomic(
-        cache_dir() / f"tiny-resnet-clip-{TINY_VERSION}", lambda out: _build_tiny_clip(out, TINY_RESNET_CONFIG)
+        cache_dir() / f"tiny-resnet-clip-{TINY_VERSION}b", lambda out: _build_tiny_clip(out, TINY_RESNET_CONFIG)
     )
