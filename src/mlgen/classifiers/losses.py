@@ -168,3 +168,28 @@ def mlcd_loss(
     neg = _sample_negatives(~pos, negative_fraction, generator)
     per_sample = _log1p_sum_exp(-s, pos) + _log1p_sum_exp(s, neg)
     return per_sample.mean()
+
+
+LOSSES = ("asl", "mlcd", "bce")
+
+
+def mlcd_logit_loss(logits: Tensor, targets: Tensor, negative_fraction: float = 0.1) -> Tensor:
+    """MLCD Eq. 5 as a classifier loss on logits (the class weights are the "centres", the image's labels the
+    positives, a random fraction of the rest the negatives). The head's logits are already scaled cosines, so
+    the ArcFace margin of `mlcd_loss` is left out here."""
+    pos = targets.bool()
+    neg = _sample_negatives(~pos, negative_fraction, None)
+    return (_log1p_sum_exp(-logits, pos) + _log1p_sum_exp(logits, neg)).mean()
+
+
+def make_loss(name: str, head: str = "linear"):
+    """``loss(logits, targets)``: ASL with the paper's settings for ``head``, MLCD, or plain BCE."""
+    if name == "asl":
+        if head == "dualcoop":  # methods.md A: gamma- 2, gamma+ 1, clip 0.05 over the 2-way softmax
+            return lambda logits, targets: asymmetric_loss(logits, targets, 2.0, 1.0, 0.05, reduction="mean")
+        return lambda logits, targets: asymmetric_loss(logits, targets, 4.0, 0.0, 0.05, reduction="mean")
+    if name == "mlcd":
+        return mlcd_logit_loss
+    if name == "bce":
+        return lambda logits, targets: F.binary_cross_entropy_with_logits(logits, targets.float())
+    raise ValueError(f"unknown loss {name!r}: use one of {LOSSES}")
