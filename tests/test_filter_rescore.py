@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from conftest import FAST_GENERATE, mlgen
 from mlgen import workflow
@@ -59,6 +60,34 @@ def test_rescore_decides_again_without_the_image_encoder(filtered_run: Path, mon
     assert sum(r["kept"] for r in lenient) >= sum(r["kept"] for r in before)
     marker = run.success("filtered")
     assert marker is not None and marker["counts"]["kept"] == sum(r["kept"] for r in lenient)
+
+
+def test_dedup_drops_near_duplicates_within_a_label_set(filtered_run: Path) -> None:
+    run = RunDir(filtered_run)
+    workflow.filter_images(run, FilterConfig(clip="tiny", threshold=0.0), rescore=True)
+    lenient = decisions(filtered_run)
+    workflow.filter_images(run, FilterConfig(clip="tiny", threshold=0.0, dedup=1e-6), rescore=True)
+    deduped = decisions(filtered_run)  # images of one label set point the same way: nearly all are duplicates
+    assert sum(r["kept"] for r in deduped) <= sum(r["kept"] for r in lenient)
+    assert {r["reason"] for r in deduped if not r["kept"]} <= {"duplicate"} | {
+        r["reason"] for r in lenient if not r["kept"]
+    }
+    for shard in {r["key"].split("-")[0] for r in deduped}:  # one kept image per label set and shard at most
+        kept_sets = [tuple(sorted(r["labels"])) for r in deduped if r["kept"] and r["key"].startswith(shard)]
+        assert len(kept_sets) == len(set(kept_sets))
+    workflow.filter_images(run, FilterConfig(clip="tiny"), rescore=True)  # back to the defaults for other tests
+
+
+def test_dedup_rule_compares_within_a_label_set_only() -> None:
+    stage = FilterStage.__new__(FilterStage)  # only the dedup rule: no run, no model
+    stage.config, stage.seen = FilterConfig(dedup=0.95), {}
+    a, near, far = torch.tensor([1.0, 0.0]), torch.tensor([0.99, 0.05]), torch.tensor([0.0, 1.0])
+    assert not stage.duplicate(["cat"], a)
+    assert stage.duplicate(["cat"], near)
+    assert not stage.duplicate(["cat"], far)
+    assert not stage.duplicate(["cat", "dog"], near)  # another label set
+    stage.config = FilterConfig()  # off by default
+    assert not stage.duplicate(["cat"], a)
 
 
 def test_rescore_without_cached_embeddings_is_one_line(filtered_run: Path, tmp_path: Path) -> None:

@@ -66,6 +66,7 @@ class GenerateConfig:
 class FilterConfig:
     clip: str = "tiny"  # open_clip ARCH/PRETRAINED (e.g. ViT-B-32/openai), hf-hub:ID, folder, or tiny
     threshold: float = 0.5
+    dedup: float = 0.0  # >0: drop a kept image whose embedding cosine to an earlier kept one of its label set exceeds it
     batch_size: int = runtime(64)
 
 

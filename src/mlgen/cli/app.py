@@ -195,11 +195,15 @@ def filter_(
             "--rescore", help="Redo every decision (new threshold or rule) from the cached image embeddings: no CLIP."
         ),
     ] = False,
+    dedup: Annotated[
+        float | None,
+        typer.Option(help="Drop near-duplicates: image cosine above this to a kept image of the same label set."),
+    ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Keep an image only when CLIP detects exactly the labels that were asked for."""
-    settings = _settings(config, "filter", FilterConfig, clip=clip, threshold=threshold)
+    settings = _settings(config, "filter", FilterConfig, clip=clip, threshold=threshold, dedup=dedup)
     _say(workflow.filter_images(RunDir(run), settings, overwrite, rescore), run)
 
 

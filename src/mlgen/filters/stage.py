@@ -129,6 +129,7 @@ class FilterStage(Stage):
 
     def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
         number, decisions = shard["shard"], []
+        self.seen: dict[tuple[str, ...], list[torch.Tensor]] = {}  # kept embeddings per label set (dedup)
         cached = self.cached(number)
         keys, computed = [], []
         with ShardWriter(self.folder, number, FILTERED_SCHEMA) as writer:
@@ -150,6 +151,17 @@ class FilterStage(Stage):
         write_parquet_atomic(self.folder / f"{number:05d}_decisions.parquet", decisions, DECISIONS_SCHEMA)
         return {"images": len(decisions), "kept": kept, "dropped": len(decisions) - kept}
 
+    def duplicate(self, labels: list[str], feature: torch.Tensor) -> bool:
+        """--dedup: a kept image nearly identical (cosine > dedup) to an earlier kept one of the same label set."""
+        if self.config.dedup <= 0:
+            return False
+        seen = self.seen.setdefault(tuple(sorted(labels)), [])
+        unit = torch.nn.functional.normalize(feature.float(), dim=-1)
+        if seen and float((torch.stack(seen) @ unit).max()) > self.config.dedup:
+            return True
+        seen.append(unit)
+        return False
+
     def judge(self, batch: list[dict[str, Any]], features: torch.Tensor, writer: ShardWriter) -> list[dict[str, Any]]:
         logits = self.logit_scale * features.to(self.text_features.device) @ self.text_features.T
         metas = [json.loads(sample["json"]) for sample in batch]
@@ -164,16 +176,20 @@ class FilterStage(Stage):
         found = detected(probs, requested, self.config.threshold)
         keep = exact_set_keep(probs, requested, self.config.threshold)
         decisions = []
-        for sample, meta, row_probs, row_found, kept in zip(batch, metas, probs, found, keep.tolist(), strict=True):
+        rows = zip(batch, metas, probs, found, keep.tolist(), features, strict=True)
+        for sample, meta, row_probs, row_found, kept, feature in rows:
             scores = [round(float(p), 6) for p in row_probs]
             detected_labels = [self.classes[i] for i in row_found.nonzero().flatten().tolist()]
+            reason = "" if kept else rejection_reason(meta["labels"], detected_labels)
+            if kept and self.duplicate(meta["labels"], feature):
+                kept, reason = False, "duplicate"
             decisions.append(
                 {
                     "key": sample["__key__"],
                     "labels": meta["labels"],
                     "detected": detected_labels,
                     "kept": kept,
-                    "reason": "" if kept else rejection_reason(meta["labels"], detected_labels),
+                    "reason": reason,
                     "scores": scores,
                 }
             )
