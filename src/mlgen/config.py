@@ -66,6 +66,7 @@ class GenerateConfig:
 class FilterConfig:
     clip: str = "tiny"  # open_clip ARCH/PRETRAINED (e.g. ViT-B-32/openai), hf-hub:ID, folder, or tiny
     threshold: float = 0.5
+    text: str = "bare"  # bare (paper: class names) | ensemble (prompt templates averaged) | s3 (synonym spaces)
     dedup: float = 0.0  # >0: drop a kept image whose embedding cosine to an earlier kept one of its label set exceeds it
     batch_size: int = runtime(64)
 
@@ -80,6 +81,9 @@ class ClassifierConfig:
     seed: int = 0
     source: str = "filtered"  # filtered (kept images) or raw (every generated image: the no-filter ablation)
     head_init: str = "text"  # text: start from CLIP's zero-shot weights; random: learn from the images alone
+    head: str = "linear"  # linear, dualcoop (learned prompt contexts) or cprfl (category-prompt refinement)
+    fusion: bool = False  # train the paper's feature fusion modules inside the frozen image encoder
+    loss: str = "asl"  # asl, mlcd or bce
 
 
 @dataclass(frozen=True)

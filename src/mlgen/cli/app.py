@@ -195,6 +195,10 @@ def filter_(
             "--rescore", help="Redo every decision (new threshold or rule) from the cached image embeddings: no CLIP."
         ),
     ] = False,
+    text: Annotated[
+        str | None,
+        typer.Option(help="Text side: bare (class names, paper), ensemble (prompt templates), s3 (synonym spaces)."),
+    ] = None,
     dedup: Annotated[
         float | None,
         typer.Option(help="Drop near-duplicates: image cosine above this to a kept image of the same label set."),
@@ -203,7 +207,7 @@ def filter_(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Keep an image only when CLIP detects exactly the labels that were asked for."""
-    settings = _settings(config, "filter", FilterConfig, clip=clip, threshold=threshold, dedup=dedup)
+    settings = _settings(config, "filter", FilterConfig, clip=clip, threshold=threshold, dedup=dedup, text=text)
     _say(workflow.filter_images(RunDir(run), settings, overwrite, rescore), run)
 
 
@@ -228,12 +232,26 @@ def train_classifier(
         str | None,
         typer.Option(envvar="MLGEN_HEAD_INIT", help="text (CLIP zero-shot weights) or random (learn from images)."),
     ] = None,
+    head: Annotated[str | None, typer.Option(help="linear, dualcoop or cprfl.")] = None,
+    fusion: Annotated[
+        bool | None, typer.Option("--fusion/--no-fusion", help="Train feature fusion inside the frozen encoder.")
+    ] = None,
+    loss: Annotated[str | None, typer.Option(help="asl, mlcd or bce.")] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Train a classifier head on frozen CLIP features of the kept images; scored on held-out label sets."""
     settings = _settings(
-        config, "classifier", ClassifierConfig, clip=clip, epochs=epochs, source=source, head_init=head_init
+        config,
+        "classifier",
+        ClassifierConfig,
+        clip=clip,
+        epochs=epochs,
+        source=source,
+        head_init=head_init,
+        head=head,
+        fusion=fusion,
+        loss=loss,
     )
     _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
     _print_metrics(run)
