@@ -78,6 +78,22 @@ def test_dedup_drops_near_duplicates_within_a_label_set(filtered_run: Path) -> N
     workflow.filter_images(run, FilterConfig(clip="tiny"), rescore=True)  # back to the defaults for other tests
 
 
+@pytest.mark.parametrize("text", ["ensemble", "s3"])
+def test_rescore_with_another_text_side(filtered_run: Path, text: str, monkeypatch) -> None:
+    monkeypatch.setattr(FilterStage, "encode", lambda self, images: pytest.fail("image encoder ran"))
+    run = RunDir(filtered_run)
+    before = decisions(filtered_run)
+    if text == "s3" and not (filtered_run / "prompts" / "synonyms.parquet").is_file():
+        pytest.skip("this run has no prompt stage")
+    workflow.filter_images(run, FilterConfig(clip="tiny", text=text), rescore=True)
+    after = decisions(filtered_run)
+    assert [r["key"] for r in after] == [r["key"] for r in before]
+    if text == "ensemble":  # s3 with no synonyms beyond the names themselves equals bare
+        assert [r["scores"] for r in after] != [r["scores"] for r in before]  # another text side, other scores
+    assert all(r["kept"] == (r["reason"] == "") for r in after)
+    workflow.filter_images(run, FilterConfig(clip="tiny"), rescore=True)
+
+
 def test_dedup_rule_compares_within_a_label_set_only() -> None:
     stage = FilterStage.__new__(FilterStage)  # only the dedup rule: no run, no model
     stage.config, stage.seen = FilterConfig(dedup=0.95), {}

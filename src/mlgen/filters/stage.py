@@ -12,12 +12,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
 from mlgen.config import FilterConfig
 from mlgen.errors import MlgenError
 from mlgen.filters.discriminator import detected, exact_set_keep, grouping_softmax, requested_mask
+from mlgen.filters.s3 import s3_scores
 from mlgen.models.registry import load_open_clip
 from mlgen.paths import write_atomic
 from mlgen.pipeline.ranks import Ranks
@@ -26,6 +28,7 @@ from mlgen.shards.reader import iter_shard
 from mlgen.shards.writer import MANIFEST_FIELDS, ShardWriter, write_parquet_atomic
 
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.", "a close-up photo of a {}.", "{}")
 FILTERED_SCHEMA = pa.schema([*MANIFEST_FIELDS, pa.field("scores", pa.list_(pa.float32()))])
 DECISIONS_SCHEMA = pa.schema(
     [
@@ -109,10 +112,40 @@ class FilterStage(Stage):
     def setup(self, ranks: Ranks) -> None:
         self.device = ranks.device
         self.model, self.preprocess, tokenizer = load_open_clip(self.config.clip, ranks.device)
-        with torch.inference_mode():  # the paper scores bare class names
-            text = self.model.encode_text(tokenizer(self.classes).to(ranks.device))
-            self.text_features = torch.nn.functional.normalize(text.float(), dim=-1)
-            self.logit_scale = self.model.logit_scale.exp().float()
+        self.logit_scale = self.model.logit_scale.exp().float().detach()
+        self.synonym_features: list[torch.Tensor] | None = None
+        with torch.inference_mode():
+            if self.config.text == "bare":  # the paper: bare class names
+                self.text_features = self.embed_texts(tokenizer, self.classes)
+            elif self.config.text == "ensemble":  # one mean embedding per class over the templates
+                per_template = [self.embed_texts(tokenizer, [t.format(c) for c in self.classes]) for t in TEMPLATES]
+                self.text_features = torch.nn.functional.normalize(torch.stack(per_template).mean(0), dim=-1)
+            elif self.config.text == "s3":
+                self.synonym_features = [self.embed_texts(tokenizer, words) for words in self.synonyms()]
+            else:
+                raise MlgenError(f"filter text side '{self.config.text}' is not one of bare, ensemble, s3")
+
+    def embed_texts(self, tokenizer: Any, texts: list[str]) -> torch.Tensor:
+        features = self.model.encode_text(tokenizer(texts).to(self.device))
+        return torch.nn.functional.normalize(features.float(), dim=-1)
+
+    def synonyms(self) -> list[list[str]]:
+        """Each class's name and its synonyms from the prompt stage (S^3 point sets)."""
+        path = self.run.stage_dir("prompts") / "synonyms.parquet"
+        if not path.is_file():
+            raise MlgenError(f"--text s3 needs the prompt stage's synonyms: {path} is missing (run `mlgen prompts`)")
+        words = {label: [label] for label in self.classes}
+        for row in pq.read_table(path, columns=["label", "synonym"]).to_pylist():
+            if row["label"] in words and row["synonym"] not in words[row["label"]]:
+                words[row["label"]].append(row["synonym"])
+        return [words[label] for label in self.classes]
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """CLIP logits [N, C] of normalised image embeddings under the chosen text side."""
+        features = features.to(self.device)
+        if self.synonym_features is not None:
+            return self.logit_scale * s3_scores(features, self.synonym_features)
+        return self.logit_scale * features @ self.text_features.T
 
     def encode(self, images: list[bytes]) -> torch.Tensor:
         """L2-normalised image embeddings [N, D] (float32, CPU)."""
@@ -163,7 +196,7 @@ class FilterStage(Stage):
         return False
 
     def judge(self, batch: list[dict[str, Any]], features: torch.Tensor, writer: ShardWriter) -> list[dict[str, Any]]:
-        logits = self.logit_scale * features.to(self.text_features.device) @ self.text_features.T
+        logits = self.logits(features)
         metas = [json.loads(sample["json"]) for sample in batch]
         unknown = {label for meta in metas for label in meta["labels"]} - self.class_index.keys()
         if unknown:
