@@ -111,3 +111,19 @@ def test_generate_with_the_toy_model(tmp_path: Path) -> None:
         image = Image.open(io.BytesIO(data))
         assert image.size == (64, 64)
         assert np.asarray(image).std() > 5  # a picture, not a blank
+
+
+# Measured on the shipped weights (see README, "The toy text-to-image model"); the floor leaves a margin
+# for other CPUs' float rounding.
+EXACT_SET_FLOOR = 0.4  # measured 0.53 (19 of 36 images)
+
+
+@pytest.mark.slow
+def test_toy_images_show_exactly_the_requested_shapes() -> None:
+    """The toy CLIP keeps (exact-set rule) a measured share of toy images made for every shape pair."""
+    from mlgen.world.render import SHAPES
+    from mlgen.world.sd_quality import exact_set_share
+
+    result = exact_set_share(list(SHAPES), per_set=1, steps=20)
+    assert result["images"] == 36
+    assert result["share"] >= EXACT_SET_FLOOR, result
