@@ -173,3 +173,18 @@ def test_report_page_shows_every_image_in_chromium(filtered_run: Path, tmp_path:
         timeout=120,
     )
     assert screenshot.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_decoding_in_workers_matches_one_process(filtered_run: Path, workers: int) -> None:
+    from mlgen.filters.loader import decoded_batches
+    from mlgen.models.registry import load_open_clip
+
+    _, preprocess, _ = load_open_clip("tiny", torch.device("cpu"))
+    raw = filtered_run / "raw"
+    inline = list(decoded_batches(raw, 0, 3, preprocess, workers=0))
+    parallel = list(decoded_batches(raw, 0, 3, preprocess, workers=workers))
+    assert len(inline) >= 2  # more batches than one, so the workers' turns are exercised
+    assert [[s["__key__"] for s in batch] for batch, _ in parallel] == [[s["__key__"] for s in b] for b, _ in inline]
+    for (_, a), (_, b) in zip(inline, parallel, strict=True):
+        assert torch.equal(a, b)

@@ -6,3 +6,8 @@ class MlgenError(Exception):
 
     The command line prints its message as one line and exits non-zero, without a traceback.
     """
+
+
+class ShardFailed(MlgenError):
+    """One shard cannot be done (its input is corrupt): the runner goes on with the other shards,
+    then stops with this message and leaves the stage incomplete."""

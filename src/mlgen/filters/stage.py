@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-from collections.abc import Iterable, Iterator
-from itertools import islice
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
 
 from mlgen.config import FilterConfig
 from mlgen.errors import MlgenError
 from mlgen.filters.discriminator import detected, exact_set_keep, grouping_softmax, requested_mask
+from mlgen.filters.loader import Batch, batches, decoded_batches, image_of
 from mlgen.filters.s3 import s3_scores
 from mlgen.models.registry import load_open_clip
 from mlgen.paths import write_atomic
@@ -27,7 +25,6 @@ from mlgen.pipeline.runner import Stage
 from mlgen.shards.reader import iter_shard
 from mlgen.shards.writer import MANIFEST_FIELDS, ShardWriter, write_parquet_atomic
 
-IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.", "a close-up photo of a {}.", "{}")
 FILTERED_SCHEMA = pa.schema([*MANIFEST_FIELDS, pa.field("scores", pa.list_(pa.float32()))])
 DECISIONS_SCHEMA = pa.schema(
@@ -40,11 +37,6 @@ DECISIONS_SCHEMA = pa.schema(
         pa.field("scores", pa.list_(pa.float32())),
     ]
 )
-
-
-def image_of(sample: dict[str, Any]) -> tuple[str, bytes]:
-    ext = next(e for e in IMAGE_EXTENSIONS if e in sample)
-    return ext, sample[ext]
 
 
 def rejection_reason(labels: list[str], detected_labels: list[str]) -> str:
@@ -82,13 +74,6 @@ class EmbeddingCache:
                 np.savez(handle, **arrays)
 
         write_atomic(self.path(shard), write)
-
-
-def batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Consecutive lists of ``size`` items (the last may be shorter); itertools.batched needs Python 3.12."""
-    iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
-        yield chunk
 
 
 class FilterStage(Stage):
@@ -147,12 +132,18 @@ class FilterStage(Stage):
             return self.logit_scale * s3_scores(features, self.synonym_features)
         return self.logit_scale * features @ self.text_features.T
 
-    def encode(self, images: list[bytes]) -> torch.Tensor:
-        """L2-normalised image embeddings [N, D] (float32, CPU)."""
-        pixels = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images])
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings [N, D] (float32, CPU) of preprocessed images."""
         with torch.inference_mode():
             features = self.model.encode_image(pixels.to(self.device, self.model.logit_scale.dtype))
             return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
+
+    def samples(self, number: int, cached: bool) -> Iterator[Batch | tuple[list[dict[str, Any]], None]]:
+        """The batches of raw shard ``number``: with pixels decoded in DataLoader workers, or none if cached."""
+        raw = self.run.stage_dir("raw")
+        if cached:
+            return ((samples, None) for samples in batches(iter_shard(raw, number), self.config.batch_size))
+        return decoded_batches(raw, number, self.config.batch_size, self.preprocess, self.config.workers)
 
     def cached(self, shard: int) -> tuple[list[str], torch.Tensor] | None:
         cached = self.cache.load(shard)
@@ -166,7 +157,7 @@ class FilterStage(Stage):
         cached = self.cached(number)
         keys, computed = [], []
         with ShardWriter(self.folder, number, FILTERED_SCHEMA) as writer:
-            for batch in batches(iter_shard(self.run.stage_dir("raw"), number), self.config.batch_size):
+            for batch, pixels in self.samples(number, cached is not None):
                 batch_keys = [sample["__key__"] for sample in batch]
                 if cached is not None:
                     start = len(keys)
@@ -174,7 +165,7 @@ class FilterStage(Stage):
                         raise MlgenError(f"cached embeddings of raw shard {number} do not match it: filter --overwrite")
                     features = cached[1][start : start + len(batch)]
                 else:  # rounded as cached, so a rescore with the same settings repeats every decision
-                    features = self.encode([image_of(sample)[1] for sample in batch]).half().float()
+                    features = self.encode(pixels).half().float()
                     computed.append(features)
                 keys += batch_keys
                 decisions += self.judge(batch, features, writer)

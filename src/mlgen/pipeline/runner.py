@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from mlgen import __version__
 from mlgen.config import as_dict, output_settings
-from mlgen.errors import MlgenError
+from mlgen.errors import MlgenError, ShardFailed
 from mlgen.paths import remove_stale_temps, write_json_atomic
 from mlgen.pipeline.ranks import Ranks, current_ranks
 from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir, stats_path
@@ -94,17 +94,25 @@ def _run_stage(stage: Stage, overwrite: bool, ranks: Ranks) -> dict[str, Any]:
         else:
             plan = json.loads((stage.folder / PLAN).read_text(encoding="utf-8"))
     todo = [s for s in plan["shards"] if ranks.owns(s["shard"]) and not stats_path(stage.folder, s["shard"]).exists()]
+    failed: list[ShardFailed] = []
     if todo:
         stage.setup(ranks)
         for shard in tqdm(todo, desc=f"{stage.name} shards", unit="shard", disable=len(todo) < 2):
             shard_started = time.time()
-            stats = stage.run_shard(shard)
+            try:
+                stats = stage.run_shard(shard)
+            except ShardFailed as err:  # a corrupt input: the other shards still get done
+                failed.append(err)
+                continue
             stats.update(shard=shard["shard"], seconds=round(time.time() - shard_started, 3))
             write_json_atomic(stats_path(stage.folder, shard["shard"]), stats)  # last: the shard is done
     ranks.wait()
     if ranks.is_main:
-        _mark_finished(stage, plan, started)
+        _mark_finished(stage, plan, started)  # not with a failed shard: it has no stats file
     ranks.wait()  # every rank sees the marker before the next stage reads it
+    if failed:
+        more = f" (and {len(failed) - 1} more failed shards)" if len(failed) > 1 else ""
+        raise MlgenError(f"{failed[0]}{more}; the other shards are done, the {stage.name} stage is not complete")
     return stage.run.success(stage.name) or {}
 
 

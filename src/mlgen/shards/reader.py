@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from mlgen.errors import MlgenError
+from mlgen.errors import MlgenError, ShardFailed
 from mlgen.pipeline.rundir import PLAN, stats_path
 from mlgen.shards.writer import shard_paths
 
@@ -41,15 +41,16 @@ def iter_shard(folder: Path, shard: int) -> Iterator[dict[str, Any]]:
     expected = manifest.column("key").to_pylist()
     if "failed" in manifest.column_names:  # samples that came out NaN/black are listed, with no image
         expected = [k for k, reason in zip(expected, manifest.column("failed").to_pylist(), strict=True) if not reason]
-    dataset = wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)
+    # one explicit shard: never split among DataLoader workers (the filter's workers split it by batch)
+    dataset = wds.WebDataset(str(tar), shardshuffle=False, empty_check=False, workersplitter=None)
     seen = 0
     try:
         for sample, key in zip(dataset, expected, strict=False):
             if sample["__key__"] != key:
-                raise MlgenError(f"corrupt shard {tar}: sample {sample['__key__']} where the manifest has {key}")
+                raise ShardFailed(f"corrupt shard {tar}: sample {sample['__key__']} where the manifest has {key}")
             seen += 1
             yield sample
     except (OSError, ValueError, EOFError, tarfile.TarError) as err:
-        raise MlgenError(f"corrupt shard {tar}: {err}") from None
+        raise ShardFailed(f"corrupt shard {tar}: {err}") from None
     if seen != len(expected):
-        raise MlgenError(f"corrupt shard {tar}: {seen} samples, the manifest lists {len(expected)}")
+        raise ShardFailed(f"corrupt shard {tar}: {seen} samples, the manifest lists {len(expected)}")
