@@ -355,6 +355,13 @@ def test_changed_classes_are_refused(finished_outcomes: dict[str, tuple[Path, li
 
 
 def test_corrupt_shard(finished_outcomes: dict[str, tuple[Path, list[Outcome]]]) -> None:
-    _, [outcome] = finished_outcomes["corrupt-shard"]
-    assert_one_error_line(outcome.proc, "00000.tar")
+    folder, [outcome] = finished_outcomes["corrupt-shard"]
+    assert_one_error_line(outcome.proc, "00000.tar", "not complete")
     assert outcome.files_after == outcome.files_before
+    filtered = folder / RUN / "filtered"
+    others = json.loads((folder / RUN / "raw" / "plan.json").read_text())["shards"][1:]
+    assert others, "the finished run needs more than one raw shard"
+    for shard in others:  # the other shards were still filtered
+        assert (filtered / f"{shard['shard']:05d}_stats.json").is_file()
+    assert not (filtered / "00000_stats.json").exists()
+    assert not (filtered / "_SUCCESS.json").exists(), "a stage with a corrupt shard was marked complete"

@@ -188,3 +188,17 @@ def test_decoding_in_workers_matches_one_process(filtered_run: Path, workers: in
     assert [[s["__key__"] for s in batch] for batch, _ in parallel] == [[s["__key__"] for s in b] for b, _ in inline]
     for (_, a), (_, b) in zip(inline, parallel, strict=True):
         assert torch.equal(a, b)
+
+
+def test_an_empty_raw_stage_is_one_line(filtered_run: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "run"
+    shutil.copytree(filtered_run, copy)
+    prompts = copy / "prompts" / "prompts.parquet"
+    pq.write_table(pq.read_table(prompts).slice(0, 0), prompts)  # no prompts: a raw stage of zero images
+    steps_1 = [*FAST_GENERATE[: FAST_GENERATE.index("--steps")], "--steps", "1"]
+    steps_1 += FAST_GENERATE[FAST_GENERATE.index("--steps") + 2 :]
+    done = mlgen("generate", "--run", copy, *steps_1, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    done = mlgen("filter", "--run", copy, "--overwrite")
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "has no images" in done.stderr

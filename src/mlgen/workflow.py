@@ -83,7 +83,10 @@ def check_raw_labels(run: RunDir) -> None:
 
 def filter_images(run: RunDir, config: FilterConfig, overwrite: bool = False, rescore: bool = False) -> dict[str, Any]:
     """Keep the exact-set matches; ``rescore`` redoes the decisions from cached embeddings (no image encoder)."""
-    run.require("raw")
+    counts = run.require("raw")["counts"]
+    if not counts.get("images"):
+        failed = f" ({counts['failed']} failed)" if counts.get("failed") else ""
+        raise MlgenError(f"the raw stage in {run.stage_dir('raw')} has no images{failed}: nothing to filter")
     open_clip_name(config.clip)
     check_raw_labels(run)
     stage = FilterStage(run, config, rescore=rescore)
