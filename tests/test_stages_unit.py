@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mlgen.config import GenerateConfig, build_config
-from mlgen.errors import MlgenError
+from mlgen.errors import MlgenError, ShardFailed
 from mlgen.filters.discriminator import grouping_softmax_one as grouping_softmax
 from mlgen.filters.discriminator import keep
 from mlgen.generate.diffusion import sample_seed
@@ -154,3 +154,23 @@ def test_a_changed_setting_before_any_shard_finished_just_replans(tmp_path: Path
     fixed = CountingStage(run, GenerateConfig(steps=5))
     run_stage(fixed)  # no work would be lost: no refusal
     assert fixed.ran == [0, 1, 2, 3, 4]
+
+
+class CorruptInputStage(CountingStage):
+    """Shards 1 and 3 have corrupt input."""
+
+    def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
+        if shard["shard"] in (1, 3):
+            raise ShardFailed(f"corrupt shard {shard['shard']:05d}.tar")
+        return super().run_shard(shard)
+
+
+def test_a_failed_shard_lets_the_others_run_and_leaves_the_stage_incomplete(tmp_path: Path) -> None:
+    run = RunDir(tmp_path)
+    stage = CorruptInputStage(run, GenerateConfig())
+    with pytest.raises(MlgenError, match=r"00001\.tar \(and 1 more failed shards\).*not complete"):
+        run_stage(stage)
+    assert stage.ran == [0, 2, 4]
+    assert not (tmp_path / "counting" / "_SUCCESS.json").exists()
+    fixed = CountingStage(run, GenerateConfig())  # the input repaired: only the failed shards run
+    assert run_stage(fixed)["shards"] == 5 and fixed.ran == [1, 3]
