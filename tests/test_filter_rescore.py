@@ -50,7 +50,11 @@ def test_rescore_decides_again_without_the_image_encoder(filtered_run: Path, mon
     def no_encoder(self, images):  # a spy: rescoring must never reach the image encoder
         raise AssertionError("the image encoder ran during --rescore")
 
+    def no_clip(*_):  # the text side was cached by the full run: rescoring needs no CLIP weights at all
+        raise AssertionError("CLIP was loaded during --rescore with a cached text side")
+
     monkeypatch.setattr(FilterStage, "encode", no_encoder)
+    monkeypatch.setattr("mlgen.filters.stage.load_open_clip", no_clip)
     run = RunDir(filtered_run)
     workflow.filter_images(run, FilterConfig(clip="tiny"), rescore=True)  # same settings: same decisions
     assert decisions(filtered_run) == before

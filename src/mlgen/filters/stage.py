@@ -75,6 +75,26 @@ class EmbeddingCache:
 
         write_atomic(self.path(shard), write)
 
+    def text_path(self, key: str) -> Path:
+        return self.folder / f"text-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+    def load_text(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]] | None:
+        """(logit scale, text features) saved under ``key`` (CLIP, text side, classes, synonyms), or None."""
+        if not self.text_path(key).is_file():
+            return None
+        with np.load(self.text_path(key), allow_pickle=False) as data:
+            count = len(data.files) - 1
+            return torch.from_numpy(data["scale"]), [torch.from_numpy(data[f"f{i}"]) for i in range(count)]
+
+    def save_text(self, key: str, scale: torch.Tensor, features: list[torch.Tensor]) -> None:
+        arrays = {"scale": scale.cpu().numpy(), **{f"f{i}": f.cpu().numpy() for i, f in enumerate(features)}}
+
+        def write(tmp: Path) -> None:
+            with tmp.open("wb") as handle:
+                np.savez(handle, **arrays)
+
+        write_atomic(self.text_path(key), write)
+
 
 class FilterStage(Stage):
     """Filtered shard ``i`` holds the kept samples of raw shard ``i``; scores are for every class."""
@@ -96,19 +116,34 @@ class FilterStage(Stage):
 
     def setup(self, ranks: Ranks) -> None:
         self.device = ranks.device
-        self.model, self.preprocess, tokenizer = load_open_clip(self.config.clip, ranks.device)
-        self.logit_scale = self.model.logit_scale.exp().float().detach()
-        self.synonym_features: list[torch.Tensor] | None = None
-        with torch.inference_mode():
-            if self.config.text == "bare":  # the paper: bare class names
-                self.text_features = self.embed_texts(tokenizer, self.classes)
-            elif self.config.text == "ensemble":  # one mean embedding per class over the templates
-                per_template = [self.embed_texts(tokenizer, [t.format(c) for c in self.classes]) for t in TEMPLATES]
-                self.text_features = torch.nn.functional.normalize(torch.stack(per_template).mean(0), dim=-1)
-            elif self.config.text == "s3":
-                self.synonym_features = [self.embed_texts(tokenizer, words) for words in self.synonyms()]
-            else:
-                raise MlgenError(f"filter text side '{self.config.text}' is not one of bare, ensemble, s3")
+        if self.config.text not in ("bare", "ensemble", "s3"):
+            raise MlgenError(f"filter text side '{self.config.text}' is not one of bare, ensemble, s3")
+        words = self.synonyms() if self.config.text == "s3" else None
+        key = json.dumps([self.config.clip, self.config.text, self.classes, words, TEMPLATES])
+        # --rescore with a text side used before needs no CLIP at all: its text features are cached too
+        cached = self.cache.load_text(key) if self.rescore else None
+        if cached is None:
+            self.model, self.preprocess, tokenizer = load_open_clip(self.config.clip, ranks.device)
+            scale = self.model.logit_scale.exp().float().detach()
+            with torch.inference_mode():
+                features = self.text_side(tokenizer, words)
+            self.cache.save_text(key, scale, features)
+        else:
+            scale, features = cached
+        self.logit_scale = scale.to(self.device)
+        features = [f.to(self.device) for f in features]
+        self.synonym_features: list[torch.Tensor] | None = features if words is not None else None
+        self.text_features = features[0]
+
+    def text_side(self, tokenizer: Any, words: list[list[str]] | None) -> list[torch.Tensor]:
+        """[C, D] class embeddings (bare, ensemble), or each class's synonym embeddings (s3)."""
+        if words is not None:
+            return [self.embed_texts(tokenizer, w) for w in words]
+        if self.config.text == "bare":  # the paper: bare class names
+            return [self.embed_texts(tokenizer, self.classes)]
+        # ensemble: one mean embedding per class over the templates
+        per_template = [self.embed_texts(tokenizer, [t.format(c) for c in self.classes]) for t in TEMPLATES]
+        return [torch.nn.functional.normalize(torch.stack(per_template).mean(0), dim=-1)]
 
     def embed_texts(self, tokenizer: Any, texts: list[str]) -> torch.Tensor:
         features = self.model.encode_text(tokenizer(texts).to(self.device))
