@@ -162,7 +162,7 @@ def main() -> None:
     print(f"stage / bare encode_image images/s: {bare / stage:.3f}  (goal >= 0.9)")
     print(f"stage / one-at-a-time images/s   : {single / stage:.2f}x  (goal >= 5)")
     print(f"rescore / full filter wall time  : {rescore / full:.3f}  ({rescore:.2f} s / {full:.2f} s; goal < 0.1)")
-    print(f"rescore / full, shards only      : {rescore_shards / stage:.3f}  (without loading CLIP, a fixed cost)")
+    print(f"rescore / full, shards only      : {rescore_shards / stage:.3f}  (model load excluded)")
 
 
 if __name__ == "__main__":
