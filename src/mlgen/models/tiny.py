@@ -112,7 +112,8 @@ def _build_tiny_sd(out: Path) -> None:
     pipe.save_pretrained(out, safe_serialization=True)
 
 
-def _build_tiny_clip(out: Path, config: dict | None = None) -> None:
+def build_random_clip(out: Path, config: dict | None = None) -> None:
+    """An open_clip model of ``config`` (default: the tiny one) with seeded random weights, saved in ``out``."""
     import open_clip
     from safetensors.torch import save_file
 
@@ -138,11 +139,11 @@ def tiny_sd_dir() -> Path:
 
 def tiny_clip_dir() -> Path:
     """Folder of the tiny open_clip model (``local-dir:`` layout), built on first use."""
-    return build_dir_atomic(cache_dir() / f"tiny-clip-{TINY_VERSION}", _build_tiny_clip)
+    return build_dir_atomic(cache_dir() / f"tiny-clip-{TINY_VERSION}", build_random_clip)
 
 
 def tiny_resnet_clip_dir() -> Path:
     """Folder of the tiny ResNet open_clip model (``local-dir:`` layout), built on first use."""
     return build_dir_atomic(
-        cache_dir() / f"tiny-resnet-clip-{TINY_VERSION}b", lambda out: _build_tiny_clip(out, TINY_RESNET_CONFIG)
+        cache_dir() / f"tiny-resnet-clip-{TINY_VERSION}b", lambda out: build_random_clip(out, TINY_RESNET_CONFIG)
     )
