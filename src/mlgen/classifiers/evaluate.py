@@ -19,8 +19,8 @@ from PIL import Image
 from mlgen.classifiers.data import read_labelled
 from mlgen.classifiers.features import image_features, label_embeddings
 from mlgen.classifiers.metrics import evaluate_scores, per_class_average_precision, threshold_metrics
-from mlgen.classifiers.predict import load_classifier
-from mlgen.classifiers.train_head import predict_scores
+from mlgen.classifiers.model import predict_images
+from mlgen.classifiers.predict import load_run_classifier
 from mlgen.errors import MlgenError
 from mlgen.models.registry import load_open_clip
 from mlgen.paths import write_atomic
@@ -85,21 +85,26 @@ def _setting(scores: np.ndarray, targets: np.ndarray, classes: list[str], probab
     return metrics
 
 
+def zero_shot_scores(clip: str, images: list[bytes], classes: list[str], device: torch.device) -> np.ndarray:
+    """CLIP zero-shot with the prompt ensemble: cosine of each image to each class's mean text embedding."""
+    model, preprocess, tokenizer = load_open_clip(clip, device)
+    features = image_features(model, preprocess, images, device)
+    text = torch.stack([label_embeddings(model, tokenizer, classes, device, t) for t in ZERO_SHOT_TEMPLATES])
+    return (features @ torch.nn.functional.normalize(text.mean(0), dim=-1).T).numpy()
+
+
 def evaluate_on_data(run: RunDir, data: Path, unseen: list[str] | None = None) -> dict[str, Any]:
     """ZSL, GZSL and CLIP zero-shot figures of the run's classifier on the labelled images in ``data``."""
-    head, config = load_classifier(run)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, preprocess, config = load_run_classifier(run, device)
     classes: list[str] = config["classes"]
     unseen = unseen or classes
     missing = [label for label in unseen if label not in classes]
     if missing:
         raise MlgenError(f"--labels names '{missing[0]}', which the classifier was not trained on")
     images, targets, report = load_eval_set(data, classes)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, preprocess, tokenizer = load_open_clip(config["clip"], device)
-    features = image_features(model, preprocess, images, device)
-    probs = predict_scores(head, features).numpy()
-    text = torch.stack([label_embeddings(model, tokenizer, classes, device, t) for t in ZERO_SHOT_TEMPLATES])
-    zero_shot = (features @ torch.nn.functional.normalize(text.mean(0), dim=-1).T).numpy()
+    probs = predict_images(model, preprocess, images).numpy()
+    zero_shot = zero_shot_scores(config["clip"], images, classes, device)
     pick = [classes.index(label) for label in unseen]
     zero_shot_zsl = _setting(zero_shot[:, pick], targets[:, pick], unseen, probabilities=False)
     return {
