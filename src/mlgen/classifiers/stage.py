@@ -116,6 +116,7 @@ class ClassifierStage(Stage):
             batches = alternating(real, batches) if c.schedule == "alternating" else mixed(real, batches)
             steps = max(steps, math.ceil(len(seen) / c.batch_size))
         history = fit(model, batches, c.epochs, c.loss, c.lr, steps_per_epoch=steps, seed=c.seed)
+        self.model = model  # the trained classifier, for callers that drive the stage themselves (tests)
         scores = self._scores(model, heldout)
         metrics = {
             "synthetic_heldout": evaluate_scores(scores, targets[test].numpy()),

@@ -41,7 +41,8 @@ def iter_shard(folder: Path, shard: int) -> Iterator[dict[str, Any]]:
     expected = manifest.column("key").to_pylist()
     if "failed" in manifest.column_names:  # samples that came out NaN/black are listed, with no image
         expected = [k for k, reason in zip(expected, manifest.column("failed").to_pylist(), strict=True) if not reason]
-    dataset = wds.WebDataset(str(tar), shardshuffle=False, empty_check=False)
+    # nodesplitter=None: under torchrun each rank reads the whole shard it names (the runner splits the work)
+    dataset = wds.WebDataset(str(tar), shardshuffle=False, empty_check=False, nodesplitter=None)
     seen = 0
     try:
         for sample, key in zip(dataset, expected, strict=False):
