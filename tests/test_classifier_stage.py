@@ -141,3 +141,31 @@ def test_two_torchrun_ranks_train_what_one_process_does(tiny_run, tmp_path: Path
     assert trained["one"].keys() == trained["two"].keys()
     for key in trained["one"]:
         assert torch.allclose(trained["one"][key], trained["two"][key], atol=1e-5, rtol=1e-4), key
+
+
+def test_zero_shot_baselines_clip_and_s3(tiny_run, tmp_path: Path) -> None:
+    real = render_dataset(tmp_path / "real", n=8, seed=4, labels=CLASSES) / "labels.csv"
+    (tmp_path / "unseen.txt").write_text("circle\nstar\n", encoding="utf-8")
+    for method in ("clip", "s3"):
+        done = mlgen(
+            "evaluate",
+            "--run",
+            tiny_run.root,
+            "--data",
+            real,
+            "--zero-shot",
+            method,
+            "--labels",
+            tmp_path / "unseen.txt",
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"{method} zero-shot, real images, ZSL" in done.stdout
+        metrics = json.loads((tiny_run.root / "zero-shot" / method / "metrics.json").read_text())
+        assert list(metrics["zsl"]["per_class_AP"]) == ["circle", "star"]
+        assert list(metrics["gzsl"]["per_class_AP"]) == CLASSES and 0 <= metrics["gzsl"]["mAP"] <= 1
+        assert metrics["images"] == 8 and "ap_rule" in metrics
+    assert list(metrics["synonyms"]) == CLASSES and all(words[0] == c for c, words in metrics["synonyms"].items())
+    done = mlgen("evaluate", "--run", tiny_run.root, "--data", real, "--zero-shot", "knn")
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "mlgen: error: --zero-shot must be clip or s3, not 'knn'"
+    ]

@@ -86,6 +86,13 @@ class MultiLabelClassifier(nn.Module):
         return {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items() if n in names}
 
 
+def _prompt_context(clip_model, tokenizer, classes: list[str], wanted: int = 64) -> int:
+    """DualCoOp's learned context length: 64 (the paper), or less where the text encoder's window is shorter
+    (start, context, the longest class name, '.', end must fit)."""
+    name_tokens = max(int((tokenizer([name]) != 0).sum()) - 2 for name in classes)
+    return max(1, min(wanted, int(clip_model.context_length) - name_tokens - 3))
+
+
 def build_classifier(
     clip_model,
     tokenizer,
@@ -113,7 +120,9 @@ def build_classifier(
         init = text.cpu() if head_init == "text" else None
         module: nn.Module = LinearHead(dim, len(classes), class_embeddings=init, generator=generator)
     elif head == "dualcoop":
-        module = DualCoOpHead(clip_model, tokenizer, classes)
+        module = DualCoOpHead(
+            clip_model, tokenizer, classes, context_length=_prompt_context(clip_model, tokenizer, classes)
+        )
     else:
         visual = clip_model.visual
         visual_dim = (

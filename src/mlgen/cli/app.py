@@ -276,9 +276,25 @@ def evaluate(
     labels: Annotated[
         Path | None, typer.Option("--labels", help="The unseen labels scored in the ZSL setting (default: all).")
     ] = None,
+    zero_shot: Annotated[
+        str | None,
+        typer.Option(
+            "--zero-shot", help="A training-free baseline instead: clip (prompt ensemble) or s3 (synonym spaces)."
+        ),
+    ] = None,
+    clip: Annotated[str, typer.Option(help="The CLIP model of --zero-shot.")] = "tiny",
 ) -> None:
     """Score the classifier on real labelled images (ZSL, GZSL, beside CLIP zero-shot); no --data: print metrics."""
     run_dir = RunDir(run)
+    if zero_shot is not None:
+        if data is None:
+            raise MlgenError("--zero-shot needs --data (the real labelled images to score)")
+        metrics = workflow.evaluate_zero_shot(run_dir, data, zero_shot, clip, _labels(labels))
+        for name in ("zsl", "gzsl"):
+            title = f"{zero_shot} zero-shot, real images, {name.upper()}"
+            typer.echo(f"{title:<40} mAP {metrics[name]['mAP']:.3f}  f1@3 {metrics[name]['f1@3']:.3f}")
+        typer.echo(f"metrics: {run_dir.root / 'zero-shot' / zero_shot / 'metrics.json'}")
+        return
     run_dir.require("classifier")
     if data is not None:
         workflow.evaluate(run_dir, data, _labels(labels))
