@@ -160,3 +160,7 @@ def test_predict_writes_json_lines_and_csv(finished_run: Path, tmp_path: Path) -
     assert abs(float(row.split(",")[1]) - lines[0]["scores"]["zebra"]) < 1e-5
     result = mlgen("predict", tmp_path / "missing.jpg", "--run", finished_run)
     assert result.returncode == 1 and "image not found" in result.stderr
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    result = mlgen("predict", tmp_path / "broken.jpg", "--run", finished_run)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("mlgen: error: cannot read an image")
