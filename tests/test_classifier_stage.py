@@ -143,6 +143,7 @@ def test_two_torchrun_ranks_train_what_one_process_does(tiny_run, tmp_path: Path
         assert torch.allclose(trained["one"][key], trained["two"][key], atol=1e-5, rtol=1e-4), key
 
 
+@pytest.mark.slow  # ~35 s: five CLI runs, each loading torch and CLIP
 def test_zero_shot_baselines_clip_and_s3(tiny_run, tmp_path: Path) -> None:
     real = render_dataset(tmp_path / "real", n=8, seed=4, labels=CLASSES) / "labels.csv"
     (tmp_path / "unseen.txt").write_text("circle\nstar\n", encoding="utf-8")
