@@ -91,7 +91,10 @@ def test_classifier_outputs_and_metrics(finished_run: Path) -> None:
     assert {"precision@3", "recall@3", "f1@3"} <= set(metrics["synthetic_heldout"])
     from safetensors.torch import load_file
 
-    assert load_file(classifier / "model.safetensors")["weight"].shape == (4, config["feature_dim"])
+    assert load_file(classifier / "model.safetensors")["head.weight"].shape == (4, config["feature_dim"])
+    assert config["head"] == "linear" and config["fusion"] is False and config["clip"] == "tiny"
+    assert set(config["thresholds"]) == set(config["classes"])
+    assert "synthetic" in metrics["synthetic_heldout_split"] or "label set" in metrics["synthetic_heldout_split"]
     result = mlgen("evaluate", "--run", finished_run)
     assert result.returncode == 0 and "mAP" in result.stdout
 
@@ -140,13 +143,24 @@ def test_toy_demo_scores_rendered_real_scenes(tmp_path: Path) -> None:
     assert all(0.0 <= m["mAP"] <= 1.0 for m in metrics.values())
 
 
-def test_predict_prints_top_labels(finished_run: Path, tmp_path: Path) -> None:
+def test_predict_writes_json_lines_and_csv(finished_run: Path, tmp_path: Path) -> None:
     sample = next(iter(wds.WebDataset(str(finished_run / "raw" / "00000.tar"), shardshuffle=False)))
     image = tmp_path / "image.jpg"
     image.write_bytes(sample["jpg"])
-    result = mlgen("predict", image, "--run", finished_run, "--top-k", "2")
+    result = mlgen("predict", image, image, "--run", finished_run)
     assert result.returncode == 0, result.stderr
-    line = result.stdout.strip().splitlines()[-1]
-    assert line.startswith(str(image)) and len(line.split("\t")[1].split("  ")) == 2
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
+    assert [line["image"] for line in lines] == [str(image)] * 2
+    assert set(lines[0]["scores"]) == {"zebra", "surfboard", "kite", "bench"}
+    assert all(0 <= p <= 1 for p in lines[0]["scores"].values()) and lines[0] == lines[1]
+    result = mlgen("predict", image, "--run", finished_run, "--format", "csv")
+    assert result.returncode == 0, result.stderr
+    header, row = result.stdout.strip().splitlines()
+    assert header.split(",") == ["image", "zebra", "surfboard", "kite", "bench"] and row.startswith(str(image))
+    assert abs(float(row.split(",")[1]) - lines[0]["scores"]["zebra"]) < 1e-5
     result = mlgen("predict", tmp_path / "missing.jpg", "--run", finished_run)
     assert result.returncode == 1 and "image not found" in result.stderr
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    result = mlgen("predict", tmp_path / "broken.jpg", "--run", finished_run)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith("mlgen: error: cannot read an image")

@@ -76,7 +76,7 @@ class FilterConfig:
 class ClassifierConfig:
     clip: str = "tiny"
     epochs: int = 30
-    lr: float = 1e-3
+    lr: float | None = None  # None: the head's own (AdamW 1e-3 for linear, the paper's SGD 0.002 otherwise)
     batch_size: int = 64
     holdout: float = 0.2  # fraction of the label sets held out (synthetic held-out score)
     seed: int = 0
@@ -85,6 +85,9 @@ class ClassifierConfig:
     head: str = "linear"  # linear, dualcoop (learned prompt contexts) or cprfl (category-prompt refinement)
     fusion: bool = False  # train the paper's feature fusion modules inside the frozen image encoder
     loss: str = "asl"  # asl, mlcd or bce
+    seen_data: str | None = None  # real images of seen labels (CSV, COCO JSON or WebDataset) beside the synthetic
+    schedule: str = "alternating"  # with seen_data: alternating real/synthetic epochs (the paper) or mixed
+    cache: bool = runtime(True)  # frozen features cached on disk (float16) when only a head trains
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,9 @@ def validate(config: Any) -> None:
         "dtype": lambda v: v in ("auto", "fp32", "fp16", "bf16"),
         "source": lambda v: v in ("filtered", "raw"),
         "head_init": lambda v: v in ("text", "random"),
+        "head": lambda v: v in ("linear", "dualcoop", "cprfl"),
+        "loss": lambda v: v in ("asl", "mlcd", "bce"),
+        "schedule": lambda v: v in ("alternating", "mixed"),
     }
     for name, ok in checks.items():
         if hasattr(config, name) and getattr(config, name) is not None and not ok(getattr(config, name)):

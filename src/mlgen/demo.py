@@ -15,14 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from mlgen import workflow
 from mlgen.classifiers.features import image_features, label_embeddings
-from mlgen.classifiers.heads import LinearHead
 from mlgen.classifiers.metrics import evaluate_scores
+from mlgen.classifiers.model import load_trained, predict_images
 from mlgen.classifiers.stage import ClassifierStage
-from mlgen.classifiers.train_head import predict_scores
 from mlgen.config import ClassifierConfig, FilterConfig, GenerateConfig, PromptsConfig
 from mlgen.errors import MlgenError
 from mlgen.labels import parse_labels
@@ -59,13 +57,10 @@ def real_test_metrics(run: RunDir, data: Path, clip: str, heads: dict[str, str])
     zero_shot = features @ label_embeddings(model, tokenizer, classes, device).T
     metrics = {"zero_shot_clip": evaluate_scores(zero_shot.numpy(), targets)}
     for name, stage in heads.items():
-        folder = run.stage_dir(stage)
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        head = LinearHead(config["feature_dim"], len(config["classes"]))
-        head.load_state_dict(load_file(folder / "model.safetensors"))
-        backbone, head_preprocess, _ = load_open_clip(config["clip"], device)
-        head_features = image_features(backbone, head_preprocess, images, device)
-        metrics[name] = evaluate_scores(predict_scores(head.eval(), head_features).numpy(), targets)
+        classifier, head_preprocess, config = load_trained(run.stage_dir(stage), device)
+        if config["classes"] != classes:
+            raise MlgenError(f"the {stage} classifier's labels differ from the run's: train it again")
+        metrics[name] = evaluate_scores(predict_images(classifier, head_preprocess, images).numpy(), targets)
     return metrics
 
 

@@ -119,6 +119,16 @@ def evaluate(run: RunDir, data: Path, labels: list[str] | None = None) -> dict[s
     return metrics
 
 
+def evaluate_zero_shot(run: RunDir, data: Path, method: str, clip: str, labels: list[str] | None = None):
+    """A training-free baseline (clip or s3) on real labelled images: RUN/zero-shot/METHOD/metrics.json."""
+    from mlgen.classifiers.evaluate import zero_shot_on_data
+
+    open_clip_name(clip)
+    metrics = zero_shot_on_data(run, data, method, clip, labels)
+    write_json_atomic(run.root / "zero-shot" / method / "metrics.json", metrics)
+    return metrics
+
+
 def stage_progress(run: RunDir) -> list[dict[str, Any]]:
     """Per stage: shards done / planned (from the stats files) and whether it finished."""
     rows = []

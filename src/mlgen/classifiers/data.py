@@ -95,7 +95,7 @@ def _read_webdataset(path: Path) -> Iterator[LabelledImage]:
     tars = [path] if path.is_file() else sorted(path.glob("*.tar"))
     for tar in tars:
         try:
-            for sample in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False):
+            for sample in wds.WebDataset(str(tar), shardshuffle=False, empty_check=False, nodesplitter=None):
                 image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
                 meta = json.loads(sample["json"]) if "json" in sample else {}
                 yield LabelledImage(sample["__key__"], image, _labels(meta.get("labels", [])))

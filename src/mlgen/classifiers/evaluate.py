@@ -19,8 +19,8 @@ from PIL import Image
 from mlgen.classifiers.data import read_labelled
 from mlgen.classifiers.features import image_features, label_embeddings
 from mlgen.classifiers.metrics import evaluate_scores, per_class_average_precision, threshold_metrics
-from mlgen.classifiers.predict import load_classifier
-from mlgen.classifiers.train_head import predict_scores
+from mlgen.classifiers.model import predict_images
+from mlgen.classifiers.predict import load_run_classifier
 from mlgen.errors import MlgenError
 from mlgen.models.registry import load_open_clip
 from mlgen.paths import write_atomic
@@ -85,21 +85,26 @@ def _setting(scores: np.ndarray, targets: np.ndarray, classes: list[str], probab
     return metrics
 
 
+def zero_shot_scores(clip: str, images: list[bytes], classes: list[str], device: torch.device) -> np.ndarray:
+    """CLIP zero-shot with the prompt ensemble: cosine of each image to each class's mean text embedding."""
+    model, preprocess, tokenizer = load_open_clip(clip, device)
+    features = image_features(model, preprocess, images, device)
+    text = torch.stack([label_embeddings(model, tokenizer, classes, device, t) for t in ZERO_SHOT_TEMPLATES])
+    return (features @ torch.nn.functional.normalize(text.mean(0), dim=-1).T).numpy()
+
+
 def evaluate_on_data(run: RunDir, data: Path, unseen: list[str] | None = None) -> dict[str, Any]:
     """ZSL, GZSL and CLIP zero-shot figures of the run's classifier on the labelled images in ``data``."""
-    head, config = load_classifier(run)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, preprocess, config = load_run_classifier(run, device)
     classes: list[str] = config["classes"]
     unseen = unseen or classes
     missing = [label for label in unseen if label not in classes]
     if missing:
         raise MlgenError(f"--labels names '{missing[0]}', which the classifier was not trained on")
     images, targets, report = load_eval_set(data, classes)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, preprocess, tokenizer = load_open_clip(config["clip"], device)
-    features = image_features(model, preprocess, images, device)
-    probs = predict_scores(head, features).numpy()
-    text = torch.stack([label_embeddings(model, tokenizer, classes, device, t) for t in ZERO_SHOT_TEMPLATES])
-    zero_shot = (features @ torch.nn.functional.normalize(text.mean(0), dim=-1).T).numpy()
+    probs = predict_images(model, preprocess, images).numpy()
+    zero_shot = zero_shot_scores(config["clip"], images, classes, device)
     pick = [classes.index(label) for label in unseen]
     zero_shot_zsl = _setting(zero_shot[:, pick], targets[:, pick], unseen, probabilities=False)
     return {
@@ -137,3 +142,62 @@ def plot_per_class_ap(metrics: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     write_atomic(out, lambda tmp: fig.savefig(tmp, format="png", dpi=80))
     plt.close(fig)
+
+
+def read_synonyms(run: RunDir, classes: list[str]) -> list[list[str]]:
+    """Each class's name and its synonyms from the prompt stage (the S^3 point sets, as the filter reads them)."""
+    import pyarrow.parquet as pq
+
+    path = run.stage_dir("prompts") / "synonyms.parquet"
+    if not path.is_file():
+        raise MlgenError(f"--zero-shot s3 needs the prompt stage's synonyms: {path} is missing (run `mlgen prompts`)")
+    words = {label: [label] for label in classes}
+    for row in pq.read_table(path, columns=["label", "synonym"]).to_pylist():
+        if row["label"] in words and row["synonym"] not in words[row["label"]]:
+            words[row["label"]].append(row["synonym"])
+    return [words[label] for label in classes]
+
+
+def zero_shot_on_data(
+    run: RunDir, data: Path, method: str, clip: str, unseen: list[str] | None = None
+) -> dict[str, Any]:
+    """A training-free baseline on real labelled images: ``clip`` (prompt ensemble) or ``s3`` (synonym spaces,
+    point-to-local-center score), over the run's labels; ZSL on ``unseen`` (default all), GZSL on all."""
+    from mlgen.filters.s3 import s3_scores
+
+    if method not in ("clip", "s3"):
+        raise MlgenError(f"--zero-shot must be clip or s3, not {method!r}")
+    classes = run.classes()
+    unseen = unseen or classes
+    missing = [label for label in unseen if label not in classes]
+    if missing:
+        raise MlgenError(f"--labels names '{missing[0]}', which is not a label of the run")
+    synonyms = read_synonyms(run, classes) if method == "s3" else None
+    images, targets, report = load_eval_set(data, classes)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if synonyms is None:
+        scores = zero_shot_scores(clip, images, classes, device)
+    else:
+        model, preprocess, tokenizer = load_open_clip(clip, device)
+        features = image_features(model, preprocess, images, device)
+        with torch.inference_mode():
+            spaces = [
+                torch.nn.functional.normalize(model.encode_text(tokenizer(words).to(device)).float(), dim=-1).cpu()
+                for words in synonyms
+            ]
+        scores = s3_scores(features, spaces).numpy()
+    pick = [classes.index(label) for label in unseen]
+    return {
+        "data": str(data),
+        "method": method,
+        "clip": clip,
+        "ap_rule": AP_RULE,
+        **report,
+        "zsl": _setting(scores[:, pick], targets[:, pick], unseen, probabilities=False),
+        "gzsl": _setting(scores, targets, classes, probabilities=False),
+        **(
+            {"templates": list(ZERO_SHOT_TEMPLATES)}
+            if method == "clip"
+            else {"synonyms": dict(zip(classes, synonyms, strict=True))}
+        ),
+    }

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +43,7 @@ class MultiLabelClassifier(nn.Module):
         self.head_name = head_name
         self.fusion = fusion
         self.classes = list(classes)
+        self.head_init = "text"
         self.cacheable = not fusion
         self.needs_tokens = head_name == "cprfl"
         self._tap = _TokenTap(self.visual)
@@ -83,10 +86,27 @@ class MultiLabelClassifier(nn.Module):
         return {n: t.detach().contiguous().cpu() for n, t in self.state_dict().items() if n in names}
 
 
+def _prompt_context(clip_model, tokenizer, classes: list[str], wanted: int = 64) -> int:
+    """DualCoOp's learned context length: 64 (the paper), or less where the text encoder's window is shorter
+    (start, context, the longest class name, '.', end must fit)."""
+    name_tokens = max(int((tokenizer([name]) != 0).sum()) - 2 for name in classes)
+    return max(1, min(wanted, int(clip_model.context_length) - name_tokens - 3))
+
+
 def build_classifier(
-    clip_model, tokenizer, classes: list[str], head: str = "linear", fusion: bool = False, device=None
+    clip_model,
+    tokenizer,
+    classes: list[str],
+    head: str = "linear",
+    fusion: bool = False,
+    device=None,
+    head_init: str = "text",
+    seed: int = 0,
 ) -> MultiLabelClassifier:
-    """A classifier over ``classes`` on ``clip_model``'s image encoder (frozen; fusion modules train if asked)."""
+    """A classifier over ``classes`` on ``clip_model``'s image encoder (frozen; fusion modules train if asked).
+
+    ``head_init="random"`` starts the linear head from random weights instead of CLIP's text embeddings.
+    """
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}: use one of {HEADS}")
     device = torch.device(device or "cpu")
@@ -96,9 +116,13 @@ def build_classifier(
     text = label_embeddings(clip_model, tokenizer, classes, device).to(device)
     dim = clip_model.visual.output_dim
     if head == "linear":
-        module: nn.Module = LinearHead(dim, len(classes), class_embeddings=text)
+        generator = torch.Generator().manual_seed(seed)
+        init = text.cpu() if head_init == "text" else None
+        module: nn.Module = LinearHead(dim, len(classes), class_embeddings=init, generator=generator)
     elif head == "dualcoop":
-        module = DualCoOpHead(clip_model, tokenizer, classes)
+        module = DualCoOpHead(
+            clip_model, tokenizer, classes, context_length=_prompt_context(clip_model, tokenizer, classes)
+        )
     else:
         visual = clip_model.visual
         visual_dim = (
@@ -107,32 +131,101 @@ def build_classifier(
         module = CPRFLHead(text, visual_dim, dim=min(512, max(64, dim)))
     if fusion:
         add_fusion(clip_model.visual)
-    return MultiLabelClassifier(clip_model, module, head, fusion, classes).to(device)
+    model = MultiLabelClassifier(clip_model, module, head, fusion, classes).to(device)
+    model.head_init = head_init
+    return model
 
 
-def save_classifier(model: MultiLabelClassifier, folder: Path) -> None:
-    """``folder/classifier.safetensors`` (trainable + head buffers) and ``classifier.json`` (how to rebuild)."""
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def save_classifier(model: MultiLabelClassifier, folder: Path, **extra: Any) -> None:
+    """``folder/model.safetensors`` (trainable + head buffers) and ``config.json`` (how to rebuild it, plus
+    ``extra``: the backbone name ``clip``, thresholds...). The one save path of every command."""
     from safetensors.torch import save_file
 
-    from mlgen.paths import write_json_atomic
+    from mlgen.paths import write_atomic, write_json_atomic
 
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / "classifier.safetensors.tmp"
-    save_file(model.trainable_state(), tmp)
-    tmp.replace(folder / "classifier.safetensors")
-    write_json_atomic(
-        folder / "classifier.json", {"head": model.head_name, "fusion": model.fusion, "classes": model.classes}
-    )
+    state = model.trainable_state()
+    write_atomic(folder / WEIGHTS, lambda tmp: save_file(state, str(tmp)))
+    config = {
+        **extra,
+        "head": model.head_name,
+        "fusion": model.fusion,
+        "head_init": model.head_init,
+        "classes": model.classes,
+        "feature_dim": int(model.visual.output_dim),
+    }
+    write_json_atomic(folder / CONFIG, config)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    from mlgen.errors import MlgenError
+
+    try:
+        return json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise MlgenError(f"cannot read the classifier's {folder / CONFIG}: {err}") from None
 
 
 def load_classifier(clip_model, tokenizer, folder: Path, device=None) -> MultiLabelClassifier:
+    """The classifier saved in ``folder`` on ``clip_model`` (the same backbone it was trained on)."""
     from safetensors.torch import load_file
 
-    meta = json.loads((folder / "classifier.json").read_text(encoding="utf-8"))
-    model = build_classifier(clip_model, tokenizer, meta["classes"], meta["head"], meta["fusion"], device)
-    state = load_file(folder / "classifier.safetensors", device=str(next(model.parameters()).device))
+    meta = read_config(folder)
+    model = build_classifier(
+        clip_model, tokenizer, meta["classes"], meta["head"], meta["fusion"], device, meta.get("head_init", "text")
+    )
+    state = load_file(folder / WEIGHTS, device=str(next(model.parameters()).device))
     missing = set(model.trainable_state()) - set(state)
     if missing:
         raise ValueError(f"{folder}: classifier weights lack {sorted(missing)[:3]}")
     model.load_state_dict(state, strict=False)
     return model.eval()
+
+
+def load_clip(name: str, device: torch.device):
+    """(open_clip model in float32, eval; preprocess; tokenizer): the classifier trains and scores in fp32."""
+    import open_clip
+
+    from mlgen.errors import MlgenError
+    from mlgen.models.registry import open_clip_name
+
+    model_name, pretrained = open_clip_name(name)
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
+    except (RuntimeError, OSError, ValueError) as err:
+        raise MlgenError(f"cannot load CLIP model '{name}': {str(err).splitlines()[0][:200]}") from None
+    return model.eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(model_name)
+
+
+def load_trained(folder: Path, device: torch.device | None = None):
+    """(classifier, preprocess, config) from a folder written by :func:`save_classifier`."""
+    from mlgen.errors import MlgenError
+
+    config = read_config(folder)
+    if not (folder / WEIGHTS).is_file():
+        raise MlgenError(f"{folder / WEIGHTS} is missing: train the classifier again (mlgen train-classifier)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    clip_model, preprocess, tokenizer = load_clip(config["clip"], device)
+    try:
+        model = load_classifier(clip_model, tokenizer, folder, device)
+    except (ValueError, RuntimeError) as err:
+        raise MlgenError(f"{folder}: the weights do not fit its config.json ({str(err).splitlines()[0]})") from None
+    return model, preprocess, config
+
+
+def predict_images(model: MultiLabelClassifier, preprocess, images: list[bytes], batch_size: int = 64) -> Tensor:
+    """Sigmoid probabilities [N, C] (float32, CPU) of encoded images (raises OSError for a non-image)."""
+    from PIL import Image
+
+    device = next(model.parameters()).device
+    chunks = []
+    model.eval()
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        pixels = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch]).to(device)
+        with torch.no_grad():
+            chunks.append(torch.sigmoid(model(pixels).float()).cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, len(model.classes))

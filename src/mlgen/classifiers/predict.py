@@ -2,44 +2,43 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file
-
-from mlgen.classifiers.features import image_features
-from mlgen.classifiers.heads import LinearHead
-from mlgen.classifiers.train_head import predict_scores
+from mlgen.classifiers.model import load_trained, predict_images
 from mlgen.errors import MlgenError
-from mlgen.models.registry import load_open_clip
 from mlgen.pipeline.rundir import RunDir
 
 
-def load_classifier(run: RunDir) -> tuple[LinearHead, dict]:
+def load_run_classifier(run: RunDir, device=None):
+    """(classifier, preprocess, config) of the run's ``classifier/`` folder (the one load path)."""
     run.require("classifier")
-    folder = run.stage_dir("classifier")
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    head = LinearHead(config["feature_dim"], len(config["classes"]))
-    head.load_state_dict(load_file(folder / "model.safetensors"))
-    return head.eval(), config
+    return load_trained(run.stage_dir("classifier"), device)
 
 
-def predict_files(run: RunDir, images: list[Path], top_k: int = 3) -> list[list[tuple[str, float]]]:
-    """The ``top_k`` labels and probabilities of each image file."""
-    head, config = load_classifier(run)
+def predict_files(run: RunDir, images: list[Path]) -> list[dict[str, float]]:
+    """Per image file: every label the classifier knows -> its probability."""
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise MlgenError(f"image not found: {missing[0]}")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, preprocess, _ = load_open_clip(config["clip"], device)
+    model, preprocess, config = load_run_classifier(run)
     try:
-        features = image_features(model, preprocess, [p.read_bytes() for p in images], device)
+        scores = predict_images(model, preprocess, [p.read_bytes() for p in images])
     except OSError as err:  # PIL: not an image
         raise MlgenError(f"cannot read an image: {err}") from None
-    scores = predict_scores(head, features)
-    top = scores.topk(min(top_k, scores.shape[1]), dim=1)
-    return [
-        [(config["classes"][i], float(p)) for p, i in zip(values, indices, strict=True)]
-        for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-    ]
+    return [dict(zip(config["classes"], map(float, row), strict=True)) for row in scores.tolist()]
+
+
+def format_predictions(images: list[Path], scores: list[dict[str, float]], fmt: str) -> str:
+    """JSON lines (``image``, ``scores``) or a CSV (``image`` then one column per label)."""
+    if fmt == "jsonl":
+        return "".join(json.dumps({"image": str(p), "scores": s}) + "\n" for p, s in zip(images, scores, strict=True))
+    out = io.StringIO()
+    labels = list(scores[0]) if scores else []
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["image", *labels])
+    for path, row in zip(images, scores, strict=True):
+        writer.writerow([str(path), *(f"{row[label]:.6f}" for label in labels)])
+    return out.getvalue()

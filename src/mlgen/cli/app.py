@@ -237,10 +237,17 @@ def train_classifier(
         bool | None, typer.Option("--fusion/--no-fusion", help="Train feature fusion inside the frozen encoder.")
     ] = None,
     loss: Annotated[str | None, typer.Option(help="asl, mlcd or bce.")] = None,
+    seen_data: Annotated[
+        str | None,
+        typer.Option(help="Real images of seen labels to train on too: a labels CSV, COCO JSON or WebDataset tars."),
+    ] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="With --seen-data: alternating real/synthetic epochs (the paper) or mixed.")
+    ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Train a classifier head on frozen CLIP features of the kept images; scored on held-out label sets."""
+    """Train the classifier (backbone, fusion, head, loss) on the kept images; scored on held-out label sets."""
     settings = _settings(
         config,
         "classifier",
@@ -252,6 +259,8 @@ def train_classifier(
         head=head,
         fusion=fusion,
         loss=loss,
+        seen_data=seen_data,
+        schedule=schedule,
     )
     _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
     _print_metrics(run)
@@ -267,9 +276,25 @@ def evaluate(
     labels: Annotated[
         Path | None, typer.Option("--labels", help="The unseen labels scored in the ZSL setting (default: all).")
     ] = None,
+    zero_shot: Annotated[
+        str | None,
+        typer.Option(
+            "--zero-shot", help="A training-free baseline instead: clip (prompt ensemble) or s3 (synonym spaces)."
+        ),
+    ] = None,
+    clip: Annotated[str, typer.Option(help="The CLIP model of --zero-shot.")] = "tiny",
 ) -> None:
     """Score the classifier on real labelled images (ZSL, GZSL, beside CLIP zero-shot); no --data: print metrics."""
     run_dir = RunDir(run)
+    if zero_shot is not None:
+        if data is None:
+            raise MlgenError("--zero-shot needs --data (the real labelled images to score)")
+        metrics = workflow.evaluate_zero_shot(run_dir, data, zero_shot, clip, _labels(labels))
+        for name in ("zsl", "gzsl"):
+            title = f"{zero_shot} zero-shot, real images, {name.upper()}"
+            typer.echo(f"{title:<40} mAP {metrics[name]['mAP']:.3f}  f1@3 {metrics[name]['f1@3']:.3f}")
+        typer.echo(f"metrics: {run_dir.root / 'zero-shot' / zero_shot / 'metrics.json'}")
+        return
     run_dir.require("classifier")
     if data is not None:
         workflow.evaluate(run_dir, data, _labels(labels))
@@ -303,13 +328,16 @@ def _print_metrics(run: Path) -> None:
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     run: RunOpt = DEFAULT_RUN,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Labels to print per image.")] = 3,
+    output_format: Annotated[
+        str, typer.Option("--format", help="jsonl (one {image, scores} line per image) or csv.")
+    ] = "jsonl",
 ) -> None:
-    """Print the top labels of each image with the trained classifier."""
-    from mlgen.classifiers.predict import predict_files
+    """Score image files with the trained classifier: every label's probability, as JSON lines or CSV."""
+    from mlgen.classifiers.predict import format_predictions, predict_files
 
-    for path, labels in zip(images, predict_files(RunDir(run), images, top_k), strict=True):
-        typer.echo(f"{path}\t" + "  ".join(f"{label} {p:.3f}" for label, p in labels))
+    if output_format not in ("jsonl", "csv"):
+        raise MlgenError(f"--format must be jsonl or csv, not {output_format!r}")
+    typer.echo(format_predictions(images, predict_files(RunDir(run), images), output_format), nl=False)
 
 
 @app.command("run")

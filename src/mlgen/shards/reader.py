@@ -41,8 +41,9 @@ def iter_shard(folder: Path, shard: int) -> Iterator[dict[str, Any]]:
     expected = manifest.column("key").to_pylist()
     if "failed" in manifest.column_names:  # samples that came out NaN/black are listed, with no image
         expected = [k for k, reason in zip(expected, manifest.column("failed").to_pylist(), strict=True) if not reason]
-    # one explicit shard: never split among DataLoader workers (the filter's workers split it by batch)
-    dataset = wds.WebDataset(str(tar), shardshuffle=False, empty_check=False, workersplitter=None)
+    # one explicit shard, read whole: never split among DataLoader workers (the filter's workers split it by
+    # batch) nor among torchrun ranks (the runner already gives each rank its own shards)
+    dataset = wds.WebDataset(str(tar), shardshuffle=False, empty_check=False, workersplitter=None, nodesplitter=None)
     seen = 0
     try:
         for sample, key in zip(dataset, expected, strict=False):
