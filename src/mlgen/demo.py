@@ -21,7 +21,7 @@ from mlgen.classifiers.features import image_features, label_embeddings
 from mlgen.classifiers.metrics import evaluate_scores
 from mlgen.classifiers.model import load_trained, predict_images
 from mlgen.classifiers.stage import ClassifierStage
-from mlgen.config import ClassifierConfig, FilterConfig, GenerateConfig, PromptsConfig
+from mlgen.config import ClassifierConfig, FilterConfig, FinetuneConfig, GenerateConfig, PromptsConfig
 from mlgen.errors import MlgenError
 from mlgen.labels import parse_labels
 from mlgen.models.registry import load_open_clip
@@ -34,12 +34,21 @@ TOY = "toy"
 TOY_DEMO_CLASSES = ["circle", "triangle", "star", "heart"]
 REAL_TEST_IMAGES = 300
 REAL_TEST_SEED = 7
+# Text-encoder fine-tuning in the toy world: the paper's lr 7e-8 moves SD's 123M-parameter encoder over
+# thousands of steps; the toy encoder (0.1M parameters) is trained for tens of steps at a larger rate.
+TOY_FINETUNE_LR = 1e-4
 
 
 class UnfilteredClassifierStage(ClassifierStage):
     """The same classifier trained on every generated image (``source: raw``), in its own folder."""
 
     name = "classifier-unfiltered"
+
+
+class FusionClassifierStage(ClassifierStage):
+    """The same classifier with the feature fusion modules trained inside the frozen encoder."""
+
+    name = "classifier-fusion"
 
 
 def real_test_metrics(run: RunDir, data: Path, clip: str, heads: dict[str, str]) -> dict[str, dict[str, float]]:
@@ -64,8 +73,14 @@ def real_test_metrics(run: RunDir, data: Path, clip: str, heads: dict[str, str])
     return metrics
 
 
-def toy_experiment(run: RunDir, llm: str = "smollm2", model: str = TOY, seed: int = 0) -> dict[str, Any]:
-    """The toy-world pipeline in ``run``; returns the raw / filtered stage markers and the real-test metrics."""
+def toy_experiment(
+    run: RunDir, llm: str = "smollm2", model: str = TOY, seed: int = 0, finetune_steps: int = 0, fusion: bool = False
+) -> dict[str, Any]:
+    """The toy-world pipeline in ``run``; returns the raw / filtered stage markers and the real-test metrics.
+
+    ``finetune_steps``: fine-tune the toy text encoder with the CLIP-score loss first (generation then uses
+    it); ``fusion``: also train the classifier with feature fusion (metrics key ``fusion``).
+    """
     from mlgen.world.render import render_dataset
 
     if not torch.cuda.is_available():
@@ -78,6 +93,21 @@ def toy_experiment(run: RunDir, llm: str = "smollm2", model: str = TOY, seed: in
     raw_settings = GenerateConfig(
         model=model, images_per_prompt=6, shard_size=60, steps=10, image_format="png", seed=seed
     )
+    if finetune_steps:
+        from mlgen.finetune.stage import finetune
+
+        workflow.make_prompts(run, prompt_settings, classes)
+        tuning = FinetuneConfig(
+            model=model,
+            clip=TOY,
+            size=64,
+            steps=raw_settings.steps,
+            learning_rate=TOY_FINETUNE_LR,
+            max_train_steps=finetune_steps,
+            grad_steps=2,
+            seed=seed,
+        )
+        finetune(run, tuning)  # writes RUN/text_encoder/, which generate picks up
     raw = workflow.generate(run, raw_settings, prompt_settings, classes)
     filtered = workflow.filter_images(run, FilterConfig(clip=TOY))
     # A head on the toy CLIP's frozen image features, started from random weights (not from its text
@@ -90,6 +120,9 @@ def toy_experiment(run: RunDir, llm: str = "smollm2", model: str = TOY, seed: in
         heads.pop("filtered")
         filtered = {**filtered, "classifier_error": str(err)}
     run_stage(UnfilteredClassifierStage(run, replace(classifier, source="raw")))
+    if fusion and "filtered" in heads:
+        run_stage(FusionClassifierStage(run, replace(classifier, fusion=True)))
+        heads["fusion"] = "classifier-fusion"
     real = run.root / "real-test"
     if not (real / "labels.csv").is_file():
         render_dataset(real, REAL_TEST_IMAGES, REAL_TEST_SEED, classes)
