@@ -11,7 +11,7 @@ same rendered real test scenes:
 - the toy CLIP zero-shot (the teacher that filters; trained on these shapes, so it is the ceiling here).
 Printed: mean and spread (standard deviation) over the seeds, and the per-seed values.
 
-Usage: python bench/ablations.py [--seeds 3] [--llm template] [--model toy] [--finetune-steps 40] [--out DIR]
+Usage: python bench/ablations.py [--seeds 3] [--llm template] [--model toy] [--finetune-steps 60] [--out DIR]
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--llm", default="template", help="template (fast) or smollm2")
     parser.add_argument("--model", default="toy")
-    parser.add_argument("--finetune-steps", type=int, default=40, help="text-encoder fine-tuning steps; 0: skip")
+    parser.add_argument("--finetune-steps", type=int, default=60, help="text-encoder fine-tuning steps; 0: skip")
     parser.add_argument("--out", type=Path, default=None, help="keep the run folders here (default: a temp dir)")
     args = parser.parse_args()
     runs: dict[str, list[dict]] = {"plain": [], "finetuned": []}
