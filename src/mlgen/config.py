@@ -47,7 +47,7 @@ class PromptsConfig:
     min_words: int = 8
     max_words: int = 60  # CLIP's text encoder reads 77 tokens
     dedup_threshold: float = 0.9  # a prompt this close (MiniLM cosine) to one its set has is a near duplicate
-    synonym_threshold: float = 0.5  # a synonym's MiniLM cosine to its label is at least this
+    synonym_threshold: float = 0.6  # a synonym's MiniLM cosine to its label is at least this (README: prompts)
     max_attempts: int = 3  # requests per set (new seeds each) before the template fills the rest
     sets_per_shard: int = 32
     batch_size: int = runtime(16)
@@ -81,7 +81,9 @@ class FilterConfig:
     clip: str = "tiny"  # open_clip ARCH/PRETRAINED (e.g. ViT-B-32/openai), hf-hub:ID, folder, or tiny
     threshold: float = 0.5
     text: str = "bare"  # bare (paper: class names) | ensemble (prompt templates averaged) | s3 (synonym spaces)
-    dedup: float = 0.0  # >0: drop a kept image whose embedding cosine to an earlier kept one of its label set exceeds it
+    dedup: float = (
+        0.0  # >0: drop a kept image whose embedding cosine to an earlier kept one of its label set exceeds it
+    )
     batch_size: int = runtime(64)
 
 
@@ -218,7 +220,9 @@ def output_settings(config: Any) -> dict[str, Any]:
     for f in dataclasses.fields(config):
         if f.metadata.get("shapes_output", True):
             value = getattr(config, f.name)
-            settings[f.name] = [list(v) for v in value] if f.name in ("exclude_pairs", "label_sets") and value else value
+            settings[f.name] = (
+                [list(v) for v in value] if f.name in ("exclude_pairs", "label_sets") and value else value
+            )
     return settings
 
 

@@ -58,7 +58,9 @@ ClassesOpt = Annotated[Path | None, typer.Option("--classes", help="Labels file:
 LlmOpt = Annotated[
     str | None,
     typer.Option(
-        "--llm", envvar="MLGEN_LLM", help="smollm2 (built in), template, a transformers id/folder, vllm:ID, openai:MODEL."
+        "--llm",
+        envvar="MLGEN_LLM",
+        help="smollm2 (built in), template, a transformers id/folder, vllm:ID, openai:MODEL.",
     ),
 ]
 PromptsPerSetOpt = Annotated[

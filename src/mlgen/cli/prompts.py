@@ -95,7 +95,8 @@ def summary(report: dict[str, Any]) -> str:
         f"  {report['label_sets']['count']} label sets ({report['label_sets']['method']}), "
         f"{ours['prompts_per_set']['mean']} prompts a set; from the LLM {report['share_from_llm']:.0%}, "
         f"template {report['share_from_template']:.0%}",
-        f"  answers accepted {answers['accepted']}/{answers['candidates']}; rejected: {rejected}",
+        f"  answers valid {answers['accepted'] + answers['surplus']}/{answers['candidates']} "
+        f"(share {answers['accepted_share']}); rejected: {rejected}",
         f"  requests {report['requests']['total']} ({report['requests']['answered_from_cache']} from the cache)",
         f"  {'':<22}{'these prompts':>14}{'template only':>15}",
     ]

@@ -141,7 +141,11 @@ class TransformersBackend:
         for start in range(0, len(requests), self.batch_size):
             batch = list(requests[start : start + self.batch_size])
             inputs = self.tokenizer.apply_chat_template(
-                [r.chat() for r in batch], add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True
+                [r.chat() for r in batch],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                padding=True,
+                return_dict=True,
             ).to(self.device)
             first = batch[0]
             processors = LogitsProcessorList()

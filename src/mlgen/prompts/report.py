@@ -84,7 +84,10 @@ def prompt_report(
         "answers": {
             "candidates": candidates,
             "accepted": totals.get("accepted", 0),
-            "accepted_share": round(totals.get("accepted", 0) / candidates, 4) if candidates else None,
+            "surplus": totals.get("surplus", 0),  # valid answers beyond what the set needed
+            "accepted_share": round((totals.get("accepted", 0) + totals.get("surplus", 0)) / candidates, 4)
+            if candidates
+            else None,
             "rejected": rejected,
         },
         "share_from_llm": round(len(from_llm) / len(rows), 4) if rows else 0.0,

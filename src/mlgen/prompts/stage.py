@@ -141,7 +141,8 @@ class PromptStage(Stage):
             top_p=self.config.top_p,
             max_tokens=max_tokens or self.config.max_new_tokens,
             seed=request_seed(self.config.seed, *key),
-            json_schema=json_schema(self.instruction.answers) if self.backend.kind == "vllm" and key[0] != "synonyms"
+            json_schema=json_schema(self.instruction.answers)
+            if self.backend.kind == "vllm" and key[0] != "synonyms"
             else None,
         )
 
@@ -189,8 +190,10 @@ class PromptStage(Stage):
                     candidates += lines
                 stats["candidates"] += len(candidates)
                 texts = [t for t, _ in accepted[i]]
-                chosen = validator.select(candidates, sets[i], texts, n, rejected)
+                passing = validator.select(candidates, sets[i], texts, rejected)
+                chosen = passing[: n - len(texts)]
                 stats["accepted"] += len(chosen)
+                stats["surplus"] += len(passing) - len(chosen)  # valid, but the set was full
                 accepted[i] += [(text, attempt) for text in chosen]
         stats.update({f"rejected_{reason}": count for reason, count in rejected.items()})
         return accepted

@@ -98,9 +98,9 @@ class PromptValidator:
         return None
 
     def select(
-        self, candidates: list[str], label_set: tuple[str, ...], accepted: list[str], n: int, rejected: Counter
+        self, candidates: list[str], label_set: tuple[str, ...], accepted: list[str], rejected: Counter
     ) -> list[str]:
-        """The candidates that pass, in order, until the set has ``n`` (``accepted`` holds the set's so far)."""
+        """The candidates that pass, in order (``accepted``: the set's prompts so far, for the duplicate checks)."""
         passing = []
         for text in candidates:
             why = self.reason(text, label_set)
@@ -121,8 +121,7 @@ class PromptValidator:
                     continue
                 keep.append(text)
                 kept_vectors.append(vector)
-        room = max(0, n - len(accepted))
-        return keep[:room]
+        return keep
 
 
 def clean_synonym(item: str) -> str:
