@@ -56,6 +56,11 @@ def prompts_command(
         Path | None, typer.Option("--label-sets", help="File of explicit label sets: 'a, b, c' a line.")
     ] = None,
     batch_size: Annotated[int | None, _opt("--batch-size", help="Requests per batch (in-process LLMs).")] = None,
+    max_new_tokens: Annotated[int | None, _opt("--max-new-tokens", help="Tokens per answered sentence.")] = None,
+    request_timeout: Annotated[float | None, _opt("--request-timeout", help="openai: seconds per request.")] = None,
+    request_retries: Annotated[
+        int | None, _opt("--request-retries", help="openai: retries of a failed request (with backoff).")
+    ] = None,
     seed: Annotated[int | None, _opt("--seed", help="Sampling seed (each request's seed derives from it).")] = None,
     config: Annotated[Path | None, typer.Option("--config", envvar="MLGEN_CONFIG", help="YAML config file.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo this stage if its settings changed.")] = False,
@@ -74,6 +79,9 @@ def prompts_command(
         exclude_pairs=read_exclude_pairs(str(exclude_pairs)) if exclude_pairs else None,
         label_sets=read_label_lines(str(label_sets), "--label-sets") if label_sets else None,
         batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        request_timeout=request_timeout,
+        request_retries=request_retries,
         seed=seed,
     )
     settings = build_config(PromptsConfig, read_config_file(config).get("prompts"), flags)
