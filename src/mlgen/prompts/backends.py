@@ -80,8 +80,10 @@ class RequestCache:
         missing = [i for i, key in enumerate(keys) if not self._path(key).is_file()]
         self.hits += len(requests) - len(missing)
         self.misses += len(missing)
-        if missing:
-            for i, answer in zip(missing, backend.complete([requests[i] for i in missing]), strict=True):
+        step = getattr(backend, "chunk_size", 16)  # stored chunk by chunk: a kill loses one chunk at most
+        for first in range(0, len(missing), step):
+            chunk = missing[first : first + step]
+            for i, answer in zip(chunk, backend.complete([requests[i] for i in chunk]), strict=True):
                 answers[i] = answer
                 if answer is not None:  # a failed request is asked again next time
                     write_json_atomic(self._path(keys[i]), {"answer": answer, "model": backend.model})
@@ -125,7 +127,7 @@ class TransformersBackend:
         folder = causal_lm_folder(model)
         self.model = model
         self.device = device
-        self.batch_size = batch_size
+        self.batch_size = self.chunk_size = batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -137,7 +139,6 @@ class TransformersBackend:
         from transformers import LogitsProcessorList
 
         answers: list[str | None] = []
-        # Requests of one sampling setting go together; sorting by length wastes less padding.
         for start in range(0, len(requests), self.batch_size):
             batch = list(requests[start : start + self.batch_size])
             inputs = self.tokenizer.apply_chat_template(
@@ -177,6 +178,7 @@ class VllmBackend:
         from mlgen.models.registry import causal_lm_folder
 
         self.model = model
+        self.chunk_size = 1024  # vLLM schedules a chunk itself
         self.llm = LLM(model=causal_lm_folder(model), seed=0)
 
     def complete(self, requests: Sequence[ChatRequest]) -> list[str | None]:
@@ -224,6 +226,7 @@ class OpenAIBackend:
         self.model = model
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
         self.concurrency = concurrency
+        self.chunk_size = 4 * concurrency
         self.errors = openai
         self.client = openai.OpenAI(
             base_url=self.base_url,

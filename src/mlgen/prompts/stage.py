@@ -54,7 +54,7 @@ PROMPTS_SCHEMA = pa.schema(
     ]
 )
 SYNONYMS_SCHEMA = pa.schema([("label", pa.string()), ("synonym", pa.string()), ("source", pa.string())])
-SYNONYM_SAMPLES = 3  # synonym requests per label (different seeds); their answers are pooled
+SYNONYM_SAMPLES = 2  # synonym requests per label (different seeds); their answers are pooled
 CACHE_FOLDER = "llm-cache"  # RUN/llm-cache: outside prompts/, so --overwrite keeps the answers
 
 
