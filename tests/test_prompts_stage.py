@@ -254,3 +254,32 @@ def test_label_set_options_on_the_template_backend(tmp_path: Path) -> None:
     assert {s["method"] for s in sets} == {"balanced"} and not any({"zebra", "kite"} <= set(s["labels"]) for s in sets)
     report = json.loads((tmp_path / "R" / "prompts" / "report.json").read_text())
     assert report["share_from_template"] == 1.0 and report["prompts"]["label_coverage"] == 1.0
+
+
+class ScriptedBackend:
+    """Bad LLM output on demand: empty, malformed, failed and one good answer per round (nothing real does this)."""
+
+    kind, model = "scripted", "scripted"
+    chunk_size = 64
+
+    def complete(self, requests):
+        script = ["", "{not json", None, "   ", "A zebra runs across the green grass next to a red kite in the wind."]
+        return [script[r.seed % len(script)] if r.messages[-1][1].startswith("Objects") else "" for r in requests]
+
+
+def test_bad_llm_output_is_counted_and_the_template_fills_in(tmp_path: Path, monkeypatch) -> None:
+    from mlgen.config import PromptsConfig
+    from mlgen.pipeline.rundir import RunDir
+    from mlgen.pipeline.runner import run_stage
+    from mlgen.prompts import stage as prompt_stage
+
+    monkeypatch.setattr(prompt_stage, "make_backend", lambda *args: ScriptedBackend())
+    config = PromptsConfig(llm="scripted", prompts_per_set=2, synonyms_per_label=2)
+    run_stage(prompt_stage.PromptStage(RunDir(tmp_path / "R"), config, ["zebra", "kite"]))
+    report = json.loads((tmp_path / "R" / "prompts" / "report.json").read_text())
+    rejected = report["answers"]["rejected"]
+    assert rejected.get("empty", 0) > 0 and rejected.get("request_failed", 0) > 0
+    assert report["template_filled_sets"] >= 1 and 0 < report["share_from_template"] < 1
+    prompts = pq.read_table(tmp_path / "R" / "prompts" / "prompts.parquet").to_pylist()
+    assert {p["source"] for p in prompts} == {"llm:scripted", "template"}
+    assert all(p["attempt"] == -1 for p in prompts if p["source"] == "template")

@@ -85,7 +85,7 @@ def test_llm_answers_are_validated() -> None:
     assert kept[0].startswith("A zebra grazes") and len(kept) == 2  # numbering stripped, duplicate dropped
     assert rejected == {"too_short": 1, "duplicate": 1}
     synonyms = validate_synonyms(
-        {"dog": ["1. Pup*, a hound, cat, dog, canine:, pup"], "cat": []}, 5, None, 0.6, rejected
+        {"dog": ["1. Pup*, a hound, cat, dog, canine:, pup, dog house"], "cat": []}, 5, None, 0.6, rejected
     )
     assert synonyms["dog"] == ["pup", "hound", "canine"]
 

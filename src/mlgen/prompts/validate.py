@@ -26,7 +26,16 @@ REASONS = (
     "duplicate",
     "near_duplicate",
 )
-SYNONYM_REASONS = ("empty", "too_long", "is_label", "other_label", "duplicate", "far_in_meaning", "closer_to_other")
+SYNONYM_REASONS = (
+    "empty",
+    "too_long",
+    "is_label",
+    "contains_label",
+    "other_label",
+    "duplicate",
+    "far_in_meaning",
+    "closer_to_other",
+)
 
 
 @cache
@@ -134,7 +143,8 @@ def validate_synonyms(
 ) -> dict[str, list[str]]:
     """Up to ``n`` synonyms per label from the raw comma-separated answers.
 
-    A synonym is kept when it is not empty, at most four words, not the label itself (nor its plural),
+    A synonym is kept when it is not empty, at most four words, neither the label (nor its plural) nor the
+    label with more words,
     not another label nor another label's synonym, not a repeat, and close in meaning: its
     embedding's cosine to the label's is at least ``threshold`` and higher than to any other label.
     """
@@ -151,6 +161,8 @@ def validate_synonyms(
                 why = "too_long"
             elif _term_pattern(label).fullmatch(word):
                 why = "is_label"
+            elif _term_pattern(label).search(word):  # 'motorcycle ride', 'laptop light': the label plus a word
+                why = "contains_label"
             elif any(_term_pattern(other).fullmatch(word) for other in labels if other != label):
                 why = "other_label"
             elif word in seen:
