@@ -214,7 +214,7 @@ def test_a_server_that_is_down_fails_with_one_line(tmp_path: Path) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM needs a GPU")
 def test_vllm_backend_writes_structured_prompts(tmp_path: Path) -> None:
     (tmp_path / "c.txt").write_text("zebra\nkite\n")
-    args = ["prompts", "--run", "R", "--classes", "c.txt", "--llm", "vllm:HuggingFaceTB/SmolLM2-135M-Instruct"]
+    args = ["prompts", "--run", "R", "--classes", "c.txt", "--llm", "vllm:smollm2"]
     result = mlgen(*args, "--prompts-per-set", "2", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "R" / "prompts" / "report.json").read_text())

@@ -86,10 +86,6 @@ def _settings(config_file: Path | None, section: str, cls: type, **flags: Any) -
     return build_config(cls, _config_sections(config_file).get(section), flags)
 
 
-def _prompt_settings(config_file: Path | None, llm: str | None, prompts_per_set: int | None) -> PromptsConfig:
-    return _settings(config_file, "prompts", PromptsConfig, llm=llm, prompts_per_set=prompts_per_set)
-
-
 def _labels(classes_file: Path | None) -> list[str] | None:
     return read_labels(classes_file) if classes_file else None
 
