@@ -81,9 +81,7 @@ class FilterConfig:
     clip: str = "tiny"  # open_clip ARCH/PRETRAINED (e.g. ViT-B-32/openai), hf-hub:ID, folder, or tiny
     threshold: float = 0.5
     text: str = "bare"  # bare (paper: class names) | ensemble (prompt templates averaged) | s3 (synonym spaces)
-    dedup: float = (
-        0.0  # >0: drop a kept image whose embedding cosine to an earlier kept one of its label set exceeds it
-    )
+    dedup: float = 0.0  # >0: drop a kept image whose embedding cosine to an earlier kept one of its label set exceeds it
     batch_size: int = runtime(64)
 
 
