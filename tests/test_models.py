@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mlgen.config import PromptsConfig
 from mlgen.errors import MlgenError
 from mlgen.models import tiny
 from mlgen.models.registry import diffusers_folder, open_clip_name
-from mlgen.prompts.llm import TransformersWriter, mentions
+from mlgen.prompts.backends import ChatRequest, TransformersBackend
+from mlgen.prompts.instructions import load_instruction, scene_fields
+from mlgen.prompts.validate import mentions
 
 
 def test_tiny_models_build_identically_and_are_cached(tmp_path: Path, monkeypatch) -> None:
@@ -52,14 +53,16 @@ def test_unknown_model_names_fail_with_one_line() -> None:
     assert open_clip_name("ViT-B-32/openai") == ("ViT-B-32", "openai")
 
 
-def test_embedded_llm_writes_prompts_that_name_the_labels() -> None:
-    writer = TransformersWriter("smollm2", PromptsConfig(max_new_tokens=48), torch.device("cpu"))
-    sets = [("dog", "bicycle"), ("cat",)]
-    prompts = writer.scene_prompts(sets, n=2, seed=0)
-    for label_set, chosen in zip(sets, prompts, strict=True):
-        assert 1 <= len(chosen) <= 2
-        for prompt in chosen:
-            assert all(mentions(prompt.text, label) for label in label_set)
-    assert any(p.source == "llm:smollm2" for chosen in prompts for p in chosen)
-    synonyms = writer.synonyms(["dog"], 3, seed=0, all_labels=["dog", "cat"])[0]
-    assert "cat" not in synonyms and "dog" not in synonyms and len(synonyms) <= 3
+def test_embedded_llm_answers_depend_on_the_request_seed_not_the_batch() -> None:
+    backend = TransformersBackend("smollm2", torch.device("cpu"), batch_size=3)
+    instruction = load_instruction("mlgen")
+    requests = [
+        ChatRequest(instruction.render(scene_fields(labels, 1)), 0.6, 0.9, 24, seed)
+        for labels, seed in ((("dog", "bicycle"), 1), (("cat",), 2), (("dog", "bicycle"), 3))
+    ]
+    batched = backend.complete(requests)
+    backend.batch_size = 1
+    alone = backend.complete(requests[::-1])[::-1]
+    assert batched == alone  # a request's answer does not depend on its batch or position
+    assert batched[0] != batched[2]  # another seed, another answer
+    assert any(mentions(answer, "dog") for answer in batched)  # the few-shot instruction is followed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from mlgen.pipeline.ranks import Ranks
 from mlgen.pipeline.rundir import RunDir
 from mlgen.pipeline.runner import Stage, run_stage
 from mlgen.prompts.composer import label_pairs, template_prompt
-from mlgen.prompts.llm import parse_synonyms, pick_prompts
+from mlgen.prompts.instructions import answer_lines
+from mlgen.prompts.validate import PromptValidator, validate_synonyms
 
 
 def test_labels_are_normalised_and_duplicates_refused() -> None:
@@ -76,10 +78,16 @@ def test_llm_answers_are_validated() -> None:
     answers = ["1. A zebra grazes beside a bright surfboard on the sunny beach today.", "A zebra.",
                "Surfboards lean on a fence while zebras watch from the dry golden savanna.",
                "A zebra grazes beside a bright surfboard on the sunny beach today."]  # fmt: skip
-    prompts = pick_prompts(answers, ("zebra", "surfboard"), 3, "llm:x")
-    assert [p.source for p in prompts] == ["llm:x", "llm:x", "template"]
-    assert prompts[0].text.startswith("A zebra grazes")  # numbering stripped, duplicate dropped
-    assert parse_synonyms("1. Pup*, a hound, cat, canine:, pup", "dog", 5, ("cat",)) == ["pup", "hound", "canine"]
+    candidates = [line for answer in answers for line in answer_lines(answer, "one")]
+    validator = PromptValidator(["zebra", "surfboard"], {}, None, 8, 60, 0.9)
+    rejected: Counter = Counter()
+    kept = validator.select(candidates, ("zebra", "surfboard"), [], rejected)
+    assert kept[0].startswith("A zebra grazes") and len(kept) == 2  # numbering stripped, duplicate dropped
+    assert rejected == {"too_short": 1, "duplicate": 1}
+    synonyms = validate_synonyms(
+        {"dog": ["1. Pup*, a hound, cat, dog, canine:, pup, dog house"], "cat": []}, 5, None, 0.6, rejected
+    )
+    assert synonyms["dog"] == ["pup", "hound", "canine"]
 
 
 def test_settings_are_merged_and_validated() -> None:

@@ -30,17 +30,31 @@ def runtime(default: Any) -> Any:
 
 @dataclass(frozen=True)
 class PromptsConfig:
-    llm: str = "smollm2"  # smollm2 (embedded), template (no LLM), a transformers id/folder, vllm:ID
-    prompts_per_set: int = 5
+    llm: str = "smollm2"  # smollm2 (embedded), template (no LLM), a transformers id/folder, vllm:ID, openai:MODEL
+    prompts_per_set: int = 10  # the paper's 10 phrases per label set
     synonyms_per_label: int = 5
     temperature: float = 0.6
     top_p: float = 0.9
-    max_new_tokens: int = 60
+    max_new_tokens: int = 60  # per sentence (a `list` instruction asks for prompts_per_set of them at once)
     seed: int = 0
     negative_prompt: str = PAPER_NEGATIVE_PROMPT
     exclude_pairs: tuple[tuple[str, str], ...] = ()  # pairs the generator and CLIP confuse
+    set_size: int | None = None  # None: every unordered pair (paper); K: balanced sets of 1..K labels
+    sets_per_label: int = 10  # with set_size: sets each label appears in (about)
+    label_sets: tuple[tuple[str, ...], ...] | None = None  # explicit label sets (--label-sets FILE)
+    prompt_style: str = "mlgen"  # mlgen (few-shot, default), paper (Diff-ZS-MLC's dialog), plain
+    prompt_template: str | None = None  # a YAML instruction file instead of the style's
+    min_words: int = 8
+    max_words: int = 60  # CLIP's text encoder reads 77 tokens
+    dedup_threshold: float = 0.9  # a prompt this close (MiniLM cosine) to one its set has is a near duplicate
+    synonym_threshold: float = 0.6  # a synonym's MiniLM cosine to its label is at least this (README: prompts)
+    max_attempts: int = 3  # requests per set (new seeds each) before the template fills the rest
     sets_per_shard: int = 32
     batch_size: int = runtime(16)
+    llm_base_url: str | None = runtime(None)  # openai: server URL (else OPENAI_BASE_URL)
+    concurrency: int = runtime(8)  # openai: requests in flight
+    request_timeout: float = runtime(120.0)  # openai: seconds per request
+    request_retries: int = runtime(3)  # openai: retries with exponential backoff
 
 
 @dataclass(frozen=True)
@@ -159,8 +173,9 @@ def build_config(cls: type[ConfigT], *layers: dict[str, Any] | None) -> ConfigT:
                 raise MlgenError(f"unknown setting '{key}' for {cls.__name__.removesuffix('Config').lower()}")
             if value is not None:
                 values[name] = value
-    if "exclude_pairs" in values:
-        values["exclude_pairs"] = tuple(tuple(pair) for pair in values["exclude_pairs"])
+    for name in ("exclude_pairs", "label_sets"):  # YAML and JSON give lists
+        if values.get(name) is not None:
+            values[name] = tuple(tuple(entry) for entry in values[name])
     config = cls(**values)
     validate(config)
     return config
@@ -178,7 +193,7 @@ def validate(config: Any) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
             raise MlgenError(f"setting '{f.name}' must be a {'whole ' if kind is int else ''}number, got {value!r}")
-        if kind is int and f.name != "seed" and value <= 0:
+        if kind is int and f.name not in ("seed", "request_retries") and value <= 0:
             raise MlgenError(f"setting '{f.name}' must be a positive number, got {value}")
     checks = {
         "threshold": lambda v: 0 <= v <= 1,
@@ -195,6 +210,9 @@ def validate(config: Any) -> None:
         "head": lambda v: v in ("linear", "dualcoop", "cprfl"),
         "loss": lambda v: v in ("asl", "mlcd", "bce"),
         "schedule": lambda v: v in ("alternating", "mixed"),
+        "dedup_threshold": lambda v: 0 < v <= 1,
+        "synonym_threshold": lambda v: -1 <= v <= 1,
+        "prompt_style": lambda v: v in ("mlgen", "paper", "plain"),
     }
     for name, ok in checks.items():
         if hasattr(config, name) and getattr(config, name) is not None and not ok(getattr(config, name)):
@@ -207,12 +225,15 @@ def output_settings(config: Any) -> dict[str, Any]:
     for f in dataclasses.fields(config):
         if f.metadata.get("shapes_output", True):
             value = getattr(config, f.name)
-            settings[f.name] = [list(v) for v in value] if f.name == "exclude_pairs" else value
+            settings[f.name] = (
+                [list(v) for v in value] if f.name in ("exclude_pairs", "label_sets") and value else value
+            )
     return settings
 
 
 def as_dict(config: Any) -> dict[str, Any]:
     data = dataclasses.asdict(config)
-    if "exclude_pairs" in data:
-        data["exclude_pairs"] = [list(pair) for pair in data["exclude_pairs"]]
+    for name in ("exclude_pairs", "label_sets"):
+        if data.get(name) is not None:
+            data[name] = [list(entry) for entry in data[name]]
     return data

@@ -18,7 +18,7 @@ from mlgen.models.registry import open_clip_name
 from mlgen.paths import write_json_atomic
 from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir, stats_path
 from mlgen.pipeline.runner import run_stage
-from mlgen.prompts.llm import check_llm
+from mlgen.prompts.backends import check_llm
 from mlgen.prompts.stage import PromptStage
 
 STAGE_FOLDERS = ("prompts", "raw", "filtered", "classifier")

