@@ -87,8 +87,16 @@ def toy_experiment(
         torch.set_num_threads(1)  # tiny models on a shared CPU: extra threads mostly wait on each other
     classes = parse_labels("\n".join(TOY_DEMO_CLASSES), "demo classes")
     # Sized for a 2-core CPU: the LLM writes 20 short prompts, the toy model draws 6 images of each.
+    # No negative prompt: the paper's ("watermark, text, ...") is for SD's artefacts; the toy text encoder
+    # knows none of its words, and with it the toy CLIP keeps 0.13 of the images instead of 0.72.
     prompt_settings = PromptsConfig(
-        llm=llm, prompts_per_set=2, synonyms_per_label=2, max_new_tokens=40, sets_per_shard=10, seed=seed
+        llm=llm,
+        prompts_per_set=2,
+        synonyms_per_label=2,
+        max_new_tokens=40,
+        sets_per_shard=10,
+        seed=seed,
+        negative_prompt="",
     )
     raw_settings = GenerateConfig(
         model=model, images_per_prompt=6, shard_size=60, steps=10, image_format="png", seed=seed
@@ -147,7 +155,7 @@ def run_demo(run: RunDir, llm: str = "smollm2", model: str = TOY) -> list[str]:
             for key, title in (
                 ("filtered", "classifier on CLIP-filtered toy images"),
                 ("unfiltered", "same classifier on all toy images (no filter)"),
-                ("zero_shot_clip", "toy CLIP zero-shot (no training)"),
+                ("zero_shot_clip", "toy CLIP zero-shot (the filter: a ceiling)"),
             )
         ),
     ]
