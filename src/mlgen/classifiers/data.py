@@ -11,6 +11,7 @@ Images are yielded one at a time (bytes, not decoded), so a large set never sits
 from __future__ import annotations
 
 import csv
+import io
 import json
 import tarfile
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import webdataset as wds
+from PIL import Image
 
 from mlgen.errors import MlgenError
 from mlgen.labels import normalise_label
@@ -46,6 +48,18 @@ def read_labelled(path: Path) -> Iterator[LabelledImage]:
     if path.is_dir() and (path / "labels.csv").is_file():  # `mlgen world render` output
         return _read_csv(path / "labels.csv")
     raise MlgenError(f"{path}: not a labelled image set (a .csv, a COCO .json, or WebDataset .tar files)")
+
+
+def decodable(image: bytes | None) -> bool:
+    """Whether ``image`` is bytes that decode to a picture (unreadable ones are skipped and counted)."""
+    if image is None:
+        return False
+    try:
+        with Image.open(io.BytesIO(image)) as im:
+            im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+    return True
 
 
 def _inside(root: Path, relative: str, source: Path) -> Path:

@@ -7,16 +7,14 @@ image are reported and left out of mAP (sklearn's rule; the papers' helper count
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from mlgen.classifiers.data import read_labelled
+from mlgen.classifiers.data import decodable, read_labelled
 from mlgen.classifiers.features import image_features, label_embeddings
 from mlgen.classifiers.metrics import evaluate_scores, per_class_average_precision, threshold_metrics
 from mlgen.classifiers.model import predict_images
@@ -37,23 +35,12 @@ ZERO_SHOT_TEMPLATES = (
 AP_RULE = "classes without a positive image are left out of mAP (sklearn); the papers' helper counts them as AP 0"
 
 
-def _decodable(image: bytes | None) -> bool:
-    if image is None:
-        return False
-    try:
-        with Image.open(io.BytesIO(image)) as im:
-            im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return False
-    return True
-
-
 def load_eval_set(data: Path, classes: list[str]) -> tuple[list[bytes], np.ndarray, dict[str, Any]]:
     """(image bytes, targets [N, C] over ``classes``, a report of what was skipped or unknown)."""
     index = {label: i for i, label in enumerate(classes)}
     images, rows, unknown, corrupt = [], [], Counter(), []
     for item in read_labelled(data):
-        if not _decodable(item.image):
+        if not decodable(item.image):
             corrupt.append(item.key)
             continue
         unknown.update(label for label in item.labels if label not in index)

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mlgen.classifiers.data import read_labelled
+from mlgen.classifiers.data import decodable, read_labelled
 from mlgen.errors import MlgenError
 from mlgen.filters.stage import image_of
 from mlgen.shards.reader import finished_shards, iter_shard
@@ -33,22 +33,11 @@ def shard_samples(folder: Path) -> Iterator[tuple[dict, bytes]]:
             yield json.loads(sample["json"]), image_of(sample)[1]
 
 
-def _decodable(image: bytes | None) -> bool:
-    if image is None:
-        return False
-    try:
-        with Image.open(io.BytesIO(image)) as im:
-            im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return False
-    return True
-
-
 def labelled_samples(path: Path) -> tuple[list[tuple[str, ...]], Callable[[], Iterator[bytes]], int]:
     """(labels of each readable image, a stream of those images, count of unreadable ones) of a labelled set."""
     labels, skipped = [], 0
     for item in read_labelled(path):
-        if _decodable(item.image):
+        if decodable(item.image):
             labels.append(item.labels)
         else:
             skipped += 1
@@ -57,7 +46,7 @@ def labelled_samples(path: Path) -> tuple[list[tuple[str, ...]], Callable[[], It
 
     def images() -> Iterator[bytes]:
         for item in read_labelled(path):
-            if _decodable(item.image):
+            if decodable(item.image):
                 yield item.image
 
     return labels, images, skipped
