@@ -22,7 +22,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/mlgen demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check src tests bench
