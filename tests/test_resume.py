@@ -19,9 +19,9 @@ ARGS = ["--llm", "template", "--steps", "6", "--size", "64", "--shard-size", "4"
         "--images-per-prompt", "4"]  # fmt: skip
 
 
-def start_generate(run: Path, classes: Path) -> subprocess.Popen:
+def start_generate(run: Path, classes: Path, args: list[str] = ARGS) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "mlgen", "generate", "--run", str(run), "--classes", str(classes), *ARGS],
+        [sys.executable, "-m", "mlgen", "generate", "--run", str(run), "--classes", str(classes), *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -85,10 +85,12 @@ def test_a_second_process_on_the_same_stage_stops_with_one_line(tmp_path):
     classes = tmp_path / "classes.txt"
     classes.write_text("zebra\nsurfboard\nkite\n")
     run = tmp_path / "run"
-    first = start_generate(run, classes)
+    # The holder must outlive the second process's start-up (importing torch takes seconds on a busy CPU).
+    slow = [*ARGS, "--steps", "200"]
+    first = start_generate(run, classes, slow)
     try:
         wait_for("raw/plan.json", run, 1, first)
-        second = mlgen("generate", "--run", run, *ARGS)
+        second = mlgen("generate", "--run", run, *slow)
         assert second.returncode == 1
         assert second.stderr.strip().splitlines()[-1] == (
             f"mlgen: error: another mlgen process is running stage 'raw' in {run}"
@@ -97,5 +99,5 @@ def test_a_second_process_on_the_same_stage_stops_with_one_line(tmp_path):
     finally:
         first.kill()
         first.wait()
-    result = mlgen("generate", "--run", run, *ARGS)  # the killed holder released its lock
+    result = mlgen("generate", "--run", run, *ARGS, "--overwrite")  # the killed holder released its lock
     assert result.returncode == 0, result.stderr

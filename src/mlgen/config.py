@@ -226,7 +226,9 @@ def output_settings(config: Any) -> dict[str, Any]:
         if f.metadata.get("shapes_output", True):
             value = getattr(config, f.name)
             settings[f.name] = (
-                [list(v) for v in value] if f.name in ("exclude_pairs", "label_sets") and value else value
+                [list(v) for v in value]  # as JSON stores them, so a recorded plan compares equal
+                if f.name in ("exclude_pairs", "label_sets") and value is not None
+                else value
             )
     return settings
 
