@@ -208,6 +208,22 @@ def test_a_server_that_is_down_fails_with_one_line(tmp_path: Path) -> None:
     assert "cannot reach the LLM server" in error_line(result)
 
 
+def test_a_server_that_never_answers_times_out_with_one_line(tmp_path: Path) -> None:
+    """A real listener on loopback that accepts connections and never replies: the client's timeout ends it."""
+    (tmp_path / "c.txt").write_text("zebra\nkite\n")
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
+        env = {"MLGEN_REQUEST_RETRIES": "0", "MLGEN_REQUEST_TIMEOUT": "1"}
+        started = time.monotonic()
+        args = ["prompts", "--run", "R", "--classes", "c.txt", "--llm", "openai:m", "--llm-base-url", url]
+        result = mlgen(*args, cwd=tmp_path, env=env, timeout=120)
+    assert "cannot reach the LLM server" in error_line(result) and "timed out" in error_line(result).lower()
+    assert time.monotonic() - started < 100  # ended by the 1 s timeout, not by the test's
+    assert not (tmp_path / "R" / "prompts" / "_SUCCESS.json").exists()
+
+
 @pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="vllm is not installed (pip install 'mlgen[vllm]')"
 )
