@@ -22,7 +22,8 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/mlgen demo
 
 test: install
-	HF_HUB_OFFLINE=1 $(BIN)/pytest -q --durations=15
+	# Two processes, one test file each at a time (files share run folders and model caches within a file).
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -n 2 --dist loadfile --durations=15
 
 lint: install
 	$(BIN)/ruff check src tests bench
