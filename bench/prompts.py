@@ -1,6 +1,7 @@
 """Prompt-stage throughput, as ratios measured in one run (no request cache: every answer is generated).
 
-1. the embedded SmolLM2 through the transformers backend: a batch of B requests vs one request at a time;
+1. the embedded SmolLM2 through the transformers backend: a batch of B requests vs one request at a time,
+   and the batch with its shared instruction prefix encoded once vs encoded for every request;
 2. ``openai:`` against a local ``transformers serve`` (the same model): C requests in flight vs one.
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 python bench/prompts.py [--requests 16] [--batch 16] [--concurrency 8]
@@ -73,10 +74,13 @@ def main() -> None:
     backend = TransformersBackend("smollm2", torch.device("cpu"), batch_size=args.batch)
     backend.complete(work[:2])  # warm-up
     batched = rate(backend, work)
-    backend.batch_size = 1
+    backend.reuse_prefix = False
+    unshared = rate(backend, work)
+    backend.reuse_prefix, backend.batch_size = True, 1
     single = rate(backend, work)
     print(f"embedded smollm2: batch {args.batch} {batched:.2f} prompts/s, one at a time {single:.2f} prompts/s, "
           f"ratio {batched / single:.2f}x (goal 5x)")  # fmt: skip
+    print(f"  batch {args.batch} with the shared instruction encoded once vs per request: {batched / unshared:.2f}x")
     del backend
 
     folder = str(smollm2_folder())

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from mlgen.errors import MlgenError
 from mlgen.models import tiny
 from mlgen.models.registry import diffusers_folder, open_clip_name
-from mlgen.prompts.backends import ChatRequest, TransformersBackend
+from mlgen.prompts.backends import ChatRequest, TransformersBackend, shared_prefix_length
 from mlgen.prompts.instructions import load_instruction, scene_fields
 from mlgen.prompts.validate import mentions
 
@@ -64,5 +64,14 @@ def test_embedded_llm_answers_depend_on_the_request_seed_not_the_batch() -> None
     backend.batch_size = 1
     alone = backend.complete(requests[::-1])[::-1]
     assert batched == alone  # a request's answer does not depend on its batch or position
+    backend.batch_size, backend.reuse_prefix = 3, False
+    assert backend.complete(requests) == batched  # encoding the shared instruction once changes no answer
     assert batched[0] != batched[2]  # another seed, another answer
     assert any(mentions(answer, "dog") for answer in batched)  # the few-shot instruction is followed
+
+
+def test_shared_prefix_leaves_every_request_a_token_of_its_own() -> None:
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 5]]) == 2
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[7], [7, 8]]) == 0
+    assert shared_prefix_length([[1, 2], [3, 4]]) == 0
