@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from mlgen.errors import MlgenError
 from mlgen.models import tiny
 from mlgen.models.registry import diffusers_folder, open_clip_name
-from mlgen.prompts.backends import ChatRequest, TransformersBackend, shared_prefix_length
+from mlgen.prompts.backends import ChatRequest, RowSampler, TransformersBackend, shared_prefix_length
 from mlgen.prompts.instructions import load_instruction, scene_fields
 from mlgen.prompts.validate import mentions
 
@@ -75,3 +75,12 @@ def test_shared_prefix_leaves_every_request_a_token_of_its_own() -> None:
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
     assert shared_prefix_length([[7], [7, 8]]) == 0
     assert shared_prefix_length([[1, 2], [3, 4]]) == 0
+
+
+def test_row_sampler_draws_from_the_whole_nucleus_when_it_reaches_past_the_candidates() -> None:
+    flat = torch.zeros(400, 2000)  # uniform: the top-p 0.9 nucleus holds ~1800 tokens, far past 256 candidates
+    drawn = RowSampler(list(range(400)), 1.0, 0.9)(torch.zeros(400, 1), flat).argmax(-1)
+    assert drawn.unique().numel() > 256
+    peaked = torch.full((8, 2000), -10.0)
+    peaked[:, 7] = 10.0  # one token holds nearly all the mass: it is the whole nucleus
+    assert RowSampler(list(range(8)), 0.6, 0.9)(torch.zeros(8, 1), peaked).argmax(-1).eq(7).all()

@@ -123,12 +123,12 @@ class RowSampler:
 
 def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
     """Tokens every list starts with, leaving each at least one token of its own."""
-    limit = min(len(tokens) for tokens in token_lists) - 1
+    limit = max(min(len(tokens) for tokens in token_lists) - 1, 0)
     first = token_lists[0]
-    for position in range(max(limit, 0)):
+    for position in range(limit):
         if any(tokens[position] != first[position] for tokens in token_lists):
             return position
-    return max(limit, 0)
+    return limit
 
 
 class TransformersBackend:
@@ -147,11 +147,13 @@ class TransformersBackend:
         self.batch_size = self.chunk_size = batch_size
         self.reuse_prefix = True  # encode the instruction the batch shares once (off: the benchmark's baseline)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.lm = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+        # transformers 5.2x renamed ``past_key_values`` to ``cache``; older releases know only the first.
+        forward_arguments = inspect.signature(self.lm.forward).parameters
+        self.cache_argument = "cache" if "cache" in forward_arguments else "past_key_values"
 
     def complete(self, requests: Sequence[ChatRequest]) -> list[str | None]:
         answers: list[str | None] = []
@@ -178,7 +180,7 @@ class TransformersBackend:
         kwargs = {"input_ids": torch.tensor(rows, device=self.device)}
         kwargs["attention_mask"] = torch.tensor(mask, device=self.device)
         if shared:
-            kwargs[self._cache_argument] = self._prefix_cache(token_lists[0][:shared], len(batch))
+            kwargs[self.cache_argument] = self._prefix_cache(token_lists[0][:shared], len(batch))
         first = batch[0]
         processors = LogitsProcessorList()
         if first.temperature > 0:
@@ -207,14 +209,9 @@ class TransformersBackend:
         cache = DynamicCache()
         with torch.inference_mode():
             prefix_ids = torch.tensor([prefix], device=self.device)
-            self.lm(input_ids=prefix_ids, use_cache=True, **{self._cache_argument: cache})
+            self.lm(input_ids=prefix_ids, use_cache=True, **{self.cache_argument: cache})
         cache.batch_repeat_interleave(rows)
         return cache
-
-    @property
-    def _cache_argument(self) -> str:
-        # transformers 5.2x renamed ``past_key_values`` to ``cache``; older releases know only the first.
-        return "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
 
 
 class VllmBackend:
