@@ -31,8 +31,10 @@ def image_key(image: bytes) -> str:
 
 
 def model_key(clip: str, model: MultiLabelClassifier) -> str:
-    """The backbone's name, its weights (hashed) and what is stored (pooled, + tokens for CPRFL)."""
-    digest = hashlib.sha256(f"{clip}\ntokens={model.needs_tokens}\n".encode())
+    """The backbone's name, its weights (hashed) and what is stored (pooled, + tokens for CPRFL, + the dense
+    region map for DualCoOp's dense scoring: a key of its own, so a pooled-only chunk never serves it)."""
+    stored = f"{clip}\ntokens={model.needs_tokens}\n" + ("dense=True\n" if model.needs_dense else "")
+    digest = hashlib.sha256(stored.encode())
     for name, tensor in model.visual.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -74,9 +76,10 @@ class FeatureCache:
         meta = {"keys": json.dumps(keys)}
         write_atomic(self.folder / f"{name}.safetensors", lambda tmp: save_file(stacked, str(tmp), metadata=meta))
 
-    def features(self, images: Iterable[bytes], preprocess, batch_size: int = 64) -> dict[str, Tensor]:
+    def features(self, images: Iterable[bytes], preprocess, batch_size: int = 64, tag: str = "") -> dict[str, Tensor]:
         """Frozen features of ``images`` in order (float16, CPU): cached ones read, the others computed,
-        stored and returned. Images stream through in batches; only their features stay in memory."""
+        stored and returned. Images stream through in batches; only their features stay in memory.
+        ``tag`` names the view ``preprocess`` makes (e.g. ``squash``, ``aug3``): it is part of every key."""
         self.folder.mkdir(parents=True, exist_ok=True)
         known = self._load()
         device = next(self.model.parameters()).device
@@ -87,7 +90,7 @@ class FeatureCache:
 
         def missing() -> Iterator[bytes]:
             for image in images:
-                key = image_key(image)
+                key = image_key(image) + (f"#{tag}" if tag else "")
                 order.append(key)
                 if key in known or key in reserved:
                     self.hits += 1

@@ -11,6 +11,7 @@ Images are yielded one at a time (bytes, not decoded), so a large set never sits
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import tarfile
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -115,3 +117,87 @@ def _read_webdataset(path: Path) -> Iterator[LabelledImage]:
                 yield LabelledImage(sample["__key__"], image, _labels(meta.get("labels", [])))
         except (OSError, ValueError, tarfile.TarError) as err:
             raise MlgenError(f"corrupt WebDataset shard {tar}: {err}") from None
+
+
+# --- image transforms (Diff-ZS-MLC's classifier: squash resize; training adds CutoutPIL + RandAugment) -------
+
+
+def _input_size(preprocess) -> int:
+    """The model's square input side, read from its open_clip preprocessing (CenterCrop or Resize)."""
+    for t in getattr(preprocess, "transforms", []):
+        size = getattr(t, "size", None)
+        if isinstance(size, (tuple, list)) and size:
+            return int(size[0])
+    for t in getattr(preprocess, "transforms", []):
+        if isinstance(getattr(t, "size", None), int):
+            return int(t.size)
+    raise ValueError(f"cannot read the input size from {preprocess!r}")
+
+
+def _normalize(preprocess):
+    from torchvision import transforms as T
+
+    found = [t for t in getattr(preprocess, "transforms", []) if isinstance(t, T.Normalize)]
+    if not found:
+        raise ValueError(f"no Normalize in {preprocess!r}")
+    return found[-1]
+
+
+def squash_transform(preprocess):
+    """The model's preprocessing with the official squash ``Resize((S, S))`` instead of resize + centre crop:
+    the whole image is seen, its aspect ratio not kept (as the official test transform)."""
+    from torchvision import transforms as T
+
+    size = _input_size(preprocess)
+    resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+    return T.Compose([resize, _RGB(), T.ToTensor(), _normalize(preprocess)])
+
+
+def train_transform(preprocess):
+    """The official training transform: squash resize, CutoutPIL (half the side), RandAugment (torchvision)."""
+    from torchvision import transforms as T
+
+    size = _input_size(preprocess)
+    resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+    return T.Compose([_RGB(), resize, Cutout(0.5), T.RandAugment(), T.ToTensor(), _normalize(preprocess)])
+
+
+class _RGB:
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image.convert("RGB")
+
+
+class Cutout:
+    """ASL's CutoutPIL: one rectangle of ``factor`` x the sides, centred at a random point (clipped at the
+    border), filled with a random colour. Draws from torch's generator so a seeded view is reproducible."""
+
+    def __init__(self, factor: float = 0.5) -> None:
+        self.factor = factor
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        from PIL import ImageDraw
+
+        image = image.copy()
+        w, h = image.size
+        cut_w, cut_h = int(self.factor * w + 0.5), int(self.factor * h + 0.5)
+        x_c, y_c = int(torch.randint(w, ())), int(torch.randint(h, ()))
+        x1, x2 = max(x_c - cut_w // 2, 0), min(x_c + cut_w // 2, w)
+        y1, y2 = max(y_c - cut_h // 2, 0), min(y_c + cut_h // 2, h)
+        fill = tuple(int(v) for v in torch.randint(256, (3,)))
+        ImageDraw.Draw(image).rectangle([x1, y1, x2, y2], fill=fill)
+        return image
+
+
+class AugmentedView:
+    """View ``view`` of an image under ``transform``: the random draws are seeded by the image's pixels and
+    the view number, so every rank, every rerun and the feature cache see the same augmented view."""
+
+    def __init__(self, transform, view: int) -> None:
+        self.transform, self.view = transform, view
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        digest = hashlib.sha256(image.convert("RGB").tobytes()).digest()
+        seed = int.from_bytes(digest[:6], "little") * 1_000_003 + self.view
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image)

@@ -1,8 +1,10 @@
 """Evaluation of the trained classifier on REAL labelled images, as the papers measure it.
 
-ZSL: only the unseen labels (``--labels``) are scored; GZSL: every label the model knows. Beside
-both, CLIP zero-shot (a prompt ensemble) on the same images and labels. Classes with no positive
-image are reported and left out of mAP (sklearn's rule; the papers' helper counts them as AP 0).
+ZSL: only the unseen labels (``--labels``) are scored, on the images with at least one unseen label;
+GZSL: every label the model knows, on the images with at least one label (the official subsets). Beside
+both, CLIP zero-shot (a prompt ensemble) on the same images and labels. Every ranking metric reads logits
+(a float32 sigmoid saturates to 1.0 above ~17 and then ties). Classes with no positive image are reported
+and left out of mAP (sklearn's rule; the papers' helper counts them as AP 0).
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlgen.classifiers.data import decodable, read_labelled
+from mlgen.classifiers.data import decodable, read_labelled, squash_transform
 from mlgen.classifiers.features import image_features, label_embeddings
 from mlgen.classifiers.metrics import evaluate_scores, per_class_average_precision, threshold_metrics
-from mlgen.classifiers.model import predict_images
-from mlgen.classifiers.predict import load_run_classifier
+from mlgen.classifiers.predict import load_run_classifier, predict_logits
 from mlgen.errors import MlgenError
 from mlgen.models.registry import load_open_clip
 from mlgen.paths import write_atomic
@@ -33,6 +34,16 @@ ZERO_SHOT_TEMPLATES = (
     "a rendering of a {}.",
 )
 AP_RULE = "classes without a positive image are left out of mAP (sklearn); the papers' helper counts them as AP 0"
+SUBSETS = {
+    "zsl": "test images with at least one unseen label (official)",
+    "gzsl": "test images with at least one label (official)",
+}
+
+
+def subsets(targets: np.ndarray, pick: list[int]) -> dict[str, np.ndarray]:
+    """The official evaluation rows: ZSL images with at least one of the ``pick`` (unseen) labels, GZSL
+    images with at least one label."""
+    return {"zsl": targets[:, pick].any(axis=1), "gzsl": targets.any(axis=1)}
 
 
 def load_eval_set(data: Path, classes: list[str]) -> tuple[list[bytes], np.ndarray, dict[str, Any]]:
@@ -61,21 +72,25 @@ def load_eval_set(data: Path, classes: list[str]) -> tuple[list[bytes], np.ndarr
     return images, targets, report
 
 
-def _setting(scores: np.ndarray, targets: np.ndarray, classes: list[str], probabilities: bool) -> dict[str, Any]:
-    """All figures of one setting: mAP, per-class AP, P/R/F1@3 and (for probabilities) CP/CR/CF1/OP/OR/OF1."""
+def _setting(scores: np.ndarray, targets: np.ndarray, classes: list[str], logits: bool) -> dict[str, Any]:
+    """All figures of one setting: mAP, per-class AP, P/R/F1@3 and (for logits) CP/CR/CF1/OP/OR/OF1 at
+    probability 0.5 (logit 0)."""
+    if not len(scores):
+        raise MlgenError("no evaluation image has a label of this setting (ZSL needs images with an unseen label)")
     ap = per_class_average_precision(scores, targets)
     metrics: dict[str, Any] = evaluate_scores(scores, targets)
     metrics["per_class_AP"] = {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, ap, strict=True)}
     metrics["classes_without_positives"] = [c for c, v in zip(classes, ap, strict=True) if np.isnan(v)]
-    if probabilities:
-        metrics.update(threshold_metrics(scores, targets, threshold=0.5))
+    if logits:
+        metrics.update(threshold_metrics(scores, targets, threshold=0.0))  # logit 0 = probability 0.5
     return metrics
 
 
 def zero_shot_scores(clip: str, images: list[bytes], classes: list[str], device: torch.device) -> np.ndarray:
-    """CLIP zero-shot with the prompt ensemble: cosine of each image to each class's mean text embedding."""
+    """CLIP zero-shot with the prompt ensemble: cosine of each image to each class's mean text embedding
+    (the images squash-resized, as the classifier sees them)."""
     model, preprocess, tokenizer = load_open_clip(clip, device)
-    features = image_features(model, preprocess, images, device)
+    features = image_features(model, squash_transform(preprocess), images, device)
     text = torch.stack([label_embeddings(model, tokenizer, classes, device, t) for t in ZERO_SHOT_TEMPLATES])
     return (features @ torch.nn.functional.normalize(text.mean(0), dim=-1).T).numpy()
 
@@ -90,20 +105,24 @@ def evaluate_on_data(run: RunDir, data: Path, unseen: list[str] | None = None) -
     if missing:
         raise MlgenError(f"--labels names '{missing[0]}', which the classifier was not trained on")
     images, targets, report = load_eval_set(data, classes)
-    probs = predict_images(model, preprocess, images).numpy()
+    logits = predict_logits(model, squash_transform(preprocess), images)
     zero_shot = zero_shot_scores(config["clip"], images, classes, device)
     pick = [classes.index(label) for label in unseen]
-    zero_shot_zsl = _setting(zero_shot[:, pick], targets[:, pick], unseen, probabilities=False)
+    rows = subsets(targets, pick)
+    zsl, gzsl = (np.ix_(rows["zsl"], pick), rows["gzsl"])
+    zero_shot_zsl = _setting(zero_shot[zsl], targets[zsl], unseen, logits=False)
     return {
         "data": str(data),
         "ap_rule": AP_RULE,
+        "subsets": SUBSETS,
+        "ranked_by": "logits (probabilities saturate in float32)",
         **report,
-        "zsl": _setting(probs[:, pick], targets[:, pick], unseen, probabilities=True),
-        "gzsl": _setting(probs, targets, classes, probabilities=True),
+        "zsl": _setting(logits[zsl], targets[zsl], unseen, logits=True),
+        "gzsl": _setting(logits[gzsl], targets[gzsl], classes, logits=True),
         "zero_shot_clip": {
             "mAP": zero_shot_zsl["mAP"],  # the ZSL figure, beside the classifier's zsl mAP
             "zsl": zero_shot_zsl,
-            "gzsl": _setting(zero_shot, targets, classes, probabilities=False),
+            "gzsl": _setting(zero_shot[gzsl], targets[gzsl], classes, logits=False),
             "templates": list(ZERO_SHOT_TEMPLATES),
         },
     }
@@ -166,7 +185,7 @@ def zero_shot_on_data(
         scores = zero_shot_scores(clip, images, classes, device)
     else:
         model, preprocess, tokenizer = load_open_clip(clip, device)
-        features = image_features(model, preprocess, images, device)
+        features = image_features(model, squash_transform(preprocess), images, device)
         with torch.inference_mode():
             spaces = [
                 torch.nn.functional.normalize(model.encode_text(tokenizer(words).to(device)).float(), dim=-1).cpu()
@@ -174,14 +193,17 @@ def zero_shot_on_data(
             ]
         scores = s3_scores(features, spaces).numpy()
     pick = [classes.index(label) for label in unseen]
+    rows = subsets(targets, pick)
+    zsl, gzsl = (np.ix_(rows["zsl"], pick), rows["gzsl"])
     return {
         "data": str(data),
         "method": method,
         "clip": clip,
         "ap_rule": AP_RULE,
+        "subsets": SUBSETS,
         **report,
-        "zsl": _setting(scores[:, pick], targets[:, pick], unseen, probabilities=False),
-        "gzsl": _setting(scores, targets, classes, probabilities=False),
+        "zsl": _setting(scores[zsl], targets[zsl], unseen, logits=False),
+        "gzsl": _setting(scores[gzsl], targets[gzsl], classes, logits=False),
         **(
             {"templates": list(ZERO_SHOT_TEMPLATES)}
             if method == "clip"

@@ -17,20 +17,34 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from mlgen.classifiers.data import decodable, read_labelled
+from mlgen.classifiers.data import AugmentedView, decodable, read_labelled
 from mlgen.errors import MlgenError
 from mlgen.filters.stage import image_of
 from mlgen.shards.reader import finished_shards, iter_shard
 
-Batch = tuple[Tensor | dict[str, Tensor], Tensor]
+Batch = tuple[Tensor | dict[str, Tensor], Tensor, Tensor | None]  # inputs, targets, scored columns
 SHUFFLE_BATCHES = 8  # the streaming shuffle buffer, in batches
 
 
+SURPLUS_FILE = "quota_surplus.json"  # kept images past a label's quota (quota rounds): on disk, not trained on
+
+
+def surplus_samples(folder: Path) -> set[tuple[int, str]]:
+    """(shard, sample key) of the images a quota merge marked as surplus (none without the file)."""
+    path = folder / SURPLUS_FILE
+    if not path.is_file():
+        return set()
+    return {(int(shard), str(key)) for shard, key in json.loads(path.read_text(encoding="utf-8"))["samples"]}
+
+
 def shard_samples(folder: Path) -> Iterator[tuple[dict, bytes]]:
-    """(json metadata, image bytes) of every sample of a stage's finished shards, in order."""
+    """(json metadata, image bytes) of every sample of a stage's finished shards, in order (quota surplus
+    left out)."""
+    surplus = surplus_samples(folder)
     for shard in finished_shards(folder):
         for sample in iter_shard(folder, shard):
-            yield json.loads(sample["json"]), image_of(sample)[1]
+            if (shard, sample["__key__"]) not in surplus:
+                yield json.loads(sample["json"]), image_of(sample)[1]
 
 
 def labelled_samples(path: Path) -> tuple[list[tuple[str, ...]], Callable[[], Iterator[bytes]], int]:
@@ -61,7 +75,9 @@ def multi_hot(rows: list[list[str] | tuple[str, ...]], classes: list[str]) -> Te
 
 
 class Source:
-    """The samples ``rows`` (a boolean mask) of a set: cached ``features`` if given, else streamed ``images``."""
+    """The samples ``rows`` (a boolean mask) of a set, scored on ``columns`` (a boolean mask over the classes;
+    None: all). Inputs: cached ``features``, or cached augmented ``views`` (epoch e reads view e mod K), else
+    pixels decoded from ``images`` through ``preprocess`` (with ``augment``: a fresh seeded view per epoch)."""
 
     def __init__(
         self,
@@ -70,21 +86,26 @@ class Source:
         features: dict[str, Tensor] | None = None,
         images: Callable[[], Iterator[bytes]] | None = None,
         preprocess=None,
+        columns: Tensor | None = None,
+        augment=None,
+        views: list[dict[str, Tensor]] | None = None,
     ) -> None:
-        self.targets, self.rows, self.features = targets, rows, features
-        self.images, self.preprocess = images, preprocess
+        self.targets, self.rows, self.features, self.views = targets, rows, features, views
+        self.images, self.preprocess, self.augment, self.columns = images, preprocess, augment, columns
 
     def __len__(self) -> int:
         return int(self.rows.sum())
 
     def batches(self, epoch: int, batch_size: int, seed: int, shuffle: bool = True) -> Iterator[Batch]:
-        if self.features is not None:
+        """Global batches (inputs, targets, columns)."""
+        features = self.views[epoch % len(self.views)] if self.views else self.features
+        if features is not None:
             index = self.rows.nonzero().flatten()
             if shuffle:
                 generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
                 index = index[torch.randperm(index.numel(), generator=generator)]
             for idx in index.split(batch_size):
-                yield {k: v[idx].float() for k, v in self.features.items()}, self.targets[idx]
+                yield {k: v[idx].float() for k, v in features.items()}, self.targets[idx], self.columns
             return
         yield from self._stream(epoch, batch_size, seed, shuffle)
 
@@ -93,10 +114,11 @@ class Source:
         rng = random.Random(seed * 100_003 + epoch)
         buffer: list[tuple[int, bytes]] = []
         capacity = batch_size * SHUFFLE_BATCHES if shuffle else batch_size
+        transform = AugmentedView(self.augment, epoch) if self.augment is not None else self.preprocess
 
         def emit(items: list[tuple[int, bytes]]) -> Batch:
-            pixels = torch.stack([self.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for _, b in items])
-            return pixels, self.targets[[i for i, _ in items]]
+            pixels = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for _, b in items])
+            return pixels, self.targets[[i for i, _ in items]], self.columns
 
         for i, image in enumerate(self.images()):
             if not self.rows[i]:

@@ -1,14 +1,15 @@
 """The classifier stage: what ClassifierConfig says (backbone, fusion, head, loss), trained with ``fit``.
 
 The training images are the source stage's shards (filtered by default), optionally with real images of
-seen labels (``seen_data``: alternating epochs as the paper, or mixed). A label-set split of the synthetic
+seen labels (``seen_data``): every epoch a real pass then a synthetic pass (official), each scored on its own
+columns. Training views are augmented as the official code (squash resize, Cutout, RandAugment); with a
+cached frozen encoder K augmented views are cached. With ``holdout`` > 0 a label-set split of the synthetic
 images is held out and scored: a SYNTHETIC figure, never the real test (``mlgen evaluate --data``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,12 @@ import numpy as np
 import torch
 
 from mlgen.classifiers.cache import FeatureCache
+from mlgen.classifiers.data import AugmentedView, squash_transform, train_transform
 from mlgen.classifiers.features import label_embeddings
 from mlgen.classifiers.metrics import evaluate_scores
-from mlgen.classifiers.model import MultiLabelClassifier, build_classifier, load_clip, save_classifier
+from mlgen.classifiers.model import MultiLabelClassifier, build_classifier, head_options, load_clip, save_classifier
 from mlgen.classifiers.source import Source, labelled_samples, mixed, multi_hot, shard_samples
-from mlgen.classifiers.train import alternating, fit
+from mlgen.classifiers.train import Pass, alternating, fit
 from mlgen.config import ClassifierConfig
 from mlgen.errors import MlgenError
 from mlgen.paths import write_json_atomic
@@ -44,7 +46,7 @@ def held_out(groups: list[int], fraction: float) -> torch.Tensor:
 
 
 class ClassifierStage(Stage):
-    """One unit of work: train on the kept images, evaluate on a held-out part of them."""
+    """One unit of work: train on the kept images (and real seen-label images), optionally score a hold-out."""
 
     name = "classifier"
     config_section = "classifier"
@@ -70,30 +72,74 @@ class ClassifierStage(Stage):
     def setup(self, ranks: Ranks) -> None:
         self.device = ranks.device
         self.clip_model, self.preprocess, self.tokenizer = load_clip(self.config.clip, ranks.device)
+        self.squash = squash_transform(self.preprocess)  # the official evaluation view (and training's base)
 
-    def _source(self, model: MultiLabelClassifier, cache: FeatureCache | None, targets, rows, images) -> Source:
+    def _source(self, model: MultiLabelClassifier, cache, targets, rows, images, columns, augment: bool) -> Source:
+        """Cached features (or K cached augmented views) when the encoder is frozen, else streamed pixels."""
+        c = self.config
+        train_view = train_transform(self.preprocess) if augment else None
         if cache is None:
-            return Source(targets, rows, images=images, preprocess=self.preprocess)
-        return Source(targets, rows, features=cache.features(images(), self.preprocess, self.config.batch_size))
+            return Source(targets, rows, images=images, preprocess=self.squash, columns=columns, augment=train_view)
+        if not augment:
+            features = cache.features(images(), self.squash, c.batch_size, tag="squash")
+            return Source(targets, rows, features=features, columns=columns)
+        views = [
+            cache.features(images(), AugmentedView(train_view, v), c.batch_size, tag=f"aug{v}")
+            for v in range(c.augment_views)
+        ]
+        return Source(targets, rows, views=views, columns=columns)
+
+    def _synthetic_rows(self, groups: list[int]) -> torch.Tensor:
+        """The hold-out mask (all False without ``holdout``)."""
+        if not self.config.holdout:
+            return torch.zeros(len(groups), dtype=torch.bool)
+        if len(set(groups)) < 2:
+            raise MlgenError(
+                f"the {self.config.source} stage has {len(groups)} images of {len(set(groups))} label sets: "
+                "too few to hold out a label set (--holdout 0, generate more images or lower the filter --threshold)"
+            )
+        return held_out(groups, self.config.holdout)
+
+    def _passes(self, model, cache, classes: list[str], synthetic: Source, seen) -> list[Pass]:
+        """The training passes of an epoch, by schedule: real then synthetic (official), mixed or alternating."""
+        c = self.config
+        synthetic_pass = Pass(lambda epoch: synthetic.batches(epoch, c.batch_size, c.seed), synthetic.columns)
+        if seen is None:
+            return [synthetic_pass]
+        labels, images = seen
+        columns = None if synthetic.columns is None else ~synthetic.columns
+        rows = torch.ones(len(labels), dtype=torch.bool)
+        real = self._source(model, cache, multi_hot(labels, classes), rows, images, columns, c.augment)
+        real_pass = Pass(lambda epoch: real.batches(epoch, c.batch_size, c.seed + 1), columns, "real")
+        if c.schedule == "official":
+            return [real_pass, synthetic_pass]
+        combine = alternating if c.schedule == "alternating" else mixed
+        return [Pass(combine(real_pass.batches, synthetic_pass.batches), None, c.schedule)]
 
     def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
         c = self.config
         folder = self.run.stage_dir(c.source)
         metas = [meta for meta, _ in shard_samples(folder)]
-        groups = [meta["set_id"] for meta in metas]
-        if len(set(groups)) < 2:
+        if not metas:
             raise MlgenError(
-                f"the {c.source} stage has {len(metas)} images of {len(set(groups))} label sets: "
-                "too few to train and hold out a label set "
-                "(generate more images or lower the filter --threshold)"
+                f"the {c.source} stage has 0 images to train on (generate more or lower the filter --threshold)"
             )
+        test = self._synthetic_rows([meta["set_id"] for meta in metas])
         seen_labels, seen_images, seen_skipped = labelled_samples(Path(c.seen_data)) if c.seen_data else ([], None, 0)
         extra = sorted({label for labels in seen_labels for label in labels} - set(self.classes))
         classes = self.classes + extra  # GZSL: the seen labels of the real data beside the generated ones
+        unseen = torch.tensor([label in self.classes for label in classes]) if c.label_masks and extra else None
         targets = multi_hot([meta["labels"] for meta in metas], classes)
-        test = held_out(groups, c.holdout)
         model = build_classifier(
-            self.clip_model, self.tokenizer, classes, c.head, c.fusion, self.device, c.head_init, c.seed
+            self.clip_model,
+            self.tokenizer,
+            classes,
+            c.head,
+            c.fusion,
+            self.device,
+            c.head_init,
+            c.seed,
+            **head_options(c),
         )
         cache = FeatureCache(self.run.root, c.clip, model) if model.cacheable and c.cache else None
 
@@ -101,34 +147,30 @@ class ClassifierStage(Stage):
             return (image for _, image in shard_samples(folder))
 
         started = time.perf_counter()
-        synthetic = self._source(model, cache, targets, ~test, images)
-        heldout = Source(targets, test, images=images, preprocess=self.preprocess)
-        if synthetic.features is not None:
-            heldout.features = synthetic.features
+        synthetic = self._source(model, cache, targets, ~test, images, unseen, c.augment)
+        heldout = self._source(model, cache, targets, test, images, None, False) if test.any() else None
         # before training: the fused encoder is still the frozen one, so this is CLIP's own zero-shot score
-        zero_shot = self._zero_shot(model, heldout, classes)
-        batches = lambda epoch: synthetic.batches(epoch, c.batch_size, c.seed)  # noqa: E731
-        steps = math.ceil(len(synthetic) / c.batch_size)
-        if seen_images is not None:
-            seen_targets = multi_hot(seen_labels, classes)
-            seen = self._source(model, cache, seen_targets, torch.ones(len(seen_labels), dtype=torch.bool), seen_images)
-            real = lambda epoch: seen.batches(epoch, c.batch_size, c.seed + 1)  # noqa: E731
-            batches = alternating(real, batches) if c.schedule == "alternating" else mixed(real, batches)
-            steps = max(steps, math.ceil(len(seen) / c.batch_size))
-        history = fit(model, batches, c.epochs, c.loss, c.lr, steps_per_epoch=steps, seed=c.seed)
-        self.model = model  # the trained classifier, for callers that drive the stage themselves (tests)
-        scores = self._scores(model, heldout)
+        zero_shot = self._zero_shot(model, heldout, classes) if heldout is not None else None
+        passes = self._passes(model, cache, classes, synthetic, (seen_labels, seen_images) if seen_images else None)
+        result = fit(model, passes, c.epochs, c.loss, c.lr, seed=c.seed, steps=c.steps, optimizer=c.optimizer)
+        self.model, self.fit_result = model, result  # for callers that drive the stage themselves (tests)
         metrics = {
-            "synthetic_heldout": evaluate_scores(scores, targets[test].numpy()),
-            "zero_shot_clip_heldout": evaluate_scores(zero_shot, targets[test].numpy()),
-            "synthetic_heldout_split": "by label set: no prompt's images on both sides",
             "train_images": len(synthetic),
             "seen_images": len(seen_labels),
             "seen_images_skipped": seen_skipped,
-            "final_loss": history[-1] if history else None,
+            "optimizer_steps": result.optimizer_steps,
+            "epochs": len(result.history),
+            "schedule": c.schedule if seen_images else "synthetic only",
+            "label_masks": "real batches on seen columns, synthetic on unseen" if unseen is not None else "all columns",
+            "augment": (f"{c.augment_views} cached views" if cache else "fresh per epoch") if c.augment else "off",
+            "final_loss": result.history[-1] if result.history else None,
             "train_seconds": round(time.perf_counter() - started, 3),
             "feature_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
         }
+        if heldout is not None:
+            metrics["synthetic_heldout"] = evaluate_scores(self._logits(model, heldout), targets[test].numpy())
+            metrics["zero_shot_clip_heldout"] = evaluate_scores(zero_shot, targets[test].numpy())
+            metrics["synthetic_heldout_split"] = "by label set: no prompt's images on both sides"
         if shard["shard"] != 0:  # the other ranks trained the same model; rank 0 writes it
             return {}
         save_classifier(
@@ -143,23 +185,23 @@ class ClassifierStage(Stage):
         write_json_atomic(self.folder / "metrics.json", metrics)
         return {"train_images": metrics["train_images"], "test_images": int(test.sum())}
 
-    def _scores(self, model: MultiLabelClassifier, source: Source) -> np.ndarray:
-        """Sigmoid probabilities of the source's rows, in order."""
+    def _logits(self, model: MultiLabelClassifier, source: Source) -> np.ndarray:
+        """Logits of the source's rows, in order (ranked as they are: sigmoid saturates in float32)."""
         model.eval()
         chunks = []
         with torch.no_grad():
-            for inputs, _ in source.batches(0, 256, 0, shuffle=False):
+            for inputs, *_ in source.batches(0, 256, 0, shuffle=False):
                 if isinstance(inputs, dict):
                     logits = model.forward_features({k: v.to(self.device) for k, v in inputs.items()})
                 else:
                     logits = model(inputs.to(self.device))
-                chunks.append(torch.sigmoid(logits.float()).cpu())
+                chunks.append(logits.double().cpu())
         return torch.cat(chunks).numpy()
 
     def _zero_shot(self, model: MultiLabelClassifier, source: Source, classes: list[str]) -> np.ndarray:
         text = label_embeddings(self.clip_model, self.tokenizer, classes, self.device)
         chunks = []
-        for inputs, _ in source.batches(0, 256, 0, shuffle=False):
+        for inputs, *_ in source.batches(0, 256, 0, shuffle=False):
             if not isinstance(inputs, dict):
                 inputs = model.frozen_features(inputs.to(self.device))
             pooled = inputs["pooled"]

@@ -1,13 +1,22 @@
-"""The classifier's training loop: the paper's optimisers, alternating real/synthetic epochs, DDP-ready.
+"""The classifier's training loop: the official Diff-ZS-MLC schedule (per-source passes, per-source label
+masks, a constant warm-up, a cosine stepped once per pass), DDP-ready.
+
+Every epoch runs the sources' passes in order (real seen-label images, then synthetic unseen ones, as the
+official ``train_coop`` then ``train_coop_synthetic``); the learning-rate scheduler steps once after each pass,
+exactly as the official code (Dassl's ``ConstantWarmupScheduler`` around ``CosineAnnealingLR(T_max=epochs)``).
+A pass scores its batches on its own columns only (``Pass.columns``): a real batch on the seen labels, a
+synthetic batch on the unseen ones.
 
 Data parallel: under torchrun every rank takes its slice of each GLOBAL batch and gradients are summed over
-ranks with each rank's loss weighted by its share of the batch, so N ranks compute exactly the gradient of one
-process on the same global batch (the losses here are means over samples).
+ranks (a mean loss is weighted by the rank's share of the batch), so N ranks compute exactly the gradient of
+one process on the same global batch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -18,27 +27,76 @@ from mlgen.classifiers.model import MultiLabelClassifier
 
 Batch = tuple[Tensor | dict[str, Tensor], Tensor]  # (pixels or cached features, multi-hot targets)
 FUSION_LR = 1e-4  # methods.md A: the GlobalBranch parameters
+WARMUP_LR = 1e-5  # the official constant warm-up (Dassl WARMUP_CONS_LR), one scheduler step
+SGD_LR, SGD_WEIGHT_DECAY = 0.002, 5e-4  # the official DualCoOp / Diff-ZS-MLC optimiser
+ADAMW_LR, ADAMW_WEIGHT_DECAY = 1e-3, 1e-4  # mlgen's linear head
+OPTIMIZERS = ("sgd", "adamw")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One source's pass of an epoch: ``batches(epoch)`` yields its global batches, scored on ``columns``
+    (a boolean mask over the classes; None: every column)."""
+
+    batches: Callable[[int], Iterable[Batch]]
+    columns: Tensor | None = None
+    name: str = "synthetic"
+
+
+@dataclass
+class FitResult:
+    """Mean loss per epoch, the optimizer steps taken and the learning rate of each step (group 0)."""
+
+    history: list[float] = field(default_factory=list)
+    optimizer_steps: int = 0
+    lr_trace: list[float] = field(default_factory=list)
 
 
 def alternating(real: Callable[[int], Iterable[Batch]], synthetic: Callable[[int], Iterable[Batch]]):
-    """The paper's schedule: even epochs real images of seen classes, odd epochs synthetic unseen ones."""
+    """mlgen's former schedule, kept for callers: even epochs real images, odd epochs synthetic ones."""
     return lambda epoch: real(epoch) if epoch % 2 == 0 else synthetic(epoch)
 
 
-def make_optimizer(model: MultiLabelClassifier, lr: float | None, total_steps: int):
-    """Linear head: AdamW (lr 1e-3, as before). Prompt/fusion heads: the paper's SGD lr 0.002 with a cosine
-    schedule; fusion parameters at lr 1e-4."""
+def default_optimizer(model: MultiLabelClassifier) -> str:
+    """AdamW for the plain linear head (mlgen's; faster on few images, README), the official SGD otherwise."""
+    fused = any(p.requires_grad for p in model.visual.parameters())
+    return "adamw" if model.head_name == "linear" and not fused else "sgd"
+
+
+def make_optimizer(model: MultiLabelClassifier, lr: float | None, name: str | None = None) -> torch.optim.Optimizer:
+    """SGD (lr 0.002, momentum 0.9, weight decay 5e-4; fusion at 1e-4) or AdamW (lr 1e-3, weight decay 1e-4)."""
+    name = name or default_optimizer(model)
     head = [p for p in model.head.parameters() if p.requires_grad]
-    fusion = [p for n, p in model.visual.named_parameters() if p.requires_grad]
-    if model.head_name == "linear" and not fusion:
-        optimizer = torch.optim.AdamW(head, lr=lr or 1e-3, weight_decay=1e-4)
-    else:
-        groups = [{"params": head, "lr": lr or 0.002}]
-        if fusion:
-            groups.append({"params": fusion, "lr": FUSION_LR})
-        optimizer = torch.optim.SGD(groups, momentum=0.9, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(total_steps, 1))
-    return optimizer, schedule
+    fusion = [p for p in model.visual.parameters() if p.requires_grad]
+    if name == "adamw":
+        groups = [{"params": head, "lr": lr or ADAMW_LR}] + ([{"params": fusion, "lr": FUSION_LR}] if fusion else [])
+        return torch.optim.AdamW(groups, weight_decay=ADAMW_WEIGHT_DECAY)
+    groups = [{"params": head, "lr": lr or SGD_LR}] + ([{"params": fusion, "lr": FUSION_LR}] if fusion else [])
+    return torch.optim.SGD(groups, lr=lr or SGD_LR, momentum=0.9, weight_decay=SGD_WEIGHT_DECAY)
+
+
+class PassSchedule:
+    """The official learning rate per scheduler step (one step per pass): step 0 (the warm-up) at 1e-5, step
+    ``s >= 1`` at ``CosineAnnealingLR(T_max)`` of ``s - 1``, whose closed form keeps its period past T_max."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, t_max: int, warmup: int = 1) -> None:
+        self.optimizer, self.t_max, self.warmup = optimizer, max(t_max, 1), warmup
+        self.base = [group["lr"] for group in optimizer.param_groups]
+        self.step_count = 0
+        self._apply()
+
+    def lr(self, base: float, step: int) -> float:
+        if step < self.warmup:
+            return WARMUP_LR
+        return base * (1 + math.cos(math.pi * (step - self.warmup) / self.t_max)) / 2
+
+    def _apply(self) -> None:
+        for group, base in zip(self.optimizer.param_groups, self.base, strict=True):
+            group["lr"] = self.lr(base, self.step_count)
+
+    def step(self) -> None:
+        self.step_count += 1
+        self._apply()
 
 
 def _rank_world() -> tuple[int, int]:
@@ -53,57 +111,121 @@ def _slice(inputs: Tensor | dict[str, Tensor], index: slice) -> Tensor | dict[st
     return inputs[index]
 
 
+def _as_passes(batches: Sequence[Pass] | Pass | Callable[[int], Iterable[Batch]]) -> list[Pass]:
+    if isinstance(batches, Pass):
+        return [batches]
+    if callable(batches):
+        return [Pass(batches)]
+    return list(batches)
+
+
+def _pass_stream(passes: list[Pass], epochs: int | None) -> Iterator[tuple[int, Pass]]:
+    """(epoch, pass) in order: ``epochs`` epochs, or without end (``steps`` stops the loop)."""
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        for one in passes:
+            yield epoch, one
+        epoch += 1
+
+
+def _passes_for_steps(passes: list[Pass], steps: int) -> int:
+    """How many passes ``steps`` optimizer steps take (cycling the passes; the last one may be cut short)."""
+    sizes = [sum(1 for _ in p.batches(0)) for p in passes]
+    if not any(sizes):
+        raise ValueError("every training pass is empty")
+    count = done = 0
+    while done < steps:
+        done += sizes[count % len(sizes)]
+        count += 1
+    return count
+
+
+class _Trainer:
+    """One optimizer step on a global batch (this rank's slice, gradients summed over ranks)."""
+
+    def __init__(self, model: MultiLabelClassifier, loss: str, optimizer: torch.optim.Optimizer) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.loss_fn = make_loss(loss, model.head_name)
+        self.mean_loss = getattr(self.loss_fn, "reduction", "mean") != "sum"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device
+        self.rank, self.world = _rank_world()
+
+    def backward(self, inputs: Tensor | dict[str, Tensor], targets: Tensor, columns: Tensor | None) -> Tensor:
+        """Gradients of this rank's slice of the global batch, summed over ranks; returns the loss."""
+        n = targets.shape[0]
+        local = slice(self.rank * n // self.world, (self.rank + 1) * n // self.world)
+        x, y = _slice(inputs, local), targets[local].to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        value = torch.zeros((), device=self.device)
+        if y.shape[0]:  # a rank with no sample in a tiny batch still joins the all-reduce
+            x = {k: v.to(self.device) for k, v in x.items()} if isinstance(x, dict) else x.to(self.device)
+            logits = (self.model.forward_features(x) if isinstance(x, dict) else self.model(x)).float()
+            if columns is not None:  # the per-source label mask: only this source's columns are scored
+                cols = columns.to(self.device)
+                logits, y = logits[..., cols], y[:, cols]
+            value = self.loss_fn(logits, y) * (y.shape[0] / n if self.mean_loss else 1.0)
+            value.backward()
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self.world > 1:
+            for p in self.params:
+                dist.all_reduce(p.grad)
+            dist.all_reduce(value := value.detach().clone())
+        return value.detach()
+
+    def step(self, inputs: Tensor | dict[str, Tensor], targets: Tensor, columns: Tensor | None) -> float:
+        """One optimizer step; returns the batch's summed loss (a mean loss times the batch size)."""
+        value = self.backward(inputs, targets, columns)
+        self.optimizer.step()
+        return float(value) * (targets.shape[0] if self.mean_loss else 1.0)
+
+
 def fit(
     model: MultiLabelClassifier,
-    train_batches_fn: Callable[[int], Iterable[Batch]],
+    train_batches: Sequence[Pass] | Pass | Callable[[int], Iterable[Batch]],
     epochs: int,
     loss: str = "asl",
     lr: float | None = None,
-    steps_per_epoch: int | None = None,
     seed: int = 0,
     log: Callable[[int, float], None] | None = None,
-) -> list[float]:
-    """Train ``model``'s trainable parameters; returns the mean loss per epoch (over all ranks' samples).
+    steps: int | None = None,
+    optimizer: str | None = None,
+    warmup: int = 1,
+    steps_per_epoch: int | None = None,  # accepted for old callers: the schedule counts passes
+) -> FitResult:
+    """Train ``model``'s trainable parameters on ``train_batches``: passes run in order every epoch (a bare
+    callable is one pass on every column). ``steps`` trains exactly that many optimizer steps instead of
+    ``epochs`` epochs (cycling the passes), the cosine sized to the epochs they make.
 
-    ``train_batches_fn(epoch)`` yields GLOBAL batches (the same on every rank); inputs are pixels, or cached
-    feature dicts when ``model.cacheable``. ``steps_per_epoch`` sizes the cosine schedule (default: counted).
+    Batches are GLOBAL (the same on every rank); inputs are pixels, or cached feature dicts when
+    ``model.cacheable``. Returns the mean loss per epoch (over all ranks' samples), the optimizer steps taken
+    and the learning-rate trace.
     """
     torch.manual_seed(seed)
-    rank, world = _rank_world()
-    loss_fn = make_loss(loss, model.head_name)
-    if steps_per_epoch is None:
-        steps_per_epoch = sum(1 for _ in train_batches_fn(0))
-    optimizer, schedule = make_optimizer(model, lr, epochs * steps_per_epoch)
-    params = [p for p in model.parameters() if p.requires_grad]
-    device = params[0].device
-    history: list[float] = []
+    passes = _as_passes(train_batches)
+    opt = make_optimizer(model, lr, optimizer)
+    trainer = _Trainer(model, loss, opt)
+    if steps is not None:
+        epochs = math.ceil(_passes_for_steps(passes, steps) / len(passes))
+    schedule = PassSchedule(opt, t_max=epochs, warmup=warmup)
+    result = FitResult()
+    totals: dict[int, list[float]] = {}
     model.train()
-    for epoch in range(epochs):
-        total, count = 0.0, 0
-        for inputs, targets in train_batches_fn(epoch):
-            n = targets.shape[0]
-            local = slice(rank * n // world, (rank + 1) * n // world)
-            x, y = _slice(inputs, local), targets[local].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            if y.shape[0]:
-                x = {k: v.to(device) for k, v in x.items()} if isinstance(x, dict) else x.to(device)
-                logits = model.forward_features(x) if isinstance(x, dict) else model(x)
-                value = loss_fn(logits.float(), y) * (y.shape[0] / n)
-                value.backward()
-            else:  # this rank has no sample in a tiny batch: it still joins the all-reduce
-                value = torch.zeros((), device=device)
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            if world > 1:
-                for p in params:
-                    dist.all_reduce(p.grad)
-                dist.all_reduce(value := value.detach().clone())
-            optimizer.step()
-            schedule.step()
-            total += float(value.detach()) * n
-            count += n
-        history.append(total / max(count, 1))
-        if log is not None and rank == 0:
-            log(epoch, history[-1])
-    return history
+    for epoch, one in _pass_stream(passes, None if steps is not None else epochs):
+        total = totals.setdefault(epoch, [0.0, 0.0])
+        for inputs, targets, *columns in one.batches(epoch):
+            if steps is not None and result.optimizer_steps >= steps:
+                break
+            result.lr_trace.append(opt.param_groups[0]["lr"])
+            total[0] += trainer.step(inputs, targets, columns[0] if columns else one.columns)
+            total[1] += targets.shape[0]
+            result.optimizer_steps += 1
+        schedule.step()
+        if one is passes[-1] and log is not None and trainer.rank == 0:
+            log(epoch, total[0] / max(total[1], 1))
+        if steps is not None and result.optimizer_steps >= steps:
+            break
+    result.history = [total / max(count, 1) for total, count in totals.values()]
+    return result

@@ -34,6 +34,7 @@ from mlgen.finetune.model import (
 from mlgen.finetune.model import render as render_images
 from mlgen.finetune.output import remove_stale_output, save_text_encoder
 from mlgen.generate.diffusion import sample_seed
+from mlgen.generate.rounds import draw_label_set
 from mlgen.models.registry import open_clip_name
 from mlgen.paths import write_atomic, write_text_atomic
 from mlgen.pipeline.ranks import Ranks, current_ranks
@@ -123,8 +124,22 @@ class FinetuneStage(Stage):
     def batch(self, step: int) -> list[tuple[int, dict[str, Any]]]:
         """This rank's (index in the global batch, prompt row) pairs of ``step``: fixed by seed and step."""
         rng = np.random.default_rng([self.config.seed, step])
-        picks = rng.integers(len(self.rows), size=self.config.train_batch_size)
-        return [(i, self.rows[p]) for i, p in enumerate(picks) if i % self.ranks.world_size == self.ranks.rank]
+        picks = [self._draw(rng) for _ in range(self.config.train_batch_size)]
+        return [(i, row) for i, row in enumerate(picks) if i % self.ranks.world_size == self.ranks.rank]
+
+    def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
+        """The official draw: two labels with replacement (a repeat is a one-label image), then one of that
+        set's prompts; a draw with no prompts (an excluded pair) is redrawn, then any prompt is taken."""
+        by_set = getattr(self, "_by_set", None)
+        if by_set is None:
+            by_set = self._by_set = {}
+            for row in self.rows:
+                by_set.setdefault(frozenset(row["labels"]), []).append(row)
+        for _ in range(100):
+            rows = by_set.get(frozenset(draw_label_set(rng, self.classes)))
+            if rows:
+                return rows[int(rng.integers(len(rows)))]
+        return self.rows[int(rng.integers(len(self.rows)))]
 
     def requested(self, rows: list[dict[str, Any]]) -> torch.Tensor:
         index = {label: i for i, label in enumerate(self.classes)}

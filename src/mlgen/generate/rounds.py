@@ -18,8 +18,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
+from mlgen.classifiers.source import SURPLUS_FILE
 from mlgen.config import FilterConfig, GenerateConfig
 from mlgen.errors import MlgenError
 from mlgen.filters.stage import FilterStage
@@ -90,11 +92,46 @@ class RoundGenerateStage(GenerateStage):
         return out
 
 
-def round_plan(run: RunDir, classes: list[str], quota: int, kept: Counter) -> dict[int, int]:
-    """Images per label set for the next round: sets whose labels are all short, sharing each deficit."""
+def draw_label_set(rng: np.random.Generator, labels: list[str]) -> tuple[str, ...]:
+    """The official per-image draw: two labels with replacement; a repeat collapses to one label (about
+    1/n of the draws are single-label images). In ``labels`` order."""
+    a, b = (int(i) for i in rng.integers(len(labels), size=2))
+    return (labels[a],) if a == b else tuple(labels[i] for i in sorted((a, b)))
+
+
+def draw_sets(rng: np.random.Generator, pool: list[str], known: dict[frozenset, int], need: dict[str, int]) -> Counter:
+    """Images per label set, drawn one image at a time from the labels still needing images (a label leaves
+    the draw once it has its count, as the official loop); a draw that is no label set (an excluded pair) is
+    redrawn."""
+    per_set: Counter = Counter()
+    misses = 0
+    while pool and misses < 1000:
+        labels = draw_label_set(rng, pool)
+        set_id = known.get(frozenset(labels))
+        if set_id is None:
+            misses += 1
+            continue
+        per_set[set_id] += 1
+        for label in labels:
+            need[label] -= 1
+        pool = [label for label in pool if need[label] > 0]
+    return per_set
+
+
+def round_plan(
+    run: RunDir, classes: list[str], quota: int, kept: Counter, seed: int = 0, number: int = 1
+) -> dict[int, int]:
+    """Images per label set for the next round: the official two-label draw over the labels still short,
+    until each has drawn its deficit (the filter's losses are made up by the next round). Label sets that
+    are not pairs (``--set-size``) fall back to sharing each deficit over the open sets."""
     sets = pq.read_table(run.stage_dir("prompts") / "label_sets.parquet").to_pylist()
-    short = {label for label in classes if kept[label] < quota}
-    open_sets = [s for s in sets if set(s["labels"]) <= short]
+    short = [label for label in classes if kept[label] < quota]
+    known = {frozenset(s["labels"]): s["set_id"] for s in sets}
+    rng = np.random.default_rng([seed, number])
+    drawn = draw_sets(rng, short, known, {label: quota - kept[label] for label in short})
+    if drawn or not short:
+        return dict(sorted(drawn.items()))
+    open_sets = [s for s in sets if set(s["labels"]) <= set(short)]
     sets_with = Counter(label for s in open_sets for label in set(s["labels"]))
     return {
         s["set_id"]: max(math.ceil((quota - kept[label]) / sets_with[label]) for label in set(s["labels"]))
@@ -135,6 +172,24 @@ class MergeRoundsStage(Stage):
             os.replace(tmp, dst)
         return {"kept": read_manifest(self.folder, shard["shard"]).num_rows}
 
+    def finish(self, stats: list[dict[str, Any]]) -> dict[str, Any]:
+        """Cap every label at the quota: in merge order an image is trained on only while all its labels are
+        under the quota; the rest stay on disk, listed in ``quota_surplus.json`` (the classifier skips them)."""
+        counts: Counter = Counter()
+        surplus = []
+        for shard in finished_shards(self.folder):
+            manifest = read_manifest(self.folder, shard)
+            for key, labels in zip(
+                manifest.column("key").to_pylist(), manifest.column("labels").to_pylist(), strict=True
+            ):
+                if all(counts[label] < self.config.quota for label in labels):
+                    counts.update(labels)
+                else:
+                    surplus.append([shard, key])
+        write_json_atomic(self.folder / SURPLUS_FILE, {"quota": self.config.quota, "samples": surplus})
+        totals = super().finish(stats)
+        return {**totals, "surplus": len(surplus), "trained": totals.get("kept", 0) - len(surplus)}
+
 
 def run_rounds(
     run: RunDir, config: GenerateConfig, filter_config: FilterConfig, quota: int, max_rounds: int
@@ -148,7 +203,7 @@ def run_rounds(
         sub = RunDir(run.root / "rounds" / f"{number:02d}")
         if sub.success("filtered") is not None:
             continue  # a finished round is never redone
-        per_set = round_plan(run, classes, quota, kept_per_label(run))
+        per_set = round_plan(run, classes, quota, kept_per_label(run), config.seed, number)
         if not per_set:
             break
         sub = round_run(run, number)

@@ -1,0 +1,146 @@
+"""The classifier trains and is scored as the official Diff-ZS-MLC code: per-source label masks, a real pass
+then a synthetic pass per epoch with the scheduler stepped after each (constant warm-up, cosine), exact
+optimizer-step budgets, squash resize, the official ZSL/GZSL evaluation subsets, rankings by logits, and the
+quota's two-label draw."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from mlgen.classifiers.data import squash_transform
+from mlgen.classifiers.evaluate import _setting, evaluate_on_data, load_eval_set, subsets
+from mlgen.classifiers.model import build_classifier, load_clip, save_classifier
+from mlgen.classifiers.predict import predict_logits
+from mlgen.classifiers.train import Pass, _Trainer, fit, make_optimizer
+from mlgen.generate.rounds import draw_label_set
+from mlgen.models.registry import open_clip_name
+from mlgen.pipeline.rundir import RunDir
+
+CLASSES = ["circle", "star", "square", "cross"]  # unseen (synthetic): circle, star; seen (real): square, cross
+UNSEEN = torch.tensor([True, True, False, False])
+
+
+def _model(head_init: str = "random"):
+    name = open_clip_name("tiny")[0]
+    clip = open_clip.create_model(name)
+    return build_classifier(clip, open_clip.get_tokenizer(name), CLASSES, "linear", head_init=head_init)
+
+
+def _features(model, n: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    pixels = torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return model.frozen_features(pixels)
+
+
+@pytest.mark.parametrize("source", ["real", "synthetic"])
+def test_a_batch_has_no_gradient_from_the_other_sources_columns(source: str) -> None:
+    model = _model()
+    columns = ~UNSEEN if source == "real" else UNSEEN
+    trainer = _Trainer(model, "asl", make_optimizer(model, None, "sgd"))
+    targets = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1], [1, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.float)
+    trainer.backward(_features(model), targets, columns)
+    weight, bias = model.head.weight.grad, model.head.bias.grad
+    assert torch.count_nonzero(weight[~columns]) == 0 and torch.count_nonzero(bias[~columns]) == 0
+    assert torch.count_nonzero(weight[columns]) > 0  # its own columns do learn
+
+
+def _passes(model, batches_per_pass: int = 2) -> list[Pass]:
+    features = _features(model, n=2 * batches_per_pass)
+    targets = (torch.rand(2 * batches_per_pass, 4, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+
+    def batches(epoch: int):
+        return [({k: v[i : i + 2] for k, v in features.items()}, targets[i : i + 2]) for i in range(0, len(targets), 2)]
+
+    return [Pass(batches, ~UNSEEN, "real"), Pass(batches, UNSEEN, "synthetic")]
+
+
+def test_learning_rate_trace_is_the_official_one_on_a_three_epoch_run() -> None:
+    """Official (Dassl ConstantWarmupScheduler(1 step, 1e-5) around CosineAnnealingLR(T_max=3), stepped after
+    the real pass and after the synthetic pass): per pass 1e-5, then cosine of 0, 1, 2, 3, 4 steps."""
+    model = _model()
+    result = fit(model, _passes(model), epochs=3, optimizer="sgd")
+    per_pass = [1e-5, 0.002, 0.0015, 0.0005, 0.0, 0.0005]  # 0.001 * (1 + cos(pi * t / 3)), t = 0..4
+    assert result.lr_trace == pytest.approx([lr for lr in per_pass for _ in range(2)], abs=1e-12)
+    assert result.optimizer_steps == 12 and len(result.history) == 3
+    opt = make_optimizer(model, None, "sgd")
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 5e-4
+
+
+def test_steps_train_exactly_that_many_optimizer_steps() -> None:
+    model = _model()
+    result = fit(model, _passes(model, batches_per_pass=3), epochs=50, optimizer="sgd", steps=7)
+    assert result.optimizer_steps == 7 == len(result.lr_trace)
+    # 7 steps of 3-batch passes: 3 passes = 2 epochs, so the cosine's T_max is 2 scheduler steps
+    assert result.lr_trace[:3] == [1e-5] * 3 and result.lr_trace[3:6] == pytest.approx([0.002] * 3)
+    assert result.lr_trace[6] == pytest.approx(0.001)
+
+
+def test_squash_resize_keeps_the_whole_image() -> None:
+    """A 128x64 image red in its left eighth: squash keeps the red, open_clip's resize + centre crop cuts it."""
+    _, preprocess, _ = load_clip("tiny", torch.device("cpu"))
+    image = np.zeros((64, 128, 3), dtype=np.uint8)
+    image[:, :, 2] = 255
+    image[:, :16] = (255, 0, 0)
+    picture = Image.fromarray(image)
+    squashed = squash_transform(preprocess)(picture)
+    assert squashed.shape == (3, 64, 64)
+    assert squashed[0, 32, 2] > squashed[2, 32, 2]  # red at the left border
+    assert preprocess(picture)[0, 32, 2] < preprocess(picture)[2, 32, 2]  # the centre crop lost it
+
+
+def _hand_made_csv(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    rows = ["circle", "square", "", "circle|square", "diamond"]  # diamond: a label the model does not know
+    lines = ["image,labels"]
+    for i, labels in enumerate(rows):
+        Image.new("RGB", (64, 64), (40 * i, 80, 120)).save(folder / f"{i}.png")
+        lines.append(f"{i}.png,{labels}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder / "labels.csv"
+
+
+def test_zsl_and_gzsl_subsets_pick_the_official_images(tmp_path: Path) -> None:
+    csv = _hand_made_csv(tmp_path / "real")
+    _, targets, _ = load_eval_set(csv, CLASSES)
+    rows = subsets(targets, [CLASSES.index("circle"), CLASSES.index("star")])
+    assert rows["zsl"].tolist() == [True, False, False, True, False]  # at least one unseen label
+    assert rows["gzsl"].tolist() == [True, True, False, True, False]  # at least one label
+    run = RunDir(tmp_path / "run")
+    model = _model(head_init="text")
+    with torch.no_grad():
+        model.head.bias.fill_(40.0)  # every logit above 17: float32 probabilities would all be 1.0
+    save_classifier(model, run.stage_dir("classifier"), clip="tiny", backbone="tiny", loss="asl")
+    (run.stage_dir("classifier") / "_SUCCESS.json").write_text(json.dumps({"config_hash": "test"}))
+    (run.stage_dir("classifier") / "metrics.json").write_text("{}")
+    metrics = evaluate_on_data(run, csv, ["circle", "star"])
+    assert metrics["zsl"]["images"] == 2 and metrics["gzsl"]["images"] == 3
+    assert metrics["zero_shot_clip"]["zsl"]["images"] == 2 and "unseen" in metrics["subsets"]["zsl"]
+    images, _, _ = load_eval_set(csv, CLASSES)
+    _, preprocess, _ = load_clip("tiny", torch.device("cpu"))
+    logits = predict_logits(model, squash_transform(preprocess), images)
+    assert (logits > 17).all() and len(np.unique(logits.round(6))) > 1  # distinct where sigmoid ties
+
+
+def test_metrics_rank_by_logits_not_saturated_probabilities() -> None:
+    logits = np.array([[20.0], [30.0]])  # float32 sigmoid: 1.0 and 1.0
+    targets = np.array([[1], [0]])
+    assert torch.sigmoid(torch.tensor(logits, dtype=torch.float32)).unique().tolist() == [1.0]
+    assert _setting(logits, targets, ["circle"], logits=True)["mAP"] == pytest.approx(0.5)
+
+
+def test_label_set_draw_is_two_labels_with_repeats_collapsing() -> None:
+    """Official: two labels drawn with replacement; a repeat is a one-label image, about 1/n of draws."""
+    labels = [f"l{i}" for i in range(8)]
+    rng = np.random.default_rng(0)
+    draws = [draw_label_set(rng, labels) for _ in range(4000)]
+    sizes = Counter(len(d) for d in draws)
+    assert set(sizes) == {1, 2}
+    assert sizes[1] / len(draws) == pytest.approx(1 / 8, abs=0.02)
+    assert Counter(label for d in draws for label in d)["l0"] / len(draws) == pytest.approx(2 / 8 - 1 / 64, abs=0.03)
