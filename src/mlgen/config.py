@@ -89,10 +89,12 @@ class FilterConfig:
 @dataclass(frozen=True)
 class ClassifierConfig:
     clip: str = "tiny"
-    epochs: int = 30
-    lr: float | None = None  # None: the head's own (AdamW 1e-3 for linear, the paper's SGD 0.002 otherwise)
-    batch_size: int = 64
-    holdout: float = 0.2  # fraction of the label sets held out (synthetic held-out score)
+    epochs: int = 50  # the official 50
+    steps: int | None = None  # exactly this many optimizer steps instead of epochs (cycling the passes)
+    lr: float | None = None  # None: the optimizer's own (SGD 0.002 as official, AdamW 1e-3)
+    optimizer: str | None = None  # sgd (official) or adamw; None: adamw for the plain linear head, else sgd
+    batch_size: int = 32  # the official 32
+    holdout: float = 0.0  # >0: fraction of the label sets held out for a SYNTHETIC score (official: none)
     seed: int = 0
     source: str = "filtered"  # filtered (kept images) or raw (every generated image: the no-filter ablation)
     head_init: str = "text"  # text: start from CLIP's zero-shot weights; random: learn from the images alone
@@ -100,7 +102,10 @@ class ClassifierConfig:
     fusion: bool = False  # train the paper's feature fusion modules inside the frozen image encoder
     loss: str = "asl"  # asl, mlcd or bce
     seen_data: str | None = None  # real images of seen labels (CSV, COCO JSON or WebDataset) beside the synthetic
-    schedule: str = "alternating"  # with seen_data: alternating real/synthetic epochs (the paper) or mixed
+    schedule: str = "official"  # with seen_data: official (a real pass then a synthetic pass), mixed, alternating
+    label_masks: bool = True  # real batches scored on the seen columns only, synthetic on the unseen (official)
+    augment: bool = True  # official training augmentation: squash resize + Cutout + RandAugment
+    augment_views: int = 8  # augment with a cached frozen encoder: K augmented views cached, epoch e reads e mod K
     cache: bool = runtime(True)  # frozen features cached on disk (float16) when only a head trains
 
 
@@ -197,7 +202,7 @@ def validate(config: Any) -> None:
             raise MlgenError(f"setting '{f.name}' must be a positive number, got {value}")
     checks = {
         "threshold": lambda v: 0 <= v <= 1,
-        "holdout": lambda v: 0 < v < 1,
+        "holdout": lambda v: 0 <= v < 1,
         "temperature": lambda v: v >= 0,
         "top_p": lambda v: 0 < v <= 1,
         "lr": lambda v: v > 0,
@@ -209,7 +214,8 @@ def validate(config: Any) -> None:
         "head_init": lambda v: v in ("text", "random"),
         "head": lambda v: v in ("linear", "dualcoop", "cprfl"),
         "loss": lambda v: v in ("asl", "mlcd", "bce"),
-        "schedule": lambda v: v in ("alternating", "mixed"),
+        "schedule": lambda v: v in ("official", "mixed", "alternating"),
+        "optimizer": lambda v: v in ("sgd", "adamw"),
         "dedup_threshold": lambda v: 0 < v <= 1,
         "synonym_threshold": lambda v: -1 <= v <= 1,
         "prompt_style": lambda v: v in ("mlgen", "paper", "plain"),
