@@ -227,7 +227,22 @@ def train_classifier(
         typer.Option(help="Real images of seen labels to train on too: a labels CSV, COCO JSON or WebDataset tars."),
     ] = None,
     schedule: Annotated[
-        str | None, typer.Option(help="With --seen-data: alternating real/synthetic epochs (the paper) or mixed.")
+        str | None,
+        typer.Option(help="With --seen-data: official (a real then a synthetic pass per epoch), mixed or alternating."),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option(min=1, help="Exactly this many optimizer steps instead of --epochs (fair arms).")
+    ] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd (official) or adamw (linear head default).")] = None,
+    holdout: Annotated[
+        float | None, typer.Option(help="Fraction of label sets held out for a SYNTHETIC score (default 0: off).")
+    ] = None,
+    augment: Annotated[
+        bool | None, typer.Option("--augment/--no-augment", help="Official training augmentation (Cutout + RandAugment)")
+    ] = None,
+    label_masks: Annotated[
+        bool | None,
+        typer.Option("--label-masks/--no-label-masks", help="Real batches on seen columns, synthetic on unseen."),
     ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
@@ -246,6 +261,11 @@ def train_classifier(
         loss=loss,
         seen_data=seen_data,
         schedule=schedule,
+        steps=steps,
+        optimizer=optimizer,
+        holdout=holdout,
+        augment=augment,
+        label_masks=label_masks,
     )
     _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
     _print_metrics(run)
