@@ -238,7 +238,8 @@ def train_classifier(
         float | None, typer.Option(help="Fraction of label sets held out for a SYNTHETIC score (default 0: off).")
     ] = None,
     augment: Annotated[
-        bool | None, typer.Option("--augment/--no-augment", help="Official training augmentation (Cutout + RandAugment)")
+        bool | None,
+        typer.Option("--augment/--no-augment", help="Official training augmentation (Cutout + RandAugment)"),
     ] = None,
     label_masks: Annotated[
         bool | None,
