@@ -106,6 +106,9 @@ class ClassifierConfig:
     label_masks: bool = True  # real batches scored on the seen columns only, synthetic on the unseen (official)
     augment: bool = True  # official training augmentation: squash resize + Cutout + RandAugment
     augment_views: int = 8  # augment with a cached frozen encoder: K augmented views cached, epoch e reads e mod K
+    class_specific_context: bool = False  # dualcoop: one context pair per class instead of the shared one
+    dualcoop_scoring: str = "dense"  # dualcoop: dense (official region aggregation) or pooled
+    cprfl_recipe: str = "mlgen"  # cprfl: mlgen or official
     cache: bool = runtime(True)  # frozen features cached on disk (float16) when only a head trains
 
 
@@ -216,6 +219,8 @@ def validate(config: Any) -> None:
         "loss": lambda v: v in ("asl", "mlcd", "bce"),
         "schedule": lambda v: v in ("official", "mixed", "alternating"),
         "optimizer": lambda v: v in ("sgd", "adamw"),
+        "dualcoop_scoring": lambda v: v in ("dense", "pooled"),
+        "cprfl_recipe": lambda v: v in ("mlgen", "official"),
         "dedup_threshold": lambda v: 0 < v <= 1,
         "synonym_threshold": lambda v: -1 <= v <= 1,
         "prompt_style": lambda v: v in ("mlgen", "paper", "plain"),

@@ -18,15 +18,24 @@ BN_INIT_STD = 1e-4  # the paper's BatchNorm weight ~ N(0, 1e-4): the branch star
 
 
 class GlobalBranch(nn.Module):
-    """Global context for one conv: reduce, aggregate x per attention head, broadcast back, BatchNorm."""
+    """Global context for one conv, as the official ``global_branch.py`` computes it: reduce, aggregate (each of
+    the 8 heads pools its own C/8 channel group with its softmax over positions), broadcast back (sigmoid),
+    BatchNorm. The official module also defines ``v`` and ``proj`` 1x1 convs that its forward never applies;
+    mlgen leaves them out. Only where a conv's output width differs from its input (never in CLIP's ResNets,
+    where the official module would fail) a 1x1 projection maps the channels."""
 
     def __init__(self, in_channels: int, out_channels: int, heads: int = HEADS) -> None:
         super().__init__()
-        reduced = max(in_channels // 4, 1)
+        if in_channels % heads:
+            raise ValueError(f"GlobalBranch needs channels divisible by {heads} heads, got {in_channels}")
+        self.heads = heads
+        reduced = int(in_channels / 4)
         self.reduce = nn.Sequential(nn.Conv2d(in_channels, reduced, 1), nn.ReLU(inplace=True))
         self.aggregate = nn.Conv2d(2 * reduced, heads, 1)  # softmax over H*W: where each head pools
         self.broadcast = nn.Conv2d(2 * reduced, heads, 1)  # sigmoid: how much of each head each position gets
-        self.project = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.project = (
+            nn.Conv2d(in_channels, out_channels, 1, bias=False) if in_channels != out_channels else nn.Identity()
+        )
         self.norm = nn.BatchNorm2d(out_channels)
         nn.init.normal_(self.norm.weight, std=BN_INIT_STD)
         nn.init.zeros_(self.norm.bias)
@@ -36,9 +45,10 @@ class GlobalBranch(nn.Module):
         reduced = self.reduce(x)
         context = torch.cat([reduced, reduced.mean(dim=(2, 3), keepdim=True).expand_as(reduced)], dim=1)
         attention = self.aggregate(context).flatten(2).softmax(dim=-1)  # [B, heads, HW]
-        pooled = attention @ x.flatten(2).transpose(1, 2)  # [B, heads, C]
+        groups = x.reshape(batch, self.heads, channels // self.heads, height * width)  # [B, heads, C/heads, HW]
+        pooled = (groups * attention[:, :, None]).sum(-1)  # [B, heads, C/heads]: each head its own group
         spread = self.broadcast(context).flatten(2).sigmoid()  # [B, heads, HW]
-        out = (spread.transpose(1, 2) @ pooled).transpose(1, 2).reshape(batch, channels, height, width)
+        out = (pooled[..., None] * spread[:, :, None]).reshape(batch, channels, height, width)
         return self.norm(self.project(out))
 
 
@@ -129,7 +139,9 @@ def fusion_parameters(visual: nn.Module) -> list[nn.Parameter]:
 
 
 def set_fusion_train(visual: nn.Module, mode: bool) -> None:
-    """The frozen encoder stays in eval mode (its BatchNorm statistics are pretrained); fusion follows ``mode``."""
+    """The whole encoder, fusion included, stays in eval mode whatever ``mode`` is, as the official trainer keeps
+    the model in eval() and switches only the prompt learner to train: the frozen BatchNorm keeps its pretrained
+    statistics and each GlobalBranch BatchNorm is a fixed affine map on running mean 0 / variance 1 whose weight
+    and bias train (no batch statistics, so training and evaluation compute the same function)."""
+    del mode
     visual.eval()
-    for module in fusion_modules(visual):
-        module.train(mode)

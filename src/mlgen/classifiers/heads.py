@@ -36,8 +36,9 @@ class LinearHead(nn.Module):
                 self.weight.copy_(class_embeddings.detach().float())
 
     def forward(self, features: Tensor) -> Tensor:
-        features = F.normalize(features.to(self.weight.dtype), dim=-1)
-        return self.logit_scale * features @ F.normalize(self.weight, dim=-1).T + self.bias
+        cosines = F.normalize(features.to(self.weight.dtype), dim=-1) @ F.normalize(self.weight, dim=-1).T
+        self.last_cosines = cosines  # what the margined MLCD loss reads (losses.make_loss)
+        return self.logit_scale * cosines + self.bias
 
     def extra_repr(self) -> str:
         num_classes, dim = self.weight.shape
@@ -55,12 +56,19 @@ def encode_prompt_embeddings(clip_model, embeddings: Tensor, tokens: Tensor) -> 
     return projection(x) if isinstance(projection, nn.Linear) else x @ projection
 
 
-class DualCoOpHead(nn.Module):
-    """DualCoOp: learned positive and negative prompt contexts per class through the frozen CLIP text encoder.
+SCORINGS = ("dense", "pooled")
+REGION_SCALE, AGGREGATE_SCALE = 20.0, 5.0  # the official per-region cosine x 20, aggregated x 5 (effective 100)
 
-    logit = 20 * cos(image, positive prompt) - 20 * cos(image, negative prompt): its sigmoid is the paper's
-    2-way softmax over (negative, positive), so ASL on it is ASL on that softmax. (The code's x5 scale is for
-    its spatial aggregation, which mlgen leaves out: the head uses the pooled embedding.)
+
+class DualCoOpHead(nn.Module):
+    """DualCoOp: learned positive and negative prompt contexts through the frozen CLIP text encoder.
+
+    As the official code (CSC=False) ONE class-agnostic positive and one negative context are shared by all
+    classes, so the head scores any class name, also one it never trained on (:meth:`set_classes`);
+    ``class_specific=True`` learns one pair per class instead. Scoring ``dense`` (official): per-region cosine
+    x 20 against both prompts, a softmax over regions of the positive ones, the weighted sums x 5; ``pooled``:
+    100 x cosine on the pooled embedding (the same effective scale). The returned logit is positive minus
+    negative: its sigmoid is the official 2-way softmax, so ASL on it is ASL on that softmax.
     """
 
     def __init__(
@@ -69,39 +77,65 @@ class DualCoOpHead(nn.Module):
         tokenizer,
         classes: list[str],
         context_length: int = 64,
-        logit_scale: float = 20.0,
+        class_specific: bool = False,
+        scoring: str = "dense",
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
         self.clip = [clip_model]  # a list: not a submodule, so its frozen weights are neither saved nor trained
-        self.logit_scale = float(logit_scale)
-        placeholder = " ".join(["X"] * context_length)
-        tokens = tokenizer([f"{placeholder} {name}." for name in classes])
-        self.register_buffer("tokens", tokens, persistent=False)
-        with torch.no_grad():
-            self.register_buffer("token_embeddings", clip_model.token_embedding(tokens).float(), persistent=False)
-        width = self.token_embeddings.shape[-1]
+        self.class_specific = class_specific
+        self.scoring = scoring
         self.context_length = context_length
-        # per class, a positive and a negative context [2, C, n_ctx, W] (class-specific contexts, as the paper)
-        self.context = nn.Parameter(torch.empty(2, len(classes), context_length, width))
+        self.set_classes(tokenizer, classes)
+        width = self.token_embeddings.shape[-1]
+        shape = (2, len(classes), context_length, width) if class_specific else (2, context_length, width)
+        self.context = nn.Parameter(torch.empty(shape))  # [positive, negative]
         nn.init.normal_(self.context, std=0.02, generator=generator)
 
-    def text_features(self) -> Tensor:
+    def set_classes(self, tokenizer, classes: list[str]) -> None:
+        """Score ``classes`` from now on (the shared context carries over to names never trained on)."""
+        if self.class_specific and hasattr(self, "context") and self.context.shape[1] != len(classes):
+            raise ValueError("class-specific contexts cannot score other classes: use the shared context")
+        placeholder = " ".join(["X"] * self.context_length)
+        tokens = tokenizer([f"{placeholder} {name}." for name in classes])
         clip_model = self.clip[0]
+        device = clip_model.token_embedding.weight.device
+        self.register_buffer("tokens", tokens.to(device), persistent=False)
+        with torch.no_grad():
+            embeddings = clip_model.token_embedding(self.tokens).float()
+        self.register_buffer("token_embeddings", embeddings, persistent=False)
+
+    def text_features(self) -> Tensor:
+        """Normalised prompt features [2 (positive, negative), C, D]."""
+        clip_model = self.clip[0]
+        classes = len(self.tokens)
         prefix, suffix = self.token_embeddings[:, :1], self.token_embeddings[:, 1 + self.context_length :]
-        prompts = [torch.cat([prefix, ctx, suffix], dim=1) for ctx in self.context]  # positive, negative
+        contexts = self.context if self.class_specific else self.context[:, None].expand(-1, classes, -1, -1)
+        prompts = [torch.cat([prefix, ctx, suffix], dim=1) for ctx in contexts]
         embeddings = torch.cat(prompts).to(clip_model.token_embedding.weight.dtype)
         features = encode_prompt_embeddings(clip_model, embeddings, self.tokens.repeat(2, 1)).float()
-        return F.normalize(features, dim=-1).view(2, len(self.tokens), -1)
+        return F.normalize(features, dim=-1).view(2, classes, -1)
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
-        image = F.normalize(features["pooled"].float(), dim=-1)
         positive, negative = self.text_features()
-        return self.logit_scale * (image @ positive.T - image @ negative.T)
+        if self.scoring == "pooled":
+            image = F.normalize(features["pooled"].float(), dim=-1)
+            return REGION_SCALE * AGGREGATE_SCALE * (image @ positive.T - image @ negative.T)
+        regions = F.normalize(features["dense"].float(), dim=-1)  # [N, R, D]
+        pos = REGION_SCALE * regions @ positive.T  # [N, R, C]
+        neg = REGION_SCALE * regions @ negative.T
+        weights = pos.softmax(dim=1)  # over regions, from the positive scores (official)
+        return AGGREGATE_SCALE * ((pos - neg) * weights).sum(dim=1)
 
 
 class CPRFLHead(nn.Module):
-    """CPRFL (methods.md B): PI network on class text embeddings, ONE VSI layer, logit_i = p_i' . p_i."""
+    """CPRFL (methods.md B): PI network on class text embeddings, ONE VSI layer, logit_i = p_i' . p_i.
+
+    ``dim_head`` None: ``dim / heads`` per head (mlgen); the official layer uses 512 per head (inner width
+    heads x 512). ``mlp_dim`` None: 4 x ``dim`` (mlgen); official 2048.
+    """
 
     def __init__(
         self,
@@ -111,6 +145,8 @@ class CPRFLHead(nn.Module):
         tau: float = 0.5,
         heads: int = 8,
         dropout: float = 0.1,
+        dim_head: int | None = None,
+        mlp_dim: int | None = None,
     ) -> None:
         super().__init__()
         text_dim = class_embeddings.shape[1]
@@ -119,21 +155,24 @@ class CPRFLHead(nn.Module):
         self.prompt_init = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
         self.visual_proj = nn.Linear(visual_dim, dim)
         self.heads = heads
+        self.dim_head = dim_head or dim // heads
+        inner = self.heads * self.dim_head
+        mlp_dim = mlp_dim or 4 * dim
         self.norm1 = nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
-        self.attn_out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
+        self.qkv = nn.Linear(dim, 3 * inner, bias=False)
+        self.attn_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
         self.attn_dropout = dropout
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
-            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim), nn.Dropout(dropout)
+            nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim), nn.Dropout(dropout)
         )
 
     def _attention(self, x: Tensor) -> Tensor:
-        batch, length, dim = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        batch, length, _ = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         p = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
-        return self.attn_out(out.transpose(1, 2).reshape(batch, length, dim))
+        return self.attn_out(out.transpose(1, 2).reshape(batch, length, self.heads * self.dim_head))
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:
         visual = self.visual_proj(features["tokens"].float())  # [N, T, d]

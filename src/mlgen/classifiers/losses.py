@@ -37,7 +37,8 @@ def _asymmetric_loss_from_probs(
         gamma = gamma_pos * y + gamma_neg * (1 - y)
         w = torch.pow(1 - pt, gamma)
         if not focal_weight_grad:
-            # detach instead of toggling the global grad mode (the official code's pitfall)
+            # the official default (disable_torch_grad_focal_loss=True): the weight carries no gradient. Detached
+            # here instead of toggling the global grad mode (the official code's pitfall under no_grad)
             w = w.detach()
         loss = loss * w
     return -loss.sum() if reduction == "sum" else -loss.mean()
@@ -51,9 +52,13 @@ def asymmetric_loss(
     clip: float = 0.05,
     eps: float = 1e-8,
     reduction: str = "sum",
-    focal_weight_grad: bool = True,
+    focal_weight_grad: bool = False,
 ) -> Tensor:
-    """Asymmetric Loss (Ridnik et al., 2021) on logits; "sum" matches the official code."""
+    """Asymmetric Loss (Ridnik et al., 2021) on logits; "sum" matches the official code.
+
+    ``focal_weight_grad=False`` (default, as every official trainer): the focusing weight ``(1 - pt)^gamma`` is a
+    constant in the backward pass; True backpropagates through it too (same value, larger negative gradient).
+    """
     return _asymmetric_loss_from_probs(
         torch.sigmoid(logits),
         targets,
@@ -74,7 +79,7 @@ def asymmetric_loss_probs(
     clip: float = 0.05,
     eps: float = 1e-8,
     reduction: str = "sum",
-    focal_weight_grad: bool = True,
+    focal_weight_grad: bool = False,
 ) -> Tensor:
     """Asymmetric Loss on probabilities already in [0, 1] (e.g. softmax outputs)."""
     return _asymmetric_loss_from_probs(probs, targets, gamma_neg, gamma_pos, clip, eps, reduction, focal_weight_grad)
@@ -90,7 +95,7 @@ class AsymmetricLoss(nn.Module):
         clip: float = 0.05,
         eps: float = 1e-8,
         reduction: str = "sum",
-        focal_weight_grad: bool = True,
+        focal_weight_grad: bool = False,
     ) -> None:
         super().__init__()
         if reduction not in _REDUCTIONS:
@@ -161,34 +166,64 @@ def mlcd_loss(
         raise ValueError(f"positive_mask must have shape [N, K], got {tuple(positive_mask.shape)}")
     if not 0 < negative_fraction <= 1:
         raise ValueError(f"negative_fraction must be in (0, 1], got {negative_fraction}")
-    pos = positive_mask.to(device=embeddings.device, dtype=torch.bool)
     cos = F.normalize(embeddings, dim=1) @ F.normalize(centers, dim=1).T
-    cos_margin = torch.cos(torch.acos(cos.clamp(-1 + 1e-7, 1 - 1e-7)) + margin)
-    s = scale * torch.where(pos, cos_margin, cos)
-    neg = _sample_negatives(~pos, negative_fraction, generator)
-    per_sample = _log1p_sum_exp(-s, pos) + _log1p_sum_exp(s, neg)
-    return per_sample.mean()
+    return mlcd_cosine_loss(cos, positive_mask, margin, scale, negative_fraction, generator)
 
 
 LOSSES = ("asl", "mlcd", "bce")
+DUALCOOP_LOSS_WEIGHT = 0.01  # the official --loss_w: 0.01 x the SUM of ASL over batch and classes
+
+
+def mlcd_cosine_loss(
+    cosines: Tensor,
+    positive_mask: Tensor,
+    margin: float = 0.3,
+    scale: float = 32.0,
+    negative_fraction: float = 0.1,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """:func:`mlcd_loss` from precomputed cosines [N, K] (normalised features vs normalised centres)."""
+    pos = positive_mask.to(device=cosines.device, dtype=torch.bool)
+    cos_margin = torch.cos(torch.acos(cosines.clamp(-1 + 1e-7, 1 - 1e-7)) + margin)
+    s = scale * torch.where(pos, cos_margin, cosines)
+    neg = _sample_negatives(~pos, negative_fraction, generator)
+    return (_log1p_sum_exp(-s, pos) + _log1p_sum_exp(s, neg)).mean()
 
 
 def mlcd_logit_loss(logits: Tensor, targets: Tensor, negative_fraction: float = 0.1) -> Tensor:
-    """MLCD Eq. 5 as a classifier loss on logits (the class weights are the "centres", the image's labels the
-    positives, a random fraction of the rest the negatives). The head's logits are already scaled cosines, so
-    the ArcFace margin of `mlcd_loss` is left out here."""
+    """MLCD Eq. 5 on logits with negative sampling but no margin: for heads whose score is not one cosine
+    between a normalised feature and a class weight (DualCoOp: a difference of two aggregated cosines; CPRFL: a
+    raw dot product), where an angular margin has no angle to act on."""
     pos = targets.bool()
     neg = _sample_negatives(~pos, negative_fraction, None)
     return (_log1p_sum_exp(-logits, pos) + _log1p_sum_exp(logits, neg)).mean()
 
 
-def make_loss(name: str, head: str = "linear"):
-    """``loss(logits, targets)``: ASL with the paper's settings for ``head``, MLCD, or plain BCE."""
+def _with_reduction(loss, reduction: str):
+    """Tag ``loss`` with how it reduces over samples (``reduction``: "sum" or "mean"), read by the trainer to
+    weight each rank's share under data parallelism (a sum needs no weight)."""
+    loss.reduction = reduction
+    return loss
+
+
+def make_loss(name: str, head: str = "linear", model: nn.Module | None = None):
+    """``loss(logits, targets)``: ASL with the official settings for ``head``, MLCD, or plain BCE.
+
+    DualCoOp: 0.01 x sum of ASL (gamma- 2, gamma+ 1, clip 0.05) over batch x classes, as the official trainer;
+    the others: the mean of ASL (gamma- 4, gamma+ 0, clip 0.05). A summed loss has ``reduction == "sum"``.
+    MLCD on the linear head (``model`` given): the margined :func:`mlcd_loss` on the head's cosines between
+    normalised features and class weights (what its last forward computed); on the other heads (or without
+    ``model``) :func:`mlcd_logit_loss`.
+    """
     if name == "asl":
-        if head == "dualcoop":  # methods.md A: gamma- 2, gamma+ 1, clip 0.05 over the 2-way softmax
-            return lambda logits, targets: asymmetric_loss(logits, targets, 2.0, 1.0, 0.05, reduction="mean")
+        if head == "dualcoop":
+            return _with_reduction(
+                lambda logits, targets: DUALCOOP_LOSS_WEIGHT * asymmetric_loss(logits, targets, 2.0, 1.0, 0.05), "sum"
+            )
         return lambda logits, targets: asymmetric_loss(logits, targets, 4.0, 0.0, 0.05, reduction="mean")
     if name == "mlcd":
+        if head == "linear" and model is not None:
+            return lambda logits, targets: mlcd_cosine_loss(model.head.last_cosines, targets.bool())
         return mlcd_logit_loss
     if name == "bce":
         return lambda logits, targets: F.binary_cross_entropy_with_logits(logits, targets.float())

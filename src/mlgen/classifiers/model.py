@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mlgen.classifiers.features import label_embeddings
@@ -18,10 +20,15 @@ HEADS = ("linear", "dualcoop", "cprfl")
 
 
 class _TokenTap:
-    """Keeps the output of the encoder's last feature stage (ViT tokens or the ResNet map) as [N, T, D]."""
+    """Keeps the output of the encoder's last feature stage: ``value`` [N, T, width] (ViT patch tokens or the
+    ResNet map, what CPRFL reads) and ``dense`` [N, R, D] (the attention-pool-free embedding of every region,
+    what DualCoOp's dense scoring reads; computed only when asked)."""
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: nn.Module, dense: bool = False) -> None:
         self.value: Tensor | None = None
+        self.dense: Tensor | None = None
+        self.want_dense = dense
+        self.visual = [visual]  # a list: not a submodule
         self.vit = hasattr(visual, "transformer")
         target = visual.transformer if self.vit else visual.layer4
         self.batch_first = getattr(target, "batch_first", True)
@@ -31,12 +38,58 @@ class _TokenTap:
         if self.vit:
             tokens = output if self.batch_first else output.transpose(0, 1)
             self.value = tokens[:, 1:]  # patch tokens (the class token left out)
+            self.dense = _vit_dense(self.visual[0], tokens) if self.want_dense else None
         else:
             self.value = output.flatten(2).transpose(1, 2)  # [N, HW, C]
+            self.dense = _resnet_dense(self.visual[0].attnpool, output) if self.want_dense else None
+
+
+def _vit_dense(visual: nn.Module, tokens: Tensor) -> Tensor:
+    """Every token (class token first, then the patches) through ``ln_post`` and ``proj``: [N, 1 + HW, D]."""
+    x = visual.ln_post(tokens)
+    return x @ visual.proj if visual.proj is not None else x
+
+
+def _resnet_dense(pool: nn.Module, feature_map: Tensor) -> Tensor:
+    """DenseCLIP/DualCoOp's attention-pool-free map: [mean; positions] + positional embedding (resized to the
+    map), through the attention pool's value and output projections only: [N, 1 + HW, D]."""
+    _, channels, height, width = feature_map.shape
+    x = feature_map.flatten(2).transpose(1, 2)  # [N, HW, C]
+    x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1)
+    position = pool.positional_embedding.to(x.dtype)
+    if position.shape[0] != height * width + 1:
+        side = round((position.shape[0] - 1) ** 0.5)
+        grid = position[1:].T.reshape(1, channels, side, side)
+        grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False)
+        position = torch.cat([position[:1], grid.reshape(channels, -1).T])
+    x = F.linear(x + position, pool.v_proj.weight, pool.v_proj.bias)
+    return F.linear(x, pool.c_proj.weight, pool.c_proj.bias)
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """How a head is built (ClassifierConfig fields of the same name; saved in config.json)."""
+
+    class_specific_context: bool = False  # dualcoop: one context pair per class instead of the shared one
+    dualcoop_scoring: str = "dense"  # dualcoop: dense (official region aggregation) or pooled
+    cprfl_recipe: str = "mlgen"  # cprfl: mlgen (normalised text, frozen, SGD) or official (raw text, AdamW...)
+
+    @classmethod
+    def of(cls, config: Any) -> HeadOptions:
+        """The options of a ClassifierConfig (or any object with those attributes; missing ones: default)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)})
 
 
 class MultiLabelClassifier(nn.Module):
-    def __init__(self, clip_model, head: nn.Module, head_name: str, fusion: bool, classes: list[str]) -> None:
+    def __init__(
+        self,
+        clip_model,
+        head: nn.Module,
+        head_name: str,
+        fusion: bool,
+        classes: list[str],
+        options: HeadOptions | None = None,
+    ) -> None:
         super().__init__()
         self.visual = clip_model.visual
         self.head = head
@@ -44,14 +97,18 @@ class MultiLabelClassifier(nn.Module):
         self.fusion = fusion
         self.classes = list(classes)
         self.head_init = "text"
+        self.options = options or HeadOptions()
         self.cacheable = not fusion
         self.needs_tokens = head_name == "cprfl"
-        self._tap = _TokenTap(self.visual)
+        self.needs_dense = head_name == "dualcoop" and self.options.dualcoop_scoring == "dense"
+        self._tap = _TokenTap(self.visual, dense=self.needs_dense)
         if not fusion:
             for p in self.visual.parameters():
                 p.requires_grad_(False)
 
     def train(self, mode: bool = True) -> MultiLabelClassifier:
+        """Only the head follows ``mode``: the encoder, fusion modules included, stays in eval (the official
+        trainer switches only the prompt learner to train; see fusion.set_fusion_train)."""
         super().train(mode)
         set_fusion_train(self.visual, mode) if self.fusion else self.visual.eval()
         return self
@@ -61,10 +118,13 @@ class MultiLabelClassifier(nn.Module):
         features = {"pooled": self.visual(pixels)}
         if self.needs_tokens:
             features["tokens"] = self._tap.value
+        if self.needs_dense:
+            features["dense"] = self._tap.dense
         return features
 
     def frozen_features(self, pixels: Tensor) -> dict[str, Tensor]:
-        """What a feature cache stores (only meaningful when ``cacheable``): ``pooled`` and, for CPRFL, ``tokens``."""
+        """What a feature cache stores (only meaningful when ``cacheable``): ``pooled`` and, for CPRFL, ``tokens``,
+        for DualCoOp's dense scoring ``dense`` (the projected region map)."""
         with torch.no_grad():
             return {k: v.float() for k, v in self._encode(pixels).items()}
 
@@ -102,11 +162,14 @@ def build_classifier(
     device=None,
     head_init: str = "text",
     seed: int = 0,
+    options: HeadOptions | None = None,
 ) -> MultiLabelClassifier:
     """A classifier over ``classes`` on ``clip_model``'s image encoder (frozen; fusion modules train if asked).
 
-    ``head_init="random"`` starts the linear head from random weights instead of CLIP's text embeddings.
+    ``head_init="random"`` starts the linear head from random weights instead of CLIP's text embeddings;
+    ``options`` (:class:`HeadOptions`, e.g. ``HeadOptions.of(classifier_config)``) shape the prompt heads.
     """
+    options = options or HeadOptions()
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}: use one of {HEADS}")
     device = torch.device(device or "cpu")
@@ -121,19 +184,46 @@ def build_classifier(
         module: nn.Module = LinearHead(dim, len(classes), class_embeddings=init, generator=generator)
     elif head == "dualcoop":
         module = DualCoOpHead(
-            clip_model, tokenizer, classes, context_length=_prompt_context(clip_model, tokenizer, classes)
+            clip_model,
+            tokenizer,
+            classes,
+            context_length=_prompt_context(clip_model, tokenizer, classes),
+            class_specific=options.class_specific_context,
+            scoring=options.dualcoop_scoring,
+            generator=torch.Generator().manual_seed(seed),
         )
     else:
-        visual = clip_model.visual
-        visual_dim = (
-            visual.transformer.width if hasattr(visual, "transformer") else visual.layer4[-1].conv3.out_channels
-        )
-        module = CPRFLHead(text, visual_dim, dim=min(512, max(64, dim)))
+        module = _cprfl_head(clip_model, tokenizer, classes, text, options.cprfl_recipe, device)
     if fusion:
         add_fusion(clip_model.visual)
-    model = MultiLabelClassifier(clip_model, module, head, fusion, classes).to(device)
+    model = MultiLabelClassifier(clip_model, module, head, fusion, classes, options).to(device)
     model.head_init = head_init
     return model
+
+
+def head_options(config: Any) -> dict[str, HeadOptions]:
+    """``build_classifier(..., **head_options(classifier_config))``: the stage's one hook for head options."""
+    return {"options": HeadOptions.of(config)}
+
+
+CPRFL_RECIPES = ("mlgen", "official")
+CPRFL_MAX_DIM = 2048  # the official d (ResNet-101's width); wider encoders are capped here
+
+
+def _cprfl_head(clip_model, tokenizer, classes: list[str], text: Tensor, recipe: str, device) -> CPRFLHead:
+    """mlgen: normalised text embeddings, d = min(512, CLIP dim), d/8 per attention head, MLP 4d. official:
+    raw (unnormalised) text features, d = the visual token width (capped at 2048), 512 per attention head, MLP
+    2048 (each capped at d or 4d for small encoders)."""
+    visual = clip_model.visual
+    visual_dim = visual.transformer.width if hasattr(visual, "transformer") else visual.layer4[-1].conv3.out_channels
+    if recipe == "mlgen":
+        return CPRFLHead(text, visual_dim, dim=min(512, max(64, clip_model.visual.output_dim)))
+    if recipe != "official":
+        raise ValueError(f"unknown CPRFL recipe {recipe!r}: use one of {CPRFL_RECIPES}")
+    with torch.no_grad():
+        raw = clip_model.encode_text(tokenizer([f"a photo of a {c}." for c in classes]).to(device)).float()
+    dim = min(visual_dim, CPRFL_MAX_DIM)
+    return CPRFLHead(raw, visual_dim, dim=dim, dim_head=min(512, dim), mlp_dim=min(2048, 4 * dim))
 
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -154,6 +244,7 @@ def save_classifier(model: MultiLabelClassifier, folder: Path, **extra: Any) -> 
         "head": model.head_name,
         "fusion": model.fusion,
         "head_init": model.head_init,
+        "head_options": asdict(model.options),
         "classes": model.classes,
         "feature_dim": int(model.visual.output_dim),
     }
@@ -174,8 +265,10 @@ def load_classifier(clip_model, tokenizer, folder: Path, device=None) -> MultiLa
     from safetensors.torch import load_file
 
     meta = read_config(folder)
+    options = HeadOptions(**meta.get("head_options", {}))
+    head_init = meta.get("head_init", "text")
     model = build_classifier(
-        clip_model, tokenizer, meta["classes"], meta["head"], meta["fusion"], device, meta.get("head_init", "text")
+        clip_model, tokenizer, meta["classes"], meta["head"], meta["fusion"], device, head_init, options=options
     )
     state = load_file(folder / WEIGHTS, device=str(next(model.parameters()).device))
     missing = set(model.trainable_state()) - set(state)

@@ -245,6 +245,19 @@ def train_classifier(
         bool | None,
         typer.Option("--label-masks/--no-label-masks", help="Real batches on seen columns, synthetic on unseen."),
     ] = None,
+    class_specific_context: Annotated[
+        bool | None,
+        typer.Option(
+            "--class-specific-context/--shared-context",
+            help="dualcoop: one learned context pair per class (default: one shared pair, as the official code).",
+        ),
+    ] = None,
+    dualcoop_scoring: Annotated[
+        str | None, typer.Option(help="dualcoop: dense (official region aggregation) or pooled.")
+    ] = None,
+    cprfl_recipe: Annotated[
+        str | None, typer.Option(help="cprfl: mlgen (normalised text, d 512) or official (raw text, wide layer).")
+    ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -267,6 +280,9 @@ def train_classifier(
         holdout=holdout,
         augment=augment,
         label_masks=label_masks,
+        class_specific_context=class_specific_context,
+        dualcoop_scoring=dualcoop_scoring,
+        cprfl_recipe=cprfl_recipe,
     )
     _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
     _print_metrics(run)
