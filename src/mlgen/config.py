@@ -141,12 +141,38 @@ class FinetuneConfig:
     log_every: int = runtime(10)  # a log.csv row every N steps
 
 
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """``mlgen experiment``: arms compared on one real test set, paired by seed (mlgen.experiment)."""
+
+    world: str | None = "toy"  # toy (headroom world), toy-classic, or None: your own --data/--seen-data
+    unseen: str | None = None  # comma-separated unseen labels (the generated ones)
+    seen: str | None = None  # comma-separated seen labels; None: the world's other shapes / --seen-data's labels
+    seeds: int = 10
+    arms: str = "ALL"  # ALL or a comma-separated subset (mlgen experiment --help lists them)
+    data: str | None = None  # real test set (labels CSV, COCO JSON or WebDataset); the toy world renders one
+    seen_data: str | None = None  # real images of the seen labels (toy world: rendered per seed)
+    oracle_data: str | None = None  # real images of the unseen labels (toy world: rendered per seed)
+    clip: str | None = None  # None: the world's CLIP
+    model: str | None = None  # None: the world's text-to-image model
+    llm: str = "smollm2"
+    prompts_per_set: int = 4
+    images_per_prompt: int = 4
+    generate_steps: int | None = 10  # denoising steps; None: the model's preset
+    steps: int = 200  # optimizer steps of EVERY trained arm
+    finetune_steps: int = 30  # +finetune: text-encoder fine-tuning steps
+    test_images: int = 400  # toy world: rendered test scenes (fixed for all seeds)
+    seen_images: int = 256  # toy world: rendered seen-label scenes per seed
+    oracle_images: int = 128  # toy world: rendered unseen-label scenes per seed (the oracle arm)
+
+
 STAGE_CONFIGS: dict[str, type] = {
     "prompts": PromptsConfig,
     "generate": GenerateConfig,
     "filter": FilterConfig,
     "classifier": ClassifierConfig,
     "finetune": FinetuneConfig,
+    "experiment": ExperimentConfig,
 }
 
 ConfigT = TypeVar("ConfigT")
