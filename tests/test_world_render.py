@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import mlgen
 from mlgen.errors import MlgenError
-from mlgen.world.render import COLOURS, SHAPES, render_dataset, render_scene
+from mlgen.world.render import COLOURS, SHAPES, SHARED_COLOURS, render_dataset, render_scene
 
 
 def colour_pixels(image: np.ndarray, shape: str, tolerance: int = 30) -> int:
@@ -79,3 +79,37 @@ def test_unknown_shapes_are_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(MlgenError, match="unicorn"):
         render_dataset(tmp_path / "bad", 5, seed=0, labels=["circle", "unicorn"])
     assert not (tmp_path / "bad" / "labels.csv").exists()
+
+
+def test_headroom_world_shares_colours_in_pairs_and_draws_one_salient_shape() -> None:
+    assert {SHARED_COLOURS[a] == SHARED_COLOURS[b] for a, b in PAIRS} == {True}
+    assert len({SHARED_COLOURS[s] for s in SHAPES}) == 4
+    rng = np.random.default_rng(11)
+    counts = set()
+    for _ in range(200):
+        image, labels, _ = render_scene(rng, world="headroom")
+        counts.add(len(labels))
+        salient = shared_colour_pixels(image, labels[0])
+        assert salient >= 150  # the salient shape is large (radius >= 12 px)
+        for shape in labels[1:]:
+            if PARTNER[shape] not in labels:  # a small shape whose colour no other shape of the scene shares
+                assert 10 <= shared_colour_pixels(image, shape) < salient
+    assert counts == {1, 2, 3, 4}
+
+
+def test_headroom_scenes_come_from_their_own_stream(tmp_path: Path) -> None:
+    test = render_dataset(tmp_path / "t", 4, seed=0, world="headroom", stream="test")
+    seen = render_dataset(tmp_path / "s", 4, seed=0, world="headroom", stream="seen")
+    first = [(out / "images" / "000000.png").read_bytes() for out in (test, seen)]
+    assert first[0] != first[1]
+    done = mlgen("world", "render", "--n", "2", "--out", tmp_path / "bad", "--world", "cubist")
+    assert done.returncode != 0 and "unknown toy world 'cubist'" in done.stderr and "Traceback" not in done.stderr
+
+
+PAIRS = [("circle", "ring"), ("square", "diamond"), ("triangle", "star"), ("cross", "heart")]
+PARTNER = {a: b for pair in PAIRS for a, b in (pair, pair[::-1])}
+
+
+def shared_colour_pixels(image: np.ndarray, shape: str, tolerance: int = 30) -> int:
+    target = np.array(SHARED_COLOURS[shape][1])
+    return int((np.abs(image.astype(int) - target) <= tolerance).all(axis=-1).sum())

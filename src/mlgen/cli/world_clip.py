@@ -12,6 +12,15 @@ import typer
 
 from mlgen.errors import MlgenError
 
+WorldOpt = Annotated[
+    str,
+    typer.Option(
+        "--world",
+        help="classic (one colour per class: easy, the toy CLIP is perfect) or headroom (shared colours, "
+        "small objects: a web-like CLIP is imperfect).",
+    ),
+]
+
 
 def render_command(
     out: Annotated[Path, typer.Option("--out", help="Folder to write: images/NNNNNN.png and labels.csv.")],
@@ -20,15 +29,22 @@ def render_command(
     labels: Annotated[
         str | None, typer.Option("--labels", help="Comma-separated shapes to draw from (default: all).")
     ] = None,
+    world: WorldOpt = "classic",
+    stream: Annotated[
+        str, typer.Option("--stream", help="Random stream: test, seen or oracle (never a toy model's training data).")
+    ] = "test",
 ) -> None:
     """Render a labelled real test set of toy scenes (the CSV that 'mlgen evaluate --data' reads)."""
-    from mlgen.world.render import render_dataset
+    from mlgen.world.render import get_world, render_dataset
 
     if (out / "labels.csv").exists():
         raise MlgenError(f"{out} already holds a rendered set (labels.csv): choose another --out")
+    if stream not in ("test", "seen", "oracle"):
+        raise MlgenError(f"--stream must be test, seen or oracle, not '{stream}'")
+    get_world(world)
     chosen = [name.strip() for name in labels.split(",") if name.strip()] if labels else None
     started = time.perf_counter()
-    render_dataset(out, n, seed, chosen)
+    render_dataset(out, n, seed, chosen, world=world, stream=stream)
     seconds = time.perf_counter() - started
     print(f"wrote {n} scenes to {out / 'labels.csv'} ({n / seconds:.0f} images/s)")
 
@@ -49,16 +65,28 @@ def train_clip_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the weights and the rendered data.")] = 0,
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps per checkpoint.")] = 100,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads (0 = torch's default).")] = 0,
+    world: WorldOpt = "classic",
 ) -> None:
-    """Train the toy CLIP contrastively on rendered scenes; prints its zero-shot multi-label mAP."""
-    from mlgen.world.train_clip import TOY_CLIP_DIR, TrainSettings, train_clip
+    """Train a toy CLIP contrastively on rendered scenes; prints its zero-shot multi-label mAP."""
+    from mlgen.models.builtin import builtin_for_world
+    from mlgen.world.render import get_world
+    from mlgen.world.train_clip import TrainSettings, train_clip
 
+    get_world(world)
+    extra = {} if world == "classic" else {"world": world}
     settings = TrainSettings(
-        steps=steps, batch=batch, lr=lr, seed=seed, warmup=100, checkpoint_every=checkpoint_every, threads=threads
+        steps=steps,
+        batch=batch,
+        lr=lr,
+        seed=seed,
+        warmup=100,
+        checkpoint_every=checkpoint_every,
+        threads=threads,
+        extra=extra,
     )
     result = train_clip(
         work,
-        out or TOY_CLIP_DIR,
+        out or builtin_for_world(world, "clip").folder,
         settings,
         log=lambda message: print(message, file=sys.stderr, flush=True),
         max_cpu_seconds=None if minutes is None else minutes * 60,

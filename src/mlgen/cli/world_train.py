@@ -20,15 +20,23 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the weights, the r
 EveryOpt = Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps between checkpoints.")]
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads (0 = torch's default).")]
 LrOpt = Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate (AdamW, linear warm-up).")]
+WorldOpt = Annotated[str, typer.Option("--world", help="The toy world to draw: classic or headroom.")]
 DEFAULT_WORK = Path("toy-sd-train")
 
 
-def _settings(steps: int, batch: int | None, lr: float, seed: int, every: int, threads: int):
+def _settings(steps: int, batch: int | None, lr: float, seed: int, every: int, threads: int, world: str, **extra):
+    from mlgen.world.render import get_world
     from mlgen.world.train_sd import TrainSettings, pick_device
 
+    get_world(world)
     if batch is None:
         batch = 256 if pick_device().type == "cuda" else 64
-    return TrainSettings(steps=steps, batch=batch, lr=lr, seed=seed, checkpoint_every=every, threads=threads)
+    extra = {k: v for k, v in extra.items() if v is not None}
+    if world != "classic":
+        extra["world"] = world
+    return TrainSettings(
+        steps=steps, batch=batch, lr=lr, seed=seed, checkpoint_every=every, threads=threads, extra=extra
+    )
 
 
 def _print(message: str) -> None:
@@ -43,13 +51,14 @@ def train_vae_command(
     seed: SeedOpt = 0,
     checkpoint_every: EveryOpt = 100,
     threads: ThreadsOpt = 0,
+    world: WorldOpt = "classic",
 ) -> None:
     """Train the toy VAE (64 px scenes -> 16x16x4 latents) into WORK/vae; prints its PSNR."""
     import json
 
     from mlgen.world.train_sd import train_vae
 
-    result = train_vae(work, _settings(steps, batch, lr, seed, checkpoint_every, threads), log=_print)
+    result = train_vae(work, _settings(steps, batch, lr, seed, checkpoint_every, threads, world), log=_print)
     print(json.dumps(result))
 
 
@@ -64,12 +73,24 @@ def train_unet_command(
     seed: SeedOpt = 0,
     checkpoint_every: EveryOpt = 100,
     threads: ThreadsOpt = 0,
+    world: WorldOpt = "classic",
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init",
+            help="Start from this pipeline (a folder, or a built-in name such as toy): its VAE "
+            "(unless WORK/vae exists), UNet and text encoder.",
+        ),
+    ] = None,
 ) -> None:
     """Train the toy UNet and text encoder on WORK/vae; export the pipeline (also at every checkpoint)."""
     import json
 
-    from mlgen.world.train_sd import TOY_SD_DIR, train_unet
+    from mlgen.models.builtin import builtin_for_world
+    from mlgen.models.registry import diffusers_folder
+    from mlgen.world.train_sd import train_unet
 
-    settings = _settings(steps, batch, lr, seed, checkpoint_every, threads)
-    result = train_unet(work, out or TOY_SD_DIR, settings, log=_print)
+    start = diffusers_folder(init) if init else None
+    settings = _settings(steps, batch, lr, seed, checkpoint_every, threads, world, init=start)
+    result = train_unet(work, out or builtin_for_world(world, "diffusion").folder, settings, log=_print)
     print(json.dumps(result))

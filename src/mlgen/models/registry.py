@@ -14,6 +14,7 @@ from urllib.parse import urlparse
 import torch
 
 from mlgen.errors import MlgenError
+from mlgen.models.builtin import builtin
 from mlgen.models.tiny import TINY, TINY_RESNET, tiny_clip_dir, tiny_resnet_clip_dir, tiny_sd_dir
 from mlgen.paths import build_dir_atomic, cache_dir
 
@@ -54,42 +55,28 @@ def hub_file(repo_id: str, filename: str, what: str) -> str:
         raise MlgenError(f"{what} '{repo_id}' not found: not a folder, and not on the model hub ({reason})") from None
 
 
-TOY_SD = "toy"  # the trained toy text-to-image pipeline shipped in the package (mlgen world train unet)
-
-
-def toy_sd_dir() -> Path:
-    """Folder of the shipped toy Stable Diffusion pipeline (diffusers layout)."""
-    from mlgen.world.train_sd import TOY_SD_DIR
-
-    if not (TOY_SD_DIR / "model_index.json").is_file():
-        raise MlgenError(f"the toy text-to-image weights are missing from {TOY_SD_DIR}: run 'mlgen world train unet'")
-    return TOY_SD_DIR
+def builtin_folder(name: str, kind: str) -> Path | None:
+    """Folder of a shipped toy-world model (``toy``, ``toy-headroom``), or None if ``name`` is not one."""
+    model = builtin(name, kind)
+    if model is None:
+        return None
+    if not model.marker.is_file():
+        raise MlgenError(f"the built-in {kind} model '{name}' is missing from {model.folder}: run '{model.trained_by}'")
+    return model.folder
 
 
 def diffusers_folder(name: str) -> str:
     """Where to load a diffusers pipeline from: a folder path or a hub id that was checked."""
     if name == TINY:
         return str(tiny_sd_dir())
-    if name == TOY_SD:
-        return str(toy_sd_dir())
+    if (folder := builtin_folder(name, "diffusion")) is not None:
+        return str(folder)
     if Path(name).is_dir():
         if not (Path(name) / "model_index.json").is_file():
             raise MlgenError(f"{name} is not a diffusers pipeline folder (no model_index.json)")
         return name
     hub_file(name, "model_index.json", "diffusion model")
     return name
-
-
-TOY_CLIP = "toy"  # the trained toy CLIP shipped in the package (mlgen world train clip)
-
-
-def toy_clip_dir() -> Path:
-    """Folder of the shipped toy CLIP (open_clip local-dir layout)."""
-    from mlgen.world.train_clip import TOY_CLIP_DIR
-
-    if not (TOY_CLIP_DIR / "open_clip_model.safetensors").is_file():
-        raise MlgenError(f"the toy CLIP weights are missing from {TOY_CLIP_DIR}: run 'mlgen world train clip'")
-    return TOY_CLIP_DIR
 
 
 def open_clip_name(name: str) -> tuple[str, str | None]:
@@ -100,8 +87,8 @@ def open_clip_name(name: str) -> tuple[str, str | None]:
         return f"local-dir:{tiny_clip_dir()}", None
     if name == TINY_RESNET:
         return f"local-dir:{tiny_resnet_clip_dir()}", None
-    if name == TOY_CLIP:
-        return f"local-dir:{toy_clip_dir()}", None
+    if (folder := builtin_folder(name, "clip")) is not None:
+        return f"local-dir:{folder}", None
     if name.startswith(("hf-hub:", "local-dir:")):
         return name, None
     if Path(name).is_dir():

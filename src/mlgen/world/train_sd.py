@@ -27,9 +27,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from mlgen.errors import MlgenError
+from mlgen.models.builtin import builtin
 from mlgen.paths import write_json_atomic
 
-TOY_SD_DIR = Path(__file__).resolve().parent / "weights" / "toy-sd"
+TOY_SD_DIR = builtin("toy", "diffusion").folder
 SIZE = 64
 NUM_TRAIN_TIMESTEPS = 1000
 BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}  # SD's schedule
@@ -271,20 +272,40 @@ def param_count(module: torch.nn.Module) -> int:
 # --- data -----------------------------------------------------------------------------------------
 
 
-def step_generators(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
-    """The data and noise of one step depend on (seed, step) only: a resumed run redraws them exactly."""
-    sequence = np.random.SeedSequence([seed, step])
+def step_generators(seed: int, step: int, stream: str | None = None) -> tuple[np.random.Generator, torch.Generator]:
+    """The data and noise of one step depend on (seed, step) only: a resumed run redraws them exactly.
+
+    ``stream`` names the random stream (:mod:`mlgen.world.streams`); None is the legacy ``[seed, step]``
+    sequence that the shipped classic-world models were trained on (kept so they stay reproducible).
+    """
+    from mlgen.world.streams import stream_sequence
+
+    sequence = np.random.SeedSequence([seed, step]) if stream is None else stream_sequence(stream, seed, step)
     torch_seed = int(sequence.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
     return np.random.default_rng(sequence), torch.Generator().manual_seed(torch_seed)
 
 
-def render_batch(rng: np.random.Generator, n: int, size: int = SIZE) -> tuple[torch.Tensor, list[list[str]]]:
+def world_of(settings: TrainSettings) -> str:
+    """The toy world a training run draws (``settings.extra['world']``, default classic)."""
+    return str(settings.extra.get("world", "classic"))
+
+
+def training_generators(settings: TrainSettings, model: str, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """Step ``step``'s generators for training ``model`` (clip, vae, unet): the legacy stream for the classic
+    world's shipped models, the named ``train-MODEL`` stream for every other world."""
+    stream = None if world_of(settings) == "classic" else f"train-{model}"
+    return step_generators(settings.seed, step, stream)
+
+
+def render_batch(
+    rng: np.random.Generator, n: int, size: int = SIZE, world: str = "classic"
+) -> tuple[torch.Tensor, list[list[str]]]:
     """``n`` rendered scenes as a [-1, 1] float tensor [n, 3, size, size] and their label lists."""
     from mlgen.world.render import render_scene
 
     images, labels = [], []
     for _ in range(n):
-        pixels, names, _caption = render_scene(rng, size=size)
+        pixels, names, _caption = render_scene(rng, size=size, world=world)
         images.append(torch.from_numpy(np.array(pixels, dtype=np.uint8)))  # a writable copy
         labels.append(list(dict.fromkeys(names)))  # a class drawn twice is still one label
     batch = torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -393,14 +414,14 @@ def _log(log: Callable[[str], None] | None, message: str) -> None:
         log(message)
 
 
-def psnr(vae, n: int = 64, seed: int = 12345) -> float:
+def psnr(vae, n: int = 64, seed: int = 12345, world: str = "classic") -> float:
     """Mean reconstruction PSNR (dB) of ``n`` fresh renders through the VAE (posterior mean)."""
     rng = np.random.default_rng(seed)
     device = vae.device
     values = []
     with torch.no_grad():
         for start in range(0, n, 32):
-            images, _ = render_batch(rng, min(32, n - start))
+            images, _ = render_batch(rng, min(32, n - start), world=world)
             images = images.to(device)
             recon = vae.decode(vae.encode(images).latent_dist.mode()).sample.clamp(-1, 1)
             mse = ((recon - images) / 2).pow(2).flatten(1).mean(1)
@@ -408,10 +429,10 @@ def psnr(vae, n: int = 64, seed: int = 12345) -> float:
     return float(torch.cat(values).mean())
 
 
-def latent_scale(vae, n: int = 256, seed: int = 54321) -> float:
+def latent_scale(vae, n: int = 256, seed: int = 54321, world: str = "classic") -> float:
     """1 / std of the latents, so the diffusion sees unit-variance latents (SD's scaling_factor)."""
     rng = np.random.default_rng(seed)
-    images, _ = render_batch(rng, n)
+    images, _ = render_batch(rng, n, world=world)
     with torch.no_grad():
         latents = vae.encode(images.to(vae.device)).latent_dist.mode()
     return float(1.0 / latents.float().std())
@@ -433,8 +454,8 @@ def train_vae(work: Path, settings: TrainSettings, log: Callable[[str], None] | 
     started = time.process_time()
     vae.train()
     while step < settings.steps:
-        rng, generator = step_generators(settings.seed, step)
-        images, _ = render_batch(rng, settings.batch)
+        rng, generator = training_generators(settings, "vae", step)
+        images, _ = render_batch(rng, settings.batch, world=world_of(settings))
         images = images.to(device)
         _set_lr(optimizer, settings, step)
         with _autocast(device):
@@ -454,12 +475,12 @@ def train_vae(work: Path, settings: TrainSettings, log: Callable[[str], None] | 
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             save_checkpoint(work, step, {"vae": vae}, optimizer, config)
     vae.eval()
-    vae.register_to_config(scaling_factor=latent_scale(vae, settings.eval_images))
+    vae.register_to_config(scaling_factor=latent_scale(vae, settings.eval_images, world=world_of(settings)))
     _replace_dir(work / "vae", lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
     result = {
         "steps": step,
         "params": param_count(vae),
-        "psnr_db": psnr(vae, settings.eval_images),
+        "psnr_db": psnr(vae, settings.eval_images, world=world_of(settings)),
         "scaling_factor": vae.config.scaling_factor,
     }
     _log(log, f"vae done: {json.dumps(result)}")
@@ -519,18 +540,26 @@ def train_unet(
     """
     from diffusers import AutoencoderKL
 
-    if not (work / "vae" / "config.json").is_file():
-        raise MlgenError(f"no trained VAE in {work / 'vae'}: run 'mlgen world train vae --work {work}' first")
+    init = settings.extra.get("init")  # a pipeline folder to start from (its VAE, UNet and text encoder)
+    vae_folder = Path(init) / "vae" if init and not (work / "vae").is_dir() else work / "vae"
+    if not (vae_folder / "config.json").is_file():
+        raise MlgenError(f"no trained VAE in {vae_folder}: run 'mlgen world train vae --work {work}' first")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = pick_device()
     torch.manual_seed(settings.seed)
-    vae = AutoencoderKL.from_pretrained(work / "vae").to(device).eval().requires_grad_(False)
+    vae = AutoencoderKL.from_pretrained(vae_folder).to(device).eval().requires_grad_(False)
     scale = vae.config.scaling_factor
     tokenizer = pruned_tokenizer(vocabulary_words(world_shapes()))
-    text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).to(device)
-    channels = tuple(settings.extra.get("channels", UNET_CHANNELS))
-    unet = build_unet(channels).to(device)
+    if init:
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        text_encoder = CLIPTextModel.from_pretrained(Path(init) / "text_encoder").to(device)
+        unet = UNet2DConditionModel.from_pretrained(Path(init) / "unet").to(device)
+    else:
+        text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).to(device)
+        unet = build_unet(tuple(settings.extra.get("channels", UNET_CHANNELS))).to(device)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
     ema = Ema(models)
     optimizer = torch.optim.AdamW(models.parameters(), lr=settings.lr, weight_decay=1e-2)
@@ -553,8 +582,8 @@ def train_unet(
     loss = torch.tensor(float("nan"))
     models.train()
     while step < settings.steps:
-        rng, generator = step_generators(settings.seed, step)
-        images, labels = render_batch(rng, settings.batch)
+        rng, generator = training_generators(settings, "unet", step)
+        images, labels = render_batch(rng, settings.batch, world=world_of(settings))
         captions = [random_caption(names, rng) if rng.random() >= empty_share else "" for names in labels]
         noise = torch.randn((settings.batch, 4, SIZE // 4, SIZE // 4), generator=generator)
         eps = torch.randn(noise.shape, generator=generator)

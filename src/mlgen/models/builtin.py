@@ -1,0 +1,43 @@
+"""The table of built-in trained models shipped in the package: one place that the model registry (which
+resolves names) and the toy world (which trains and exports them) both read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "world" / "weights"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str  # what users pass to --clip / --model
+    kind: str  # "clip" (open_clip local-dir layout) or "diffusion" (diffusers pipeline folder)
+    folder: Path
+    world: str  # the toy world it was trained on
+    trained_by: str  # the command that makes it
+
+    @property
+    def marker(self) -> Path:
+        return self.folder / ("open_clip_model.safetensors" if self.kind == "clip" else "model_index.json")
+
+
+BUILTIN_MODELS = (
+    BuiltinModel("toy", "clip", WEIGHTS / "toy-clip", "classic", "mlgen world train clip"),
+    BuiltinModel("toy", "diffusion", WEIGHTS / "toy-sd", "classic", "mlgen world train unet"),
+    BuiltinModel(
+        "toy-headroom", "clip", WEIGHTS / "toy-headroom-clip", "headroom", "mlgen world train clip --world headroom"
+    ),
+    BuiltinModel(
+        "toy-headroom", "diffusion", WEIGHTS / "toy-headroom-sd", "headroom", "mlgen world train unet --world headroom"
+    ),
+)
+
+
+def builtin(name: str, kind: str) -> BuiltinModel | None:
+    """The built-in model of that name and kind, or None."""
+    return next((m for m in BUILTIN_MODELS if m.name == name and m.kind == kind), None)
+
+
+def builtin_for_world(world: str, kind: str) -> BuiltinModel:
+    return next(m for m in BUILTIN_MODELS if m.world == world and m.kind == kind)
