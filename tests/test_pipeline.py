@@ -24,7 +24,7 @@ def finished_run(tmp_path_factory) -> Path:
         ["prompts", "--run", run, "--classes", classes, "--llm", "template"],
         ["generate", "--run", run, *FAST_GENERATE, "--images-per-prompt", "6"],
         ["filter", "--run", run],
-        ["train-classifier", "--run", run, "--epochs", "5"],
+        ["train-classifier", "--run", run, "--epochs", "5", "--holdout", "0.2"],
     ):
         result = mlgen(*command)
         assert result.returncode == 0, f"{command[0]}: {result.stderr[-2000:]}"

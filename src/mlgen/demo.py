@@ -178,7 +178,7 @@ def run_tiny_demo(run: RunDir, llm: str) -> list[str]:
     raw_settings = GenerateConfig(model="tiny", images_per_prompt=4, shard_size=32, steps=20)
     raw = workflow.generate(run, raw_settings, prompt_settings, classes)
     filtered = workflow.filter_images(run, FilterConfig(clip="tiny"))
-    workflow.train_classifier(run, ClassifierConfig(clip="tiny", epochs=30))
+    workflow.train_classifier(run, ClassifierConfig(clip="tiny", epochs=30, holdout=0.2))  # a synthetic score
     metrics = json.loads((run.root / "classifier" / "metrics.json").read_text())["synthetic_heldout"]
     return [
         *_stage_lines(run, raw, filtered),

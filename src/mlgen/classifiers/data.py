@@ -196,8 +196,8 @@ class AugmentedView:
         self.transform, self.view = transform, view
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        digest = hashlib.sha256(image.convert("RGB").tobytes()).digest()
-        seed = int.from_bytes(digest[:6], "little") * 1_000_003 + self.view
+        digest = hashlib.sha256(image.convert("RGB").tobytes() + self.view.to_bytes(8, "little")).digest()
+        seed = int.from_bytes(digest[:7], "little")  # below 2**63: torch's seed range
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return self.transform(image)
