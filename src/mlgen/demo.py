@@ -17,9 +17,11 @@ from typing import Any
 import torch
 
 from mlgen import workflow
+from mlgen.classifiers.data import squash_transform
 from mlgen.classifiers.features import image_features, label_embeddings
 from mlgen.classifiers.metrics import evaluate_scores
-from mlgen.classifiers.model import load_trained, predict_images
+from mlgen.classifiers.model import load_trained
+from mlgen.classifiers.predict import predict_logits
 from mlgen.classifiers.stage import ClassifierStage
 from mlgen.config import ClassifierConfig, FilterConfig, FinetuneConfig, GenerateConfig, PromptsConfig
 from mlgen.errors import MlgenError
@@ -62,14 +64,15 @@ def real_test_metrics(run: RunDir, data: Path, clip: str, heads: dict[str, str])
     images = [(data / row["image"]).read_bytes() for row in rows]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, preprocess, tokenizer = load_open_clip(clip, device)
-    features = image_features(model, preprocess, images, device)
+    features = image_features(model, squash_transform(preprocess), images, device)
     zero_shot = features @ label_embeddings(model, tokenizer, classes, device).T
     metrics = {"zero_shot_clip": evaluate_scores(zero_shot.numpy(), targets)}
     for name, stage in heads.items():
         classifier, head_preprocess, config = load_trained(run.stage_dir(stage), device)
         if config["classes"] != classes:
             raise MlgenError(f"the {stage} classifier's labels differ from the run's: train it again")
-        metrics[name] = evaluate_scores(predict_images(classifier, head_preprocess, images).numpy(), targets)
+        logits = predict_logits(classifier, squash_transform(head_preprocess), images)  # logits: no float32 ties
+        metrics[name] = evaluate_scores(logits, targets)
     return metrics
 
 
