@@ -65,6 +65,8 @@ def test_stage_trains_the_configured_model_and_a_reload_predicts_the_same(tiny_r
     metrics = json.loads((folder / "metrics.json").read_text())
     assert (metrics["feature_cache"] is None) is fusion  # fused encoders train: nothing to cache
     assert metrics["final_loss"] is not None and metrics["final_loss"] == metrics["final_loss"]  # not NaN
+    images = len(list(shard_samples(tiny_run.stage_dir("raw"))))
+    assert metrics["optimizer_steps"] == 2 * -(-images // 4)  # 2 epochs of batch 4, recorded
     saved = load_file(folder / "model.safetensors")
     assert any(k.startswith("head.") for k in saved)
     assert any(k.startswith("visual.") for k in saved) is fusion  # the fusion modules train and are saved
