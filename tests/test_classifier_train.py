@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from mlgen.classifiers.model import build_classifier
 from mlgen.classifiers.train import alternating, fit
 from mlgen.models.registry import open_clip_name
+from mlgen.pipeline.ranks import destroy_process_group
 
 torch.set_num_threads(1)
 if "WORLD_SIZE" in os.environ:
@@ -35,6 +36,7 @@ if int(os.environ.get("RANK", 0)) == 0:
     save_file(model.trainable_state(), sys.argv[1])
     assert history[-1] < history[0], history
     print("history", history)
+destroy_process_group()  # gloo's threads end before Python finalizes (else a rank can die with SIGABRT)
 """
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 from collections.abc import Iterator
@@ -49,6 +50,20 @@ def current_ranks() -> Ranks:
 
         # Long timeout: ranks meet only around planning and at the end of a stage.
         state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=24))
+        atexit.register(destroy_process_group)
         return Ranks(state.process_index, state.num_processes, state.device, state)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Ranks(0, 1, device)
+
+
+def destroy_process_group() -> None:
+    """Ends the default process group while Python still runs (registered at exit; safe to call twice).
+
+    Without it a gloo worker thread can free its last all-reduce after the interpreter began finalizing:
+    freeing the work's tensors needs the GIL, a thread that asks for it then is ended by Python, and the
+    C++ destructor it was in aborts the process (SIGABRT, "terminate called without an active exception").
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
