@@ -1,0 +1,170 @@
+"""The experiment's real data and models: the toy worlds' rendered sets, or a user's own files.
+
+- ``--world toy``: the headroom world (colours shared in pairs, one salient shape and small ones) with the
+  ``toy-headroom`` teacher CLIP and text-to-image model; ``--world toy-classic``: the classic world (colour
+  names the class) with the ``toy`` models, whose CLIP is an oracle there.
+- The test set is rendered once from the ``test`` stream (all shapes, fixed for every seed); the seen-label
+  images from the ``seen`` stream and the oracle's unseen-label images from the ``oracle`` stream, per seed.
+- Without a world: ``data`` (test), ``seen_data`` and optionally ``oracle_data`` are the user's files.
+
+Real labelled images become a stage folder (:class:`ImportStage`) so that the oracle and seen-only arms train
+through the same classifier stage as the generated ones.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlgen.classifiers.data import decodable, read_labelled
+from mlgen.config import ExperimentConfig
+from mlgen.errors import MlgenError
+from mlgen.labels import parse_labels
+from mlgen.pipeline.rundir import RunDir
+from mlgen.pipeline.runner import Stage, run_stage
+from mlgen.shards.writer import MANIFEST_FIELDS, ShardWriter
+
+# --world NAME: (rendering world, CLIP, text-to-image model)
+WORLDS = {"toy": ("headroom", "toy-headroom", "toy-headroom"), "toy-classic": ("classic", "toy", "toy")}
+TEST_SEED = 0  # the test stream's one seed: the same test set for every experiment seed
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What an experiment runs on, resolved from its settings."""
+
+    world: str | None  # the rendering world (headroom, classic) or None for the user's data
+    clip: str
+    model: str
+    unseen: list[str]
+    seen: list[str]
+
+    @property
+    def classes(self) -> list[str]:
+        """The evaluation labels: unseen first, then seen (the order the classifier stage uses)."""
+        return self.unseen + self.seen
+
+
+def _labels(text: str | None, what: str) -> list[str]:
+    return parse_labels("\n".join(part for part in (text or "").split(",")), what) if text else []
+
+
+def resolve(config: ExperimentConfig) -> Setup:
+    """Models and label lists, checked: a label outside the world, or both seen and unseen, is one line."""
+    unseen = _labels(config.unseen, "--unseen")
+    if not unseen:
+        raise MlgenError("--unseen names no label: pass the unseen labels, e.g. --unseen circle,triangle")
+    if config.world is None:
+        return _user_setup(config, unseen)
+    if config.world not in WORLDS:
+        raise MlgenError(f"unknown --world '{config.world}': use one of {', '.join(WORLDS)} (or none with --data)")
+    from mlgen.world.render import SHAPES
+
+    world, clip, model = WORLDS[config.world]
+    seen = _labels(config.seen, "--seen") or [s for s in SHAPES if s not in unseen]
+    for label in unseen + seen:
+        if label not in SHAPES:
+            raise MlgenError(f"label '{label}' is not in the toy world (its shapes: {', '.join(SHAPES)})")
+    _disjoint(unseen, seen)
+    return Setup(world, config.clip or clip, config.model or model, unseen, sorted(seen))
+
+
+def _user_setup(config: ExperimentConfig, unseen: list[str]) -> Setup:
+    if not (config.data and config.seen_data and config.clip and config.model):
+        raise MlgenError("without --world, pass --data, --seen-data, --clip and --model (your own data and models)")
+    for path in (config.data, config.seen_data, config.oracle_data):
+        if path and not Path(path).exists():
+            raise MlgenError(f"not found: {path}")
+    seen = _labels(config.seen, "--seen") or sorted(
+        {x for item in read_labelled(Path(config.seen_data)) for x in item.labels}
+    )
+    _disjoint(unseen, seen)
+    return Setup(None, config.clip, config.model, unseen, sorted(seen))
+
+
+def _disjoint(unseen: list[str], seen: list[str]) -> None:
+    both = [label for label in unseen if label in seen]
+    if both:
+        raise MlgenError(f"label '{both[0]}' is listed as both seen and unseen")
+
+
+def test_set(config: ExperimentConfig, setup: Setup, root: Path) -> Path:
+    """The real test set: the user's, or rendered once (all labels, ``test`` stream)."""
+    if setup.world is None:
+        return Path(config.data)
+    return _rendered(root / "data" / "test", config.test_images, TEST_SEED, setup.classes, setup.world, "test")
+
+
+def seen_set(config: ExperimentConfig, setup: Setup, root: Path, seed: int) -> Path:
+    if setup.world is None:
+        return Path(config.seen_data)
+    return _rendered(root / "data" / f"seen-{seed}", config.seen_images, seed, setup.seen, setup.world, "seen")
+
+
+def oracle_set(config: ExperimentConfig, setup: Setup, root: Path, seed: int) -> Path:
+    if setup.world is None:
+        if not config.oracle_data:
+            raise MlgenError("the oracle arm needs --oracle-data (real labelled images of the unseen labels)")
+        return Path(config.oracle_data)
+    return _rendered(root / "data" / f"oracle-{seed}", config.oracle_images, seed, setup.unseen, setup.world, "oracle")
+
+
+def _rendered(out: Path, n: int, seed: int, labels: list[str], world: str, stream: str) -> Path:
+    from mlgen.world.render import render_dataset
+
+    if not (out / "labels.csv").is_file():  # labels.csv is written last: the folder is complete
+        render_dataset(out, n, seed, labels, world=world, stream=stream)
+    return out / "labels.csv"
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    data: str  # a labelled set (labels CSV, COCO JSON or WebDataset)
+    labels: tuple[str, ...]  # the labels kept (others are dropped from each image)
+
+
+class ImportStage(Stage):
+    """Real labelled images as a stage folder (``filtered`` by default), read like generated shards."""
+
+    name = "filtered"
+    config_section = "import"
+
+    def plan(self) -> list[dict[str, Any]]:
+        return [{"shard": 0}]
+
+    def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
+        schema = __import__("pyarrow").schema(MANIFEST_FIELDS)
+        keep = set(self.config.labels)
+        with ShardWriter(self.folder, shard["shard"], schema) as writer:
+            for index, item in enumerate(read_labelled(Path(self.config.data))):
+                labels = [label for label in item.labels if label in keep]
+                if not labels or not decodable(item.image):
+                    continue
+                key = f"{shard['shard']:05d}{index:06d}"
+                meta = {"prompt_id": index, "set_id": index, "labels": labels, "source": "real"}
+                writer.write(
+                    {"__key__": key, "png": _png(item.image), "json": json.dumps(meta).encode()},
+                    {"key": key, "prompt_id": index, "set_id": index, "labels": labels, "text": "", "seed": 0},
+                )
+            images = writer.commit()
+        return {"kept": images}
+
+
+def _png(image: bytes) -> bytes:
+    from PIL import Image
+
+    if image[:8] == b"\x89PNG\r\n\x1a\n":
+        return image
+    out = io.BytesIO()
+    Image.open(io.BytesIO(image)).convert("RGB").save(out, format="PNG")
+    return out.getvalue()
+
+
+def import_run(run: RunDir, data: Path, labels: list[str]) -> RunDir:
+    """A run whose ``filtered`` stage holds the real images of ``labels`` in ``data`` (classes = ``labels``)."""
+    run.write_classes(labels)
+    run_stage(ImportStage(run, ImportConfig(str(data), tuple(labels))))
+    return run

@@ -1,0 +1,154 @@
+"""The runs an experiment seed trains from: generated (prompts -> images -> filter) or imported real images.
+
+One prompt stage serves all seeds (the LLM is the slow part on a CPU): ``shared/prompts-llm`` (every pair of
+unseen labels, as the paper), ``shared/prompts-template`` (one template sentence per pair) and
+``shared/prompts-singletons`` (one label per set). Each seed's generation runs (``runs/SEED/NAME``) link to
+them; generation, fine-tuning, filtering and training draw their seeds from the seed's ``experiment`` stream.
+The seed's runs share one feature cache (``runs/SEED/cache``): the seen images are encoded once per seed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlgen import workflow
+from mlgen.config import (
+    PAPER_NEGATIVE_PROMPT,
+    ExperimentConfig,
+    FilterConfig,
+    FinetuneConfig,
+    GenerateConfig,
+    PromptsConfig,
+)
+from mlgen.experiment.data import Setup, import_run, oracle_set, seen_set
+from mlgen.pipeline.rundir import RunDir
+from mlgen.world.streams import stream_rng
+
+# run name -> shared prompt folder it links
+PROMPTS = {"mlgen": "llm", "finetune": "llm", "template": "template", "singletons": "singletons"}
+FINETUNE_LR = 1e-4  # toy text encoder (0.1M parameters): the paper's 7e-8 is for SD's 123M over thousands of steps
+
+
+@dataclass(frozen=True)
+class SeedSeeds:
+    """The integer seeds one experiment seed gives each of its stages (its ``experiment`` stream)."""
+
+    generate: int
+    finetune: int
+    classifier: int
+
+    @classmethod
+    def of(cls, seed: int) -> SeedSeeds:
+        draws = stream_rng("experiment", seed).integers(0, 2**31 - 1, size=3)
+        return cls(*(int(x) for x in draws))
+
+
+def prompts_config(config: ExperimentConfig, setup: Setup, kind: str) -> PromptsConfig:
+    toy = setup.world is not None  # the toy text encoder knows none of the paper's negative words
+    base = PromptsConfig(
+        llm=config.llm,
+        prompts_per_set=config.prompts_per_set,
+        synonyms_per_label=3,
+        max_new_tokens=40,
+        sets_per_shard=16,
+        seed=0,
+        negative_prompt="" if toy else PAPER_NEGATIVE_PROMPT,
+    )
+    if kind == "template":
+        return PromptsConfig(**{**base.__dict__, "llm": "template", "prompts_per_set": 1})
+    if kind == "singletons":
+        return PromptsConfig(**{**base.__dict__, "label_sets": tuple((label,) for label in setup.unseen)})
+    return base
+
+
+def shared_prompts(root: Path, config: ExperimentConfig, setup: Setup, kind: str) -> RunDir:
+    """The shared prompt stage ``kind`` (llm, template, singletons), made once for every seed."""
+    run = RunDir(root / "shared" / f"prompts-{kind}")
+    workflow.make_prompts(run, prompts_config(config, setup, kind), setup.unseen)
+    return run
+
+
+def _pair_sets(n: int) -> int:
+    return n * (n + 1) // 2
+
+
+def images_per_prompt(config: ExperimentConfig, setup: Setup, kind: str) -> int:
+    """Equal generated images per arm: the template's one prompt per set and the singletons' fewer sets get
+    more images per prompt."""
+    n = config.images_per_prompt
+    if kind == "template":
+        return n * config.prompts_per_set
+    if kind == "singletons":
+        return math.ceil(n * _pair_sets(len(setup.unseen)) / len(setup.unseen))
+    return n
+
+
+def seed_run(root: Path, seed: int, name: str) -> RunDir:
+    """``runs/SEED/NAME`` with the seed's shared feature cache linked in."""
+    run = RunDir(root / "runs" / str(seed) / name)
+    cache = run.root / "cache" / "classifier-features"
+    if not cache.exists():
+        shared = root / "runs" / str(seed) / "cache"
+        shared.mkdir(parents=True, exist_ok=True)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(shared, cache.parent), cache)
+    return run
+
+
+def generated_run(root: Path, config: ExperimentConfig, setup: Setup, seed: int, name: str) -> RunDir:
+    """Prompts (linked) -> [fine-tuned text encoder] -> images -> filter, for one seed."""
+    kind = PROMPTS[name]
+    shared = shared_prompts(root, config, setup, kind)
+    run = seed_run(root, seed, name)
+    link = run.root / "prompts"
+    if not link.exists():
+        os.symlink(os.path.relpath(shared.stage_dir("prompts"), run.root), link)
+    run.write_classes(setup.unseen)
+    seeds = SeedSeeds.of(seed)
+    if name == "finetune":
+        _finetune(run, config, setup, seeds.finetune)
+    generate = GenerateConfig(
+        model=setup.model,
+        images_per_prompt=images_per_prompt(config, setup, kind),
+        shard_size=100,
+        steps=config.generate_steps,
+        image_format="png" if setup.world else "jpg",
+        seed=seeds.generate,
+    )
+    workflow.generate(run, generate, prompts_config(config, setup, kind))
+    workflow.filter_images(run, FilterConfig(clip=setup.clip))
+    return run
+
+
+def _finetune(run: RunDir, config: ExperimentConfig, setup: Setup, seed: int) -> None:
+    from mlgen.finetune.stage import finetune
+
+    toy = setup.world is not None
+    tuning = FinetuneConfig(
+        model=setup.model,
+        clip=setup.clip,
+        size=64 if toy else 512,
+        steps=config.generate_steps or 30,
+        learning_rate=FINETUNE_LR if toy else FinetuneConfig.learning_rate,
+        max_train_steps=config.finetune_steps,
+        grad_steps=2,
+        seed=seed,
+    )
+    finetune(run, tuning)  # writes RUN/text_encoder/, which generate picks up
+
+
+def real_run(root: Path, config: ExperimentConfig, setup: Setup, seed: int, name: str) -> RunDir:
+    """The oracle's (real unseen-label images) or seen-only's (real seen-label images) run."""
+    run = seed_run(root, seed, name)
+    if name == "oracle":
+        return import_run(run, oracle_set(config, setup, root, seed), setup.unseen)
+    return import_run(run, seen_set(config, setup, root, seed), setup.seen)
+
+
+def prepare(root: Path, config: ExperimentConfig, setup: Setup, seed: int, name: str) -> RunDir:
+    if name in PROMPTS:
+        return generated_run(root, config, setup, seed, name)
+    return real_run(root, config, setup, seed, name)
