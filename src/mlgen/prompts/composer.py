@@ -10,8 +10,8 @@ from mlgen.errors import MlgenError
 def label_pairs(labels: list[str], exclude: tuple[tuple[str, str], ...] = ()) -> list[tuple[str, ...]]:
     """Every unordered pair of labels, a label with itself included (17 labels -> 153 pairs).
 
-    A self pair is ONE requested label (the paper's code passes it twice, which drops the label
-    from its own softmax group in the filter). Pairs in ``exclude`` (e.g. ones the generator and
+    A self pair is ONE requested label (the official code deduplicates it the same way, so the
+    label keeps its own softmax group in the filter and k = 1). Pairs in ``exclude`` (e.g. ones the generator and
     CLIP confuse, like skateboard/snowboard) are left out.
     """
     excluded = set()
