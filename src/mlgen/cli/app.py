@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from mlgen import __version__, workflow
+from mlgen.cli.experiment import experiment_command
 from mlgen.cli.finetune import finetune_command
 from mlgen.cli.models import export_command, models_command
 from mlgen.cli.prompts import prompts_command
@@ -450,6 +451,7 @@ def demo(
 
 app.command("prompts")(prompts_command)
 app.command("finetune")(finetune_command)
+app.command("experiment")(experiment_command)
 app.command("models")(models_command)
 app.command("export")(export_command)
 
