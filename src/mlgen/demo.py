@@ -1,166 +1,87 @@
 """``mlgen demo``: every stage offline, in a few minutes on a CPU.
 
-By default on the toy world (see :mod:`mlgen.world`): the unseen labels are four of its shapes,
-the images come from the trained ``toy`` text-to-image model, the toy CLIP filters them, and the
-classifier is scored on rendered REAL scenes it never saw, beside the toy CLIP's zero-shot scores
-and beside the same classifier trained on the unfiltered images. ``--model tiny`` runs the
+By default a thin caller of :mod:`mlgen.experiment` on the toy world for one seed and three arms: the teacher
+CLIP's zero-shot scores, ``mlgen`` (LLM prompts -> toy images -> CLIP filter -> classifier, with real images
+of the seen shapes) and the ``oracle`` (the same classifier on real images of the unseen shapes), on rendered
+REAL test scenes of all eight shapes, ZSL and GZSL, with the gap closed. ``--model tiny`` runs the
 random-weight smoke test instead (its numbers mean nothing).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from mlgen import workflow
-from mlgen.classifiers.data import squash_transform
-from mlgen.classifiers.features import image_features, label_embeddings
-from mlgen.classifiers.metrics import evaluate_scores
-from mlgen.classifiers.model import load_trained
-from mlgen.classifiers.predict import predict_logits
-from mlgen.classifiers.stage import ClassifierStage
-from mlgen.config import ClassifierConfig, FilterConfig, FinetuneConfig, GenerateConfig, PromptsConfig
-from mlgen.errors import MlgenError
+from mlgen.config import ClassifierConfig, ExperimentConfig, FilterConfig, GenerateConfig, PromptsConfig
 from mlgen.labels import parse_labels
-from mlgen.models.registry import load_open_clip
-from mlgen.paths import write_json_atomic
 from mlgen.pipeline.rundir import RunDir
-from mlgen.pipeline.runner import run_stage
 
 TOY = "toy"
-# The demo's unseen labels: four of the toy world's eight shapes.
+# The demo's unseen labels: four of the toy world's eight shapes (the other four are seen).
 TOY_DEMO_CLASSES = ["circle", "triangle", "star", "heart"]
-REAL_TEST_IMAGES = 300
-REAL_TEST_SEED = 7
-# Text-encoder fine-tuning in the toy world: the paper's lr 7e-8 moves SD's 123M-parameter encoder over
-# thousands of steps; the toy encoder (0.1M parameters) is trained for tens of steps at a larger rate.
-TOY_FINETUNE_LR = 1e-4
+DEMO_ARMS = "zero-shot,mlgen,oracle"
+# The demo's classifier: a linear head on the frozen toy CLIP started from random weights (not from the text
+# embeddings, which are the zero-shot baseline), so what it knows it learns from the images.
+DEMO_CLASSIFIER = ClassifierConfig(head="linear", head_init="random")
 
 
-class UnfilteredClassifierStage(ClassifierStage):
-    """The same classifier trained on every generated image (``source: raw``), in its own folder."""
+def demo_world() -> str:
+    """``toy`` (the headroom world) once its models are shipped, else ``toy-classic``."""
+    from mlgen.models.builtin import builtin
 
-    name = "classifier-unfiltered"
-
-
-class FusionClassifierStage(ClassifierStage):
-    """The same classifier with the feature fusion modules trained inside the frozen encoder."""
-
-    name = "classifier-fusion"
+    model = builtin("toy-headroom", "clip")
+    return "toy" if model is not None and model.marker.is_file() else "toy-classic"
 
 
-def real_test_metrics(run: RunDir, data: Path, clip: str, heads: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Scores on the rendered real test set (``data/labels.csv``): ``clip`` zero-shot and each trained head."""
-    import csv
-
-    with (data / "labels.csv").open(encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    classes = run.classes()
-    targets = torch.tensor([[c in row["labels"].split("|") for c in classes] for row in rows]).float().numpy()
-    images = [(data / row["image"]).read_bytes() for row in rows]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, preprocess, tokenizer = load_open_clip(clip, device)
-    features = image_features(model, squash_transform(preprocess), images, device)
-    zero_shot = features @ label_embeddings(model, tokenizer, classes, device).T
-    metrics = {"zero_shot_clip": evaluate_scores(zero_shot.numpy(), targets)}
-    for name, stage in heads.items():
-        classifier, head_preprocess, config = load_trained(run.stage_dir(stage), device)
-        if config["classes"] != classes:
-            raise MlgenError(f"the {stage} classifier's labels differ from the run's: train it again")
-        logits = predict_logits(classifier, squash_transform(head_preprocess), images)  # logits: no float32 ties
-        metrics[name] = evaluate_scores(logits, targets)
-    return metrics
-
-
-def toy_experiment(
-    run: RunDir, llm: str = "smollm2", model: str = TOY, seed: int = 0, finetune_steps: int = 0, fusion: bool = False
-) -> dict[str, Any]:
-    """The toy-world pipeline in ``run``; returns the raw / filtered stage markers and the real-test metrics.
-
-    ``finetune_steps``: fine-tune the toy text encoder with the CLIP-score loss first (generation then uses
-    it); ``fusion``: also train the classifier with feature fusion (metrics key ``fusion``).
-    """
-    from mlgen.world.render import render_dataset
-
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)  # tiny models on a shared CPU: extra threads mostly wait on each other
-    classes = parse_labels("\n".join(TOY_DEMO_CLASSES), "demo classes")
-    # Sized for a 2-core CPU: the LLM writes 20 short prompts, the toy model draws 6 images of each.
-    # No negative prompt: the paper's ("watermark, text, ...") is for SD's artefacts; the toy text encoder
-    # knows none of its words, and with it the toy CLIP keeps 0.13 of the images instead of 0.72.
-    prompt_settings = PromptsConfig(
+def demo_settings(llm: str = "smollm2", world: str | None = None) -> ExperimentConfig:
+    """One seed, three arms, sized for a 2-core CPU (about 2 minutes)."""
+    return ExperimentConfig(
+        world=world or demo_world(),
+        unseen=",".join(TOY_DEMO_CLASSES),
+        seeds=1,
+        arms=DEMO_ARMS,
         llm=llm,
         prompts_per_set=2,
-        synonyms_per_label=2,
-        max_new_tokens=40,
-        sets_per_shard=10,
-        seed=seed,
-        negative_prompt="",
+        images_per_prompt=6,
+        steps=200,
+        test_images=400,
+        seen_images=256,
+        oracle_images=128,
     )
-    raw_settings = GenerateConfig(
-        model=model, images_per_prompt=6, shard_size=60, steps=10, image_format="png", seed=seed
-    )
-    if finetune_steps:
-        from mlgen.finetune.stage import finetune
 
-        workflow.make_prompts(run, prompt_settings, classes)
-        tuning = FinetuneConfig(
-            model=model,
-            clip=TOY,
-            size=64,
-            steps=raw_settings.steps,
-            learning_rate=TOY_FINETUNE_LR,
-            max_train_steps=finetune_steps,
-            grad_steps=2,
-            seed=seed,
+
+def headline(summary: dict[str, Any]) -> list[str]:
+    """Teacher zero-shot, mlgen, oracle and the gap closed, ZSL and GZSL."""
+    lines = []
+    for setting in ("zsl", "gzsl"):
+        block = summary[setting]
+        figures = "  ".join(
+            f"{arm} {block[arm]['mAP']['mean']:.3f}" if block[arm]["mAP"]["mean"] is not None else f"{arm} FAILED"
+            for arm in ("zero-shot", "mlgen", "oracle")
         )
-        finetune(run, tuning)  # writes RUN/text_encoder/, which generate picks up
-    raw = workflow.generate(run, raw_settings, prompt_settings, classes)
-    filtered = workflow.filter_images(run, FilterConfig(clip=TOY))
-    # A head on the toy CLIP's frozen image features, started from random weights (not from its text
-    # embeddings, whose zero-shot scores are already perfect): what it knows it learns from the images.
-    classifier = ClassifierConfig(clip=TOY, head_init="random", epochs=50, seed=seed)
-    heads = {"filtered": "classifier", "unfiltered": "classifier-unfiltered"}
-    try:
-        workflow.train_classifier(run, classifier)
-    except MlgenError as err:  # the filter kept too few images (a weak toy model): say so, score the rest
-        heads.pop("filtered")
-        filtered = {**filtered, "classifier_error": str(err)}
-    run_stage(UnfilteredClassifierStage(run, replace(classifier, source="raw")))
-    if fusion and "filtered" in heads:
-        run_stage(FusionClassifierStage(run, replace(classifier, fusion=True)))
-        heads["fusion"] = "classifier-fusion"
-    real = run.root / "real-test"
-    if not (real / "labels.csv").is_file():
-        render_dataset(real, REAL_TEST_IMAGES, REAL_TEST_SEED, classes)
-    metrics = real_test_metrics(run, real, TOY, heads)
-    write_json_atomic(run.root / "real-test-metrics.json", metrics)
-    return {"raw": raw, "filtered": filtered, "metrics": metrics, "classes": classes}
+        gap = block["gap_closed"]
+        closed = f"{gap['value']:.2f}" if gap and gap["value"] is not None else "n/a"
+        lines.append(f"{setting.upper():<4} mAP  {figures}  gap closed {closed}")
+    return lines
 
 
 def run_demo(run: RunDir, llm: str = "smollm2", model: str = TOY) -> list[str]:
-    """Run prompts -> generate -> filter -> classifier -> real test; return summary lines."""
+    """The experiment's headline for one seed on the toy world (``model`` tiny: the smoke test)."""
+    from mlgen.experiment import run_experiment
+
     if model == "tiny":
         return run_tiny_demo(run, llm)
-    result = toy_experiment(run, llm, model)
-    metrics = result["metrics"]
+    settings = demo_settings(llm)
+    summary = run_experiment(run.root, settings, DEMO_CLASSIFIER, log=lambda line: print(line, flush=True))
+    folder = run.root / "experiment"
+    mlgen_run = RunDir(folder / "runs" / "0" / "mlgen")
     return [
-        *_stage_lines(run, result["raw"], result["filtered"]),
-        f"real test: {REAL_TEST_IMAGES} rendered scenes of {', '.join(result['classes'])} (never seen in training)",
-        *(
-            f"  {title:<46} mAP {metrics[key]['mAP']:.3f}  F1@3 {metrics[key]['f1@3']:.3f}"
-            if key in metrics
-            else f"  {title:<46} not trained: {result['filtered']['classifier_error']}"
-            for key, title in (
-                ("filtered", "classifier on CLIP-filtered toy images"),
-                ("unfiltered", "same classifier on all toy images (no filter)"),
-                ("zero_shot_clip", "toy CLIP zero-shot (the filter: a ceiling)"),
-            )
-        ),
+        *_stage_lines(mlgen_run, mlgen_run.require("raw"), mlgen_run.require("filtered")),
+        f"real test: {settings.test_images} rendered scenes of all 8 shapes ({settings.world} world), unseen: "
+        f"{', '.join(TOY_DEMO_CLASSES)}; seed 0, every classifier {settings.steps} optimizer steps",
+        *headline(summary),
+        f"table: {folder / 'table.md'}  (mlgen experiment --seeds 10 --arms ALL for every arm with intervals)",
     ]
 
 

@@ -1,0 +1,182 @@
+"""``mlgen experiment``: equal optimizer steps, paired intervals, failed arms reported, kill -9 resume, the
+demo's mlgen arm above chance, and bad input in one line. Tiny models and a few rendered images (fast)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import mlgen
+from mlgen.config import ClassifierConfig, ExperimentConfig
+from mlgen.experiment import run_experiment
+from mlgen.experiment.stats import mean_interval, paired_interval, t_quantile, verdict
+from mlgen.world.render import render_dataset
+
+UNSEEN = "circle,triangle"
+TINY_CLASSIFIER = ClassifierConfig(head="dualcoop", dualcoop_scoring="pooled", batch_size=8, augment_views=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, str]:
+    """A user's own data, rendered: a test set of four shapes, seen-label and oracle (unseen-label) images."""
+    root = tmp_path_factory.mktemp("data")
+    sets = {
+        "data": (24, None, "test"),
+        "seen_data": (16, ["square", "star"], "seen"),
+        "oracle_data": (12, None, "oracle"),
+    }
+    out = {}
+    for name, (n, labels, stream) in sets.items():
+        labels = labels or (
+            ["circle", "triangle"] if name == "oracle_data" else ["circle", "triangle", "square", "star"]
+        )
+        render_dataset(root / name, n, 0, labels, size=32, stream=stream)
+        out[name] = str(root / name / "labels.csv")
+    return out
+
+
+def tiny(data: dict[str, str], **changes) -> ExperimentConfig:
+    """The user-data path on the tiny models: every stage in seconds."""
+    values = dict(
+        world=None,
+        unseen=UNSEEN,
+        clip="tiny",
+        model="tiny",
+        llm="template",
+        prompts_per_set=1,
+        images_per_prompt=2,
+        generate_steps=2,
+        steps=5,
+        finetune_steps=1,
+        seeds=2,
+        **data,
+    )
+    return ExperimentConfig(**{**values, **changes})
+
+
+def cells(run: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((run / "experiment" / "cells").rglob("*.json"))]
+
+
+def test_every_trained_arm_takes_the_same_optimizer_steps(tmp_path: Path, data) -> None:
+    arms = "seen-only,text-only,mlgen,no-filter,+fusion,oracle"
+    run_experiment(tmp_path, tiny(data, seeds=1, arms=arms, steps=7), TINY_CLASSIFIER, log=lambda _: None)
+    done = cells(tmp_path)
+    assert {c["arm"] for c in done} == set(arms.split(","))
+    failed = {c["arm"]: c.get("error") for c in done if c["status"] != "ok"}
+    assert not failed, failed
+    assert {c["arm"]: c["steps"] for c in done} == dict.fromkeys(arms.split(","), 7)
+    rows = list(csv.DictReader((tmp_path / "experiment" / "results.csv").open()))
+    assert {r["steps"] for r in rows} == {"7"} and len(rows) == 2 * len(done)  # zsl and gzsl per cell
+
+
+def test_paired_interval_matches_student_t() -> None:
+    arm = {0: 0.71, 1: 0.64, 2: 0.69, 3: 0.80}
+    ref = {0: 0.60, 1: 0.62, 2: 0.61, 3: 0.66, 9: 0.1}  # seed 9 has no partner: left out of the pairs
+    diffs = np.array([0.11, 0.02, 0.08, 0.14])
+    half = 3.182446 * diffs.std(ddof=1) / 2  # t(0.975, 3) * s / sqrt(4)
+    interval = paired_interval(arm, ref)
+    assert interval.n == 4
+    assert interval.mean == pytest.approx(diffs.mean())
+    assert (interval.low, interval.high) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
+    assert verdict(interval).startswith("holds")
+    assert verdict(mean_interval([0.1, -0.1, 0.05])) == "not shown"
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 5, 9, 19, 21, 40, 200):
+        assert t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), abs=5e-4)
+
+
+def test_a_failed_arm_is_reported_for_each_seed_never_dropped(tmp_path: Path, data) -> None:
+    config = tiny(data, arms="zero-shot,oracle", oracle_data=None)  # the oracle needs --oracle-data
+    summary = run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    rows = list(csv.DictReader((tmp_path / "experiment" / "results.csv").open()))
+    oracle = [r for r in rows if r["arm"] == "oracle"]
+    assert [(r["seed"], r["status"]) for r in oracle] == [
+        ("0", "failed"),
+        ("0", "failed"),
+        ("1", "failed"),
+        ("1", "failed"),
+    ]
+    assert "oracle-data" in oracle[0]["error"]
+    assert summary["zsl"]["oracle"]["failed_seeds"] == [0, 1]
+    assert "| oracle | failed" in (tmp_path / "experiment" / "table.md").read_text()
+    assert summary["zsl"]["zero-shot"]["seeds_ok"] == 2
+
+
+def _experiment_args(run: Path, data: dict[str, str], arms: str) -> list[str]:
+    args = ["experiment", "--run", str(run), "--world", "none", "--unseen", UNSEEN, "--clip", "tiny", "--model", "tiny"]
+    args += ["--llm", "template", "--arms", arms, "--seeds", "2", "--steps", "5"]
+    return [*args, "--data", data["data"], "--seen-data", data["seen_data"], "--oracle-data", data["oracle_data"]]
+
+
+def test_resumes_after_kill_9_without_redoing_finished_cells(tmp_path: Path, data) -> None:
+    config = tmp_path / "mlgen.yaml"
+    config.write_text(
+        "classifier:\n  head: dualcoop\n  dualcoop_scoring: pooled\n  batch_size: 8\n  augment_views: 2\n"
+    )
+    args = [*_experiment_args(tmp_path / "R", data, "zero-shot,oracle,seen-only"), "--config", str(config)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlgen", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+    )
+    cell_dir = tmp_path / "R" / "experiment" / "cells"
+    deadline = time.time() + 240
+    while len(list(cell_dir.rglob("*.json"))) < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = {p: p.stat().st_mtime_ns for p in cell_dir.rglob("*.json")}
+    assert 2 <= len(finished) < 6, "kill -9 came too late to test a resume"
+    second = mlgen(*args, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    done = [line for line in second.stdout.splitlines() if line.startswith("seed ")]
+    assert len(done) == 6 - len(finished)  # only the missing cells ran
+    assert all(p.stat().st_mtime_ns == t for p, t in finished.items())
+    assert len(list(cell_dir.rglob("*.json"))) == 6
+
+
+def label_frequency_map(targets: np.ndarray) -> float:
+    """Chance: every image scored by the labels' training frequency (a constant per class): AP = prevalence."""
+    return float(targets.mean(axis=0)[targets.any(axis=0)].mean())
+
+
+def test_demo_mlgen_arm_beats_chance(tmp_path: Path) -> None:
+    from mlgen.demo import DEMO_CLASSIFIER, demo_settings
+    from mlgen.experiment.cells import TestSet
+    from mlgen.experiment.data import resolve, test_set
+
+    settings = demo_settings("template", world="toy-classic")
+    small = dict(prompts_per_set=1, images_per_prompt=4, steps=60, test_images=120, seen_images=64, oracle_images=32)
+    settings = ExperimentConfig(**{**settings.__dict__, **small, "arms": "mlgen"})
+    summary = run_experiment(tmp_path, settings, DEMO_CLASSIFIER, log=lambda _: None)
+    setup = resolve(settings)
+    test = TestSet.load(test_set(settings, setup, tmp_path / "experiment"), setup)
+    zsl_rows = test.targets[:, : test.unseen].any(axis=1)
+    chance = label_frequency_map(test.targets[zsl_rows][:, : test.unseen])
+    assert summary["zsl"]["mlgen"]["mAP"]["mean"] >= chance + 0.2, (summary["zsl"]["mlgen"], chance)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--arms", "mlgen,nonsense"], "unknown arm 'nonsense'"),
+        (["--unseen", "circle,blob"], "'blob' is not in the toy world"),
+        (["--seeds", "0"], "'seeds' must be a positive number"),
+        (["--seen", "circle,square"], "'circle' is listed as both seen and unseen"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path: Path, change: list[str], message: str) -> None:
+    args = ["experiment", "--run", str(tmp_path / "R"), "--world", "toy-classic", "--unseen", "circle,triangle"]
+    result = mlgen(*args, *change, timeout=120)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mlgen: error:") and message in lines[0], result.stderr
+    assert not (tmp_path / "R" / "experiment" / "cells").exists()
