@@ -92,7 +92,7 @@ class ClassifierConfig:
     epochs: int = 50  # the official 50
     steps: int | None = None  # exactly this many optimizer steps instead of epochs (cycling the passes)
     lr: float | None = None  # None: the optimizer's own (SGD 0.002 as official, AdamW 1e-3)
-    optimizer: str | None = None  # sgd (official) or adamw; None: adamw for the plain linear head, else sgd
+    optimizer: str | None = None  # sgd (official, lr 0.002) or adamw (lr 1e-3); None: sgd
     batch_size: int = 32  # the official 32
     holdout: float = 0.0  # >0: fraction of the label sets held out for a SYNTHETIC score (official: none)
     seed: int = 0

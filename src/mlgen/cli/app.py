@@ -234,7 +234,7 @@ def train_classifier(
     steps: Annotated[
         int | None, typer.Option(min=1, help="Exactly this many optimizer steps instead of --epochs (fair arms).")
     ] = None,
-    optimizer: Annotated[str | None, typer.Option(help="sgd (official) or adamw (linear head default).")] = None,
+    optimizer: Annotated[str | None, typer.Option(help="sgd (official, the default) or adamw.")] = None,
     holdout: Annotated[
         float | None, typer.Option(help="Fraction of label sets held out for a SYNTHETIC score (default 0: off).")
     ] = None,
