@@ -1,75 +1,45 @@
-"""The paper's ablations in miniature, on the toy world: real-test mAP over seeds.
+"""The paper's ablations on the toy world: a thin caller of ``mlgen experiment`` (mlgen.experiment).
 
-Each seed runs the demo's toy pipeline (prompts -> toy generation -> toy-CLIP filter -> a classifier
-head from random weights on the toy CLIP's frozen features) in its own run folder and scores, on the
-same rendered real test scenes:
-- the classifier trained on the kept images (filter on) and on every generated image (filter off);
-- the filter-on classifier with the feature fusion modules trained inside the frozen encoder;
-- the filter-on classifier of a second run whose toy text encoder was first fine-tuned with the
-  CLIP-score discriminative loss (``--finetune-steps``; 0 leaves the row out), with the share of its
-  generated images the filter keeps beside the plain run's;
-- the toy CLIP zero-shot (the teacher that filters; trained on these shapes, so it is the ceiling here).
-Printed: mean and spread (standard deviation) over the seeds, and the per-seed values.
+Runs the arms (default: zero-shot, mlgen, no-filter, +finetune, +fusion, oracle) for ``--seeds`` seeds in
+``--out`` (resumable) and prints ``table.md``: each arm's mean mAP with its 95% interval and its paired
+difference to mlgen. A failed (seed, arm) is printed as failed, never dropped: its seed is listed.
 
-Usage: python bench/ablations.py [--seeds 3] [--llm template] [--model toy] [--finetune-steps 60] [--out DIR]
+Usage: python bench/ablations.py [--seeds 3] [--llm template] [--world toy] [--arms ...] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import json
 import tempfile
 from pathlib import Path
 
-from mlgen.demo import toy_experiment
-from mlgen.pipeline.rundir import RunDir
+from mlgen.config import ExperimentConfig
+from mlgen.experiment import run_experiment
 
-ROWS = (
-    ("plain", "filtered", "filter on  (classifier on kept images)"),
-    ("plain", "unfiltered", "filter off (classifier on all images)"),
-    ("plain", "fusion", "filter on + feature fusion"),
-    ("finetuned", "filtered", "filter on + fine-tuned text encoder"),
-    ("plain", "zero_shot_clip", "toy CLIP zero-shot (reference)"),
-)
-
-
-def kept_share(result: dict) -> float:
-    counts = result["filtered"]["counts"]
-    return counts["kept"] / max(counts["kept"] + counts["dropped"], 1)
-
-
-def summary(title: str, values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    seeds = " ".join(f"{v:.3f}" for v in values)
-    return f"{title:42} {statistics.mean(values):6.3f} {spread:7.3f}  {seeds}"
+ABLATIONS = "zero-shot,mlgen,no-filter,+finetune,+fusion,oracle"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--llm", default="template", help="template (fast) or smollm2")
-    parser.add_argument("--model", default="toy")
-    parser.add_argument("--finetune-steps", type=int, default=60, help="text-encoder fine-tuning steps; 0: skip")
-    parser.add_argument("--out", type=Path, default=None, help="keep the run folders here (default: a temp dir)")
+    parser.add_argument("--world", default="toy", help="toy (headroom world) or toy-classic")
+    parser.add_argument("--arms", default=ABLATIONS, help="ALL or a comma-separated subset")
+    parser.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temp dir)")
     args = parser.parse_args()
-    runs: dict[str, list[dict]] = {"plain": [], "finetuned": []}
+    config = ExperimentConfig(
+        world=args.world, unseen="circle,triangle,star,heart", seeds=args.seeds, arms=args.arms, llm=args.llm
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = args.out or Path(tmp)
-        for seed in range(args.seeds):
-            runs["plain"].append(toy_experiment(RunDir(root / f"seed-{seed}"), args.llm, args.model, seed, fusion=True))
-            if args.finetune_steps:
-                finetuned = RunDir(root / f"seed-{seed}-finetuned")
-                runs["finetuned"].append(toy_experiment(finetuned, args.llm, args.model, seed, args.finetune_steps))
-    print(f"\nreal-test mAP on {args.seeds} seeds (toy world, {args.model} images, {args.llm} prompts)")
-    print(f"{'':42} {'mean':>6} {'spread':>7}  per seed")
-    for variant, key, title in ROWS:
-        values = [r["metrics"][key]["mAP"] for r in runs[variant] if key in r["metrics"]]  # a filter may keep too few
-        if values:
-            print(summary(title, values))
-    print("\nshare of generated images the filter keeps")
-    print(summary("toy text encoder as shipped", [kept_share(r) for r in runs["plain"]]))
-    if runs["finetuned"]:
-        print(summary(f"fine-tuned ({args.finetune_steps} steps)", [kept_share(r) for r in runs["finetuned"]]))
+        summary = run_experiment(root, config)
+        print((root / "experiment" / "table.md").read_text(encoding="utf-8"))
+        failed = {
+            arm: e["failed_seeds"] for arm, e in summary["zsl"].items() if arm != "gap_closed" and e["failed_seeds"]
+        }
+        if failed:
+            print("failed (seed, arm) cells, reported above and in results.csv:", json.dumps(failed))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ def headline(summary: dict[str, Any]) -> list[str]:
             for arm in ("zero-shot", "mlgen", "oracle")
         )
         gap = block["gap_closed"]
-        closed = f"{gap['value']:.2f}" if gap and gap["value"] is not None else "n/a"
+        closed = f"{gap['value']:.2f}" if gap and gap["value"] is not None else "n/a (oracle not above zero-shot)"
         lines.append(f"{setting.upper():<4} mAP  {figures}  gap closed {closed}")
     return lines
 

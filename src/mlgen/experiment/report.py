@@ -107,7 +107,9 @@ def table(summary: dict[str, Any], arms: list[str]) -> str:
     for setting in SETTINGS:
         gap = summary[setting]["gap_closed"]
         text = (
-            "n/a (needs mlgen, zero-shot and oracle)" if gap is None or gap["value"] is None else f"{gap['value']:.3f}"
+            "n/a (needs mlgen, zero-shot and an oracle above zero-shot)"
+            if gap is None or gap["value"] is None
+            else f"{gap['value']:.3f}"
         )
         lines.append(f"\nGap closed {setting.upper()} = (mlgen - zero-shot) / (oracle - zero-shot) = {text}")
     return "\n".join(lines) + "\n"

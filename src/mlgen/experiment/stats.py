@@ -89,6 +89,7 @@ def verdict(interval: Interval) -> str:
 
 
 def gap_closed(mlgen: float, zero_shot: float, oracle: float) -> float:
-    """(mlgen - zero-shot) / (oracle - zero-shot): the share of the way from the teacher to the ceiling."""
+    """(mlgen - zero-shot) / (oracle - zero-shot): the share of the way from the teacher to the ceiling; NaN
+    (no gap to close) when the oracle is not above the teacher, as in the classic world whose CLIP is perfect."""
     span = oracle - zero_shot
-    return math.nan if abs(span) < 1e-12 else (mlgen - zero_shot) / span
+    return math.nan if span <= 1e-12 else (mlgen - zero_shot) / span
