@@ -144,3 +144,43 @@ def test_label_set_draw_is_two_labels_with_repeats_collapsing() -> None:
     assert set(sizes) == {1, 2}
     assert sizes[1] / len(draws) == pytest.approx(1 / 8, abs=0.02)
     assert Counter(label for d in draws for label in d)["l0"] / len(draws) == pytest.approx(2 / 8 - 1 / 64, abs=0.03)
+
+
+def _cprfl_official():
+    from mlgen.classifiers.model import HeadOptions
+
+    name = open_clip_name("tiny")[0]
+    clip = open_clip.create_model(name)
+    options = HeadOptions(cprfl_recipe="official")
+    return build_classifier(clip, open_clip.get_tokenizer(name), CLASSES, "cprfl", options=options)
+
+
+def test_cprfl_official_recipe_trains_with_adamw_onecycle_and_keeps_the_ema_weights() -> None:
+    model = _cprfl_official()
+    passes = _passes(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    result = fit(model, passes, epochs=3)
+    trace = result.lr_trace
+    assert result.optimizer_steps == 12 == len(trace)
+    peak = trace.index(max(trace))
+    assert max(trace) == pytest.approx(1e-5, rel=0.05) and 0 < peak < len(trace) - 1  # OneCycle: up, then down
+    assert trace[0] < 1e-5 / 5 and trace[-1] < trace[peak] / 5
+    # the kept weights are the EMA (decay 0.998 over 12 steps): they moved, but far less than one raw step would
+    moved = max(float((p.detach() - start[n]).abs().max()) for n, p in model.named_parameters() if n in start)
+    assert 0 < moved < 1e-4
+
+
+def test_mlcd_on_the_linear_head_is_the_margined_loss_under_label_masks() -> None:
+    from mlgen.classifiers.losses import mlcd_cosine_loss
+
+    model = _model()
+    trainer = _Trainer(model, "mlcd", make_optimizer(model, None, "sgd"))
+    # on the unseen columns every row has at most one negative, so the sampled negatives are all of them
+    targets = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 1], [1, 1, 0, 0], [1, 0, 1, 1]], dtype=torch.float)
+    features = _features(model)
+    value = trainer.backward(features, targets, UNSEEN)
+    weights = torch.nn.functional.normalize(model.head.weight.detach(), dim=-1)
+    cosines = torch.nn.functional.normalize(features["pooled"], dim=-1) @ weights.T
+    assert float(value) == pytest.approx(float(mlcd_cosine_loss(cosines[:, UNSEEN], targets[:, UNSEEN].bool())))
+    assert torch.count_nonzero(model.head.weight.grad[~UNSEEN]) == 0
+    assert torch.count_nonzero(model.head.weight.grad[UNSEEN]) > 0

@@ -8,6 +8,8 @@ scored weights are the averaged ones, as the official CPRFL code evaluates its E
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -40,7 +42,7 @@ class Ema:
         return dict(self.shadow)
 
 
-def recipe(model: nn.Module, total_steps: int, lr: float | None = None):
+def recipe(model: nn.Module, total_steps: int | Callable[[], int], lr: float | None = None):
     """``(optimizer, scheduler, ema)`` for a head with its own official recipe, else None.
 
     ``model`` is a MultiLabelClassifier; only CPRFL built with ``cprfl_recipe="official"`` has one: AdamW
@@ -48,6 +50,8 @@ def recipe(model: nn.Module, total_steps: int, lr: float | None = None):
     """
     if model.head_name != "cprfl" or model.options.cprfl_recipe != "official":
         return None
+    if callable(total_steps):
+        total_steps = total_steps()
     params = [p for p in model.parameters() if p.requires_grad]
     max_lr = lr or CPRFL_LR
     optimizer = torch.optim.AdamW(params, lr=max_lr, weight_decay=CPRFL_WEIGHT_DECAY)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from mlgen.classifiers.losses import make_loss
 from mlgen.classifiers.model import MultiLabelClassifier
+from mlgen.classifiers.recipes import recipe
 
 Batch = tuple[Tensor | dict[str, Tensor], Tensor]  # (pixels or cached features, multi-hot targets)
 FUSION_LR = 1e-4  # methods.md A: the GlobalBranch parameters
@@ -144,7 +145,7 @@ class _Trainer:
 
     def __init__(self, model: MultiLabelClassifier, loss: str, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
-        self.loss_fn = make_loss(loss, model.head_name)
+        self.loss_fn = make_loss(loss, model.head_name, model)
         self.mean_loss = getattr(self.loss_fn, "reduction", "mean") != "sum"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device
@@ -163,6 +164,8 @@ class _Trainer:
             if columns is not None:  # the per-source label mask: only this source's columns are scored
                 cols = columns.to(self.device)
                 logits, y = logits[..., cols], y[:, cols]
+                if getattr(self.model.head, "last_cosines", None) is not None:  # the margined MLCD loss reads them
+                    self.model.head.last_cosines = self.model.head.last_cosines[..., cols]
             value = self.loss_fn(logits, y) * (y.shape[0] / n if self.mean_loss else 1.0)
             value.backward()
         for p in self.params:
@@ -204,11 +207,13 @@ def fit(
     """
     torch.manual_seed(seed)
     passes = _as_passes(train_batches)
-    opt = make_optimizer(model, lr, optimizer)
-    trainer = _Trainer(model, loss, opt)
     if steps is not None:
         epochs = math.ceil(_passes_for_steps(passes, steps) / len(passes))
-    schedule = PassSchedule(opt, t_max=epochs, warmup=warmup)
+    # CPRFL's official optimizer, OneCycle and EMA (its per-step schedule needs the step count: counted only then)
+    official = recipe(model, lambda: steps or _steps_in(passes, epochs), lr)
+    opt = official[0] if official else make_optimizer(model, lr, optimizer)
+    trainer = _Trainer(model, loss, opt)
+    schedule = PassSchedule(opt, t_max=epochs, warmup=warmup) if official is None else None
     result = FitResult()
     totals: dict[int, list[float]] = {}
     model.train()
@@ -221,10 +226,21 @@ def fit(
             total[0] += trainer.step(inputs, targets, columns[0] if columns else one.columns)
             total[1] += targets.shape[0]
             result.optimizer_steps += 1
-        schedule.step()
+            if official:
+                official[1].step()  # OneCycle steps per optimizer step
+                official[2].update(model)
+        if schedule is not None:
+            schedule.step()
         if one is passes[-1] and log is not None and trainer.rank == 0:
             log(epoch, total[0] / max(total[1], 1))
         if steps is not None and result.optimizer_steps >= steps:
             break
+    if official:
+        official[2].copy_to(model)  # the official code evaluates (and mlgen saves) the EMA weights
     result.history = [total / max(count, 1) for total, count in totals.values()]
     return result
+
+
+def _steps_in(passes: list[Pass], epochs: int) -> int:
+    """Optimizer steps of ``epochs`` epochs (what a per-step schedule is sized to): the batches are counted."""
+    return epochs * sum(sum(1 for _ in one.batches(0)) for one in passes)
