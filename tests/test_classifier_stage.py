@@ -5,6 +5,7 @@ exactly what the trained one did, 2 torchrun ranks train what 1 process does, an
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -43,7 +44,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
 def _train(run: RunDir, **settings) -> ClassifierStage:
     torch.manual_seed(0)
     shutil.rmtree(run.stage_dir("classifier"), ignore_errors=True)  # same settings would be "already done"
-    stage = ClassifierStage(run, ClassifierConfig(source="raw", epochs=2, batch_size=4, **settings))
+    stage = ClassifierStage(run, ClassifierConfig(**{"source": "raw", "epochs": 2, "batch_size": 4, **settings}))
     run_stage(stage)
     return stage
 
@@ -57,18 +58,22 @@ def _images(run: RunDir, n: int = 5) -> list[bytes]:
     [("linear", False, "bce"), ("cprfl", False, "asl"), ("dualcoop", False, "mlcd"), ("linear", True, "asl")],
 )
 def test_stage_trains_the_configured_model_and_a_reload_predicts_the_same(tiny_run, head, fusion, loss) -> None:
-    stage = _train(tiny_run, head=head, fusion=fusion, loss=loss)
+    _train(tiny_run, head=head, fusion=fusion, loss=loss, epochs=0)  # the same seed: the weights it starts from
     folder = tiny_run.stage_dir("classifier")
+    untrained = load_file(folder / "model.safetensors")
+    stage = _train(tiny_run, head=head, fusion=fusion, loss=loss)
     config = json.loads((folder / "config.json").read_text())
     assert (config["head"], config["fusion"], config["loss"], config["clip"]) == (head, fusion, loss, "tiny")
     assert config["classes"] == CLASSES and config["thresholds"] == dict.fromkeys(CLASSES, 0.5)
     metrics = json.loads((folder / "metrics.json").read_text())
     assert (metrics["feature_cache"] is None) is fusion  # fused encoders train: nothing to cache
-    assert metrics["final_loss"] is not None and metrics["final_loss"] == metrics["final_loss"]  # not NaN
+    assert metrics["final_loss"] == stage.fit_result.history[-1] and math.isfinite(metrics["final_loss"])
     images = len(list(shard_samples(tiny_run.stage_dir("raw"))))
     assert metrics["optimizer_steps"] == 2 * -(-images // 4)  # 2 epochs of batch 4, recorded
     saved = load_file(folder / "model.safetensors")
     assert any(k.startswith("head.") for k in saved)
+    assert saved.keys() == untrained.keys()
+    assert any(not torch.equal(saved[k], untrained[k]) for k in saved if k.startswith("head."))  # it trained
     assert any(k.startswith("visual.") for k in saved) is fusion  # the fusion modules train and are saved
     images = _images(tiny_run)
     expected = predict_images(stage.model, stage.preprocess, images)
