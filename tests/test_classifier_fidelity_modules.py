@@ -157,7 +157,8 @@ def test_fusion_batchnorm_statistics_do_not_move_in_training() -> None:
 def test_cprfl_official_recipe_reads_raw_text_features_on_a_wide_layer() -> None:
     clip_model, tokenizer = _clip("tiny-resnet")
     official = build_classifier(clip_model, tokenizer, CLASSES, "cprfl", options=HeadOptions(cprfl_recipe="official"))
-    mlgen = build_classifier(clip_model, tokenizer, CLASSES, "cprfl")
+    mlgen = build_classifier(clip_model, tokenizer, CLASSES, "cprfl", options=HeadOptions(cprfl_recipe="mlgen"))
+    assert HeadOptions().cprfl_recipe == "official"  # the default since the recipe is wired into fit
     raw = clip_model.encode_text(tokenizer([f"a photo of a {c}." for c in CLASSES])).float()
     assert torch.allclose(official.head.class_embeddings, raw, atol=1e-5)
     assert torch.allclose(mlgen.head.class_embeddings.norm(dim=-1), torch.ones(len(CLASSES)), atol=1e-5)
@@ -182,3 +183,32 @@ def test_mlcd_loss_on_the_linear_head_has_its_margin() -> None:
     assert torch.allclose(value, expected) and not math.isclose(value.item(), no_margin.item(), rel_tol=1e-3)
     value.backward()
     assert model.head.weight.grad is not None and model.head.weight.grad.abs().sum() > 0
+
+
+def test_dualcoop_learns_on_a_short_window_text_tower_with_a_short_context() -> None:
+    """The toy CLIP's text tower was trained on short captions: with the official 64 (capped to 27) context
+    tokens the class name sits at positions it never learned and DualCoOp learns nothing (real-test mAP fell
+    from 0.51 to 0.37 in a probe); with ``prompt_context=4`` the same head and data learn."""
+    from mlgen.classifiers.metrics import mean_average_precision
+    from mlgen.classifiers.train import Pass, fit
+    from mlgen.world.render import SHAPES, render_scene
+    from mlgen.world.streams import stream_rng
+    from mlgen.world.train_clip import normalize
+
+    clip_model, tokenizer = _clip("toy")
+    model = build_classifier(clip_model, tokenizer, list(SHAPES), "dualcoop", options=HeadOptions(prompt_context=4))
+    assert model.head.context.shape[1] == 4
+
+    def features(stream: str, n: int):
+        rng = stream_rng(stream, 0)
+        scenes = [render_scene(rng) for _ in range(n)]
+        pixels = torch.stack([torch.from_numpy(p.copy()) for p, _, _ in scenes]).permute(0, 3, 1, 2)
+        targets = torch.tensor([[s in names for s in SHAPES] for _, names, _ in scenes]).float()
+        return model.frozen_features(normalize(pixels.float() / 127.5 - 1)), targets
+
+    (train, y), (test, truth) = features("oracle", 192), features("test", 192)
+    batches = [({k: v[i : i + 32] for k, v in train.items()}, y[i : i + 32]) for i in range(0, 192, 32)]
+    fit(model, [Pass(lambda epoch: batches)], epochs=6)
+    with torch.no_grad():
+        learned = mean_average_precision(model.forward_features(test).numpy(), truth.numpy())
+    assert learned > 0.95

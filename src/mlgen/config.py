@@ -108,7 +108,8 @@ class ClassifierConfig:
     augment_views: int = 8  # augment with a cached frozen encoder: K augmented views cached, epoch e reads e mod K
     class_specific_context: bool = False  # dualcoop: one context pair per class instead of the shared one
     dualcoop_scoring: str = "dense"  # dualcoop: dense (official region aggregation) or pooled
-    cprfl_recipe: str = "mlgen"  # cprfl: mlgen or official
+    prompt_context: int = 64  # dualcoop: learned context tokens (official 64; capped by the text window)
+    cprfl_recipe: str = "official"  # cprfl: official (raw text, AdamW 1e-5, OneCycle, EMA) or mlgen
     cache: bool = runtime(True)  # frozen features cached on disk (float16) when only a head trains
 
 

@@ -72,7 +72,10 @@ class HeadOptions:
 
     class_specific_context: bool = False  # dualcoop: one context pair per class instead of the shared one
     dualcoop_scoring: str = "dense"  # dualcoop: dense (official region aggregation) or pooled
-    cprfl_recipe: str = "mlgen"  # cprfl: mlgen (normalised text, frozen, SGD) or official (raw text, AdamW...)
+    # dualcoop: learned context tokens. Official 64; a text tower trained on short captions only (the toy CLIPs)
+    # has untrained position embeddings past ~12 tokens and learns nothing with a long context (use 4 there).
+    prompt_context: int = 64
+    cprfl_recipe: str = "official"  # cprfl: official (raw text, AdamW 1e-5, OneCycle, EMA) or mlgen (SGD)
 
     @classmethod
     def of(cls, config: Any) -> HeadOptions:
@@ -187,7 +190,7 @@ def build_classifier(
             clip_model,
             tokenizer,
             classes,
-            context_length=_prompt_context(clip_model, tokenizer, classes),
+            context_length=_prompt_context(clip_model, tokenizer, classes, options.prompt_context),
             class_specific=options.class_specific_context,
             scoring=options.dualcoop_scoring,
             generator=torch.Generator().manual_seed(seed),

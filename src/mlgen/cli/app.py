@@ -256,8 +256,12 @@ def train_classifier(
     dualcoop_scoring: Annotated[
         str | None, typer.Option(help="dualcoop: dense (official region aggregation) or pooled.")
     ] = None,
+    prompt_context: Annotated[
+        int | None,
+        typer.Option(help="dualcoop: learned context tokens (official 64; 4 for the toy CLIPs' short text window)."),
+    ] = None,
     cprfl_recipe: Annotated[
-        str | None, typer.Option(help="cprfl: mlgen (normalised text, d 512) or official (raw text, wide layer).")
+        str | None, typer.Option(help="cprfl: official (raw text, AdamW, OneCycle, EMA) or mlgen (normalised, SGD).")
     ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
@@ -283,6 +287,7 @@ def train_classifier(
         label_masks=label_masks,
         class_specific_context=class_specific_context,
         dualcoop_scoring=dualcoop_scoring,
+        prompt_context=prompt_context,
         cprfl_recipe=cprfl_recipe,
     )
     _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
