@@ -31,6 +31,8 @@ FREE_SETTINGS = ("seeds", "arms")  # may change between runs of one experiment
 # The head every trained arm shares: DualCoOp with ONE shared context (official CSC=False), so that seen-only
 # can score unseen names; a ``classifier:`` config section overrides it.
 DEFAULT_CLASSIFIER = ClassifierConfig(head="dualcoop")
+# The toy CLIPs' text towers learned positions up to ~12 tokens only: a 4-token context (see --prompt-context).
+TOY_CLASSIFIER = dataclasses.replace(DEFAULT_CLASSIFIER, prompt_context=4)
 
 
 def cell_path(root: Path, seed: int, arm: str) -> Path:
@@ -79,7 +81,7 @@ def run_experiment(
     arms = select_arms(config.arms)
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny models on a shared CPU: more threads mostly wait on each other
-    classifier = classifier or DEFAULT_CLASSIFIER
+    classifier = classifier or (DEFAULT_CLASSIFIER if setup.world is None else TOY_CLASSIFIER)
     root = run_root / "experiment"
     root.mkdir(parents=True, exist_ok=True)
     _check_settings(root, config, classifier)
