@@ -384,11 +384,22 @@ def run_all(
         typer.Option(min=1, help="Generate and filter in rounds until every label has this many kept images."),
     ] = None,
     max_rounds: Annotated[int, typer.Option(min=1, help="Most quota rounds before the run stops.")] = 5,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print what would run, its time and disk; load and write nothing.")
+    ] = False,
+    bench: Annotated[
+        Path | None, typer.Option(help="--dry-run: bench.json of `mlgen bench` (default: RUN/ or ./bench.json).")
+    ] = None,
 ) -> None:
     """Run every stage from one config file."""
     data = read_config_file(config)
     run_dir = RunDir(run or Path(data.get("run", DEFAULT_RUN)))
     classes = _labels(Path(data["classes"])) if data.get("classes") else None
+    if dry_run:
+        from mlgen.dryrun import dry_run_lines
+
+        typer.echo("\n".join(dry_run_lines(data, run_dir, classes, quota, bench)))
+        return
     section = {
         name: build_config(cls, data.get(name))
         for name, cls in [
