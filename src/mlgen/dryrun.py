@@ -137,7 +137,8 @@ def describe(job: Job, bench: dict[str, Any] | None, bench_path: Path | None) ->
         "dry run: nothing is loaded or written",
         f"labels      {len(job.classes)}: {', '.join(job.classes)}",
         f"label sets  {len(job.label_sets)} ({job.method})",
-        f"prompts     {len(job.label_sets) * job.prompts_per_set} ({job.prompts_per_set} per set, llm {s['prompts'].llm})",
+        f"prompts     {len(job.label_sets) * job.prompts_per_set} "
+        f"({job.prompts_per_set} per set, llm {s['prompts'].llm})",
     ]
     if job.quota is None:
         lines.append(f"images      {job.images} ({g.images_per_prompt} per prompt); per label: {per_label}")
