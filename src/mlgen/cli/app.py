@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from mlgen import __version__, workflow
+from mlgen.cli.bench import bench_command
 from mlgen.cli.experiment import experiment_command
 from mlgen.cli.finetune import finetune_command
 from mlgen.cli.models import export_command, models_command
@@ -468,6 +469,7 @@ def demo(
 app.command("prompts")(prompts_command)
 app.command("finetune")(finetune_command)
 app.command("experiment")(experiment_command)
+app.command("bench")(bench_command)
 app.command("models")(models_command)
 app.command("export")(export_command)
 
