@@ -4,11 +4,14 @@ job on a stage whose lock another process holds stops on every node and writes n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -33,17 +36,29 @@ STAGES = {  # every stage on the tiny models, small enough for seconds per stage
 GENERATE = ["--steps", "2", "--size", "64", "--shard-size", "2", "--batch-size", "2", "--images-per-prompt", "2"]
 
 
-def launch_nodes(args: list[str], run: Path, log: Path) -> list[subprocess.Popen]:
-    """`torchrun --nnodes 2` twice on this machine, as two nodes would each start it: one process per node."""
+@contextlib.contextmanager
+def launch_nodes(args: list[str], run: Path, log: Path) -> Iterator[list[subprocess.Popen]]:
+    """`torchrun --nnodes 2` twice on this machine, as two nodes would each start it: one process per node.
+
+    Each launcher leads its own process group, killed on the way out: a failed test leaves no worker behind."""
     endpoint = f"127.0.0.1:{_free_port()}"
     nodes = []
-    for node in range(2):
-        command = [f"{BIN}/torchrun", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
-                   "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "mlgen-test",
-                   f"{BIN}/mlgen", *args, "--run-dir", str(run)]  # fmt: skip
-        out = open(log.with_suffix(f".node{node}.log"), "w")  # noqa: SIM115 - closed with the process
-        nodes.append(subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD}))
-    return nodes
+    try:
+        for node in range(2):
+            command = [f"{BIN}/torchrun", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+                       "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "mlgen-test",
+                       f"{BIN}/mlgen", *args, "--run-dir", str(run)]  # fmt: skip
+            with open(log.with_suffix(f".node{node}.log"), "w") as out:
+                env = {**os.environ, **ONE_THREAD}
+                nodes.append(
+                    subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                )
+        yield nodes
+    finally:
+        for node in nodes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
 
 
 def wait_all(nodes: list[subprocess.Popen], timeout: float = 400) -> list[int]:
@@ -82,8 +97,8 @@ def decisions(stage_dir: Path) -> list[dict]:
 def test_two_nodes_run_every_stage_as_one_process(one_process: Path, tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("zebra\nkite\nsurfboard\n")
     run, log = tmp_path / "run", tmp_path / "run.log"
-    nodes = launch_nodes(["run", "--config", str(config_file(tmp_path, tmp_path / "classes.txt"))], run, log)
-    assert wait_all(nodes) == [0, 0], node_logs(log)
+    with launch_nodes(["run", "--config", str(config_file(tmp_path, tmp_path / "classes.txt"))], run, log) as nodes:
+        assert wait_all(nodes) == [0, 0], node_logs(log)
 
     te, te_one = (
         load_file(run / "text_encoder" / "model.safetensors"),
@@ -127,15 +142,15 @@ def kill_worker(nodes: list[subprocess.Popen], rank: int) -> None:
 def test_a_rank_killed_mid_stage_leaves_it_incomplete_and_a_rerun_completes_it(one_process: Path, tmp_path: Path):
     run, log = tmp_path / "run", tmp_path / "kill.log"
     stage_inputs(one_process, run)
-    nodes = launch_nodes(["generate", *GENERATE], run, log)
-    deadline = time.time() + 300
-    while not (run / "raw" / "00001_stats.json").exists():  # rank 1's first shard (of 1, 3, 5) is done
-        assert all(node.poll() is None for node in nodes), node_logs(log)
-        assert time.time() < deadline, node_logs(log)
-        time.sleep(0.01)
-    kill_worker(nodes, rank=1)
-    codes = wait_all(nodes, timeout=120)  # rank 0 does not wait forever for its lost peer
-    assert all(code != 0 for code in codes), node_logs(log)
+    with launch_nodes(["generate", *GENERATE], run, log) as nodes:
+        deadline = time.time() + 300
+        while not (run / "raw" / "00001_stats.json").exists():  # rank 1's first shard (of 1, 3, 5) is done
+            assert all(node.poll() is None for node in nodes), node_logs(log)
+            assert time.time() < deadline, node_logs(log)
+            time.sleep(0.01)
+        kill_worker(nodes, rank=1)
+        codes = wait_all(nodes, timeout=120)  # rank 0 does not wait forever for its lost peer
+        assert all(code != 0 for code in codes), node_logs(log)
     raw = run / "raw"
     assert not (raw / "_SUCCESS.json").exists()
     assert not (raw / "00005_stats.json").exists()  # rank 1's last shard: never started
@@ -164,7 +179,8 @@ def test_a_job_on_a_locked_stage_stops_on_every_node_and_writes_nothing(one_proc
                               stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert holder.stdout.readline() == "held\n"
-        codes = wait_all(launch_nodes(["generate", *GENERATE], run, log), timeout=200)
+        with launch_nodes(["generate", *GENERATE], run, log) as nodes:
+            codes = wait_all(nodes, timeout=200)
         assert all(code != 0 for code in codes), node_logs(log)  # the rank without the lock does not hang
         assert f"mlgen: error: another mlgen process is running stage 'raw' in {run}" in node_logs(log)
         assert not (run / "raw").exists()  # nothing planned, nothing written
