@@ -105,3 +105,49 @@ def resume_in_a_subprocess_then_here(tmp_path: Path, settings: TrainSettings) ->
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
     model, _, _ = load_open_clip(str(tmp_path / "out"), torch.device("cpu"))  # a folder like any other
     assert model.visual.__class__.__name__ == "ModifiedResNet"
+
+
+# Measured on 1,000 test-stream scenes (README, "The toy world"): ZSL 0.68, a linear probe on its frozen image
+# features (2,000 oracle-stream scenes) 0.92. The issue's band for a web-like teacher is 0.60-0.85.
+UNSEEN = ["circle", "triangle", "star", "heart"]
+
+
+def _headroom_features(model, preprocess, folder: Path):
+    with (folder / "labels.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    pixels = torch.stack([preprocess(Image.open(folder / row["image"]).convert("RGB")) for row in rows])
+    truth = torch.tensor([[shape in row["labels"].split("|") for shape in SHAPES] for row in rows]).float()
+    with torch.no_grad():
+        return F.normalize(model.encode_image(pixels), dim=-1), truth
+
+
+def test_headroom_teacher_is_good_but_imperfect_and_its_features_leave_headroom(tmp_path: Path) -> None:
+    """The web-like teacher through the normal --clip path: zero-shot ZSL mAP (images with an unseen label)
+    within the band of web CLIP on multi-label scenes, and a linear probe on the same frozen features (what a
+    trained head can reach) at least 0.10 above it."""
+    model, preprocess, tokenizer = load_open_clip("toy-headroom", torch.device("cpu"))
+    test = _headroom_features(model, preprocess, render_dataset(tmp_path / "t", 400, 0, world="headroom"))
+    train = _headroom_features(
+        model, preprocess, render_dataset(tmp_path / "o", 800, 0, world="headroom", stream="oracle")
+    )
+    with torch.no_grad():
+        texts = F.normalize(model.encode_text(tokenizer([ZERO_SHOT_TEMPLATE.format(s) for s in SHAPES])), dim=-1)
+    unseen = [SHAPES.index(s) for s in UNSEEN]
+    rows = test[1][:, unseen].sum(1) > 0
+
+    def zsl(scores: torch.Tensor) -> float:
+        return mean_average_precision(scores[rows][:, unseen].numpy(), test[1][rows][:, unseen].numpy())
+
+    teacher = zsl(test[0] @ texts.T)
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(train[0].shape[1], len(SHAPES))
+    optimizer = torch.optim.Adam(probe.parameters(), 1e-2)
+    for _ in range(300):
+        loss = F.binary_cross_entropy_with_logits(probe(train[0]), train[1])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        oracle = zsl(probe(test[0]))
+    assert 0.60 <= teacher <= 0.85, teacher
+    assert oracle >= teacher + 0.10, (teacher, oracle)

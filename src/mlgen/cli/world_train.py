@@ -82,6 +82,9 @@ def train_unet_command(
             "(unless WORK/vae exists), UNet and text encoder.",
         ),
     ] = None,
+    ema_decay: Annotated[
+        float, typer.Option("--ema-decay", min=0.0, max=1.0, help="Decay of the exported EMA weights.")
+    ] = 0.999,
 ) -> None:
     """Train the toy UNet and text encoder on WORK/vae; export the pipeline (also at every checkpoint)."""
     import json
@@ -91,6 +94,7 @@ def train_unet_command(
     from mlgen.world.train_sd import train_unet
 
     start = diffusers_folder(init) if init else None
-    settings = _settings(steps, batch, lr, seed, checkpoint_every, threads, world, init=start)
+    decay = None if ema_decay == 0.999 else ema_decay  # the default is not recorded (old runs stay resumable)
+    settings = _settings(steps, batch, lr, seed, checkpoint_every, threads, world, init=start, ema_decay=decay)
     result = train_unet(work, out or builtin_for_world(world, "diffusion").folder, settings, log=_print)
     print(json.dumps(result))

@@ -48,6 +48,12 @@ from mlgen.world.train_sd import (
 
 TOY_CLIP_DIR = builtin("toy", "clip").folder
 SALIENT_SHARE = 0.8  # web-like captions name the large shape this often, else a random shape of the image
+# Web-like captions call some concepts by other names: in each colour pair of the headroom world one shape is
+# common and one rare, and a caption that names a rare shape uses its label word only RARE_NAMING of the time,
+# else an alias. The image tower must still tell every shape apart (to match the aliases), while the text
+# tower learns the label words of the rare shapes poorly: zero-shot with the label names is weak exactly there.
+RARE_ALIASES = {"ring": "hoop", "diamond": "rhombus", "star": "sparkle", "heart": "love symbol"}
+RARE_NAMING = 0.0
 ZERO_SHOT_TEMPLATE = "a photo of a {}."
 # A ModifiedResNet image tower (``layers`` as a list) of ~1.6M parameters; a 2-layer text tower whose
 # 49,408-token embedding (the open_clip tokenizer's) is most of the file.
@@ -81,21 +87,31 @@ def subset_caption(labels: list[str], rng: np.random.Generator) -> tuple[str, li
     return template.format(listed), subset
 
 
-def web_caption(labels: list[str], rng: np.random.Generator) -> tuple[str, list[str]]:
-    """A web-like caption: ONE shape of the image, the salient (first, large) one ``SALIENT_SHARE`` of the time."""
-    shape = labels[0] if rng.random() < SALIENT_SHARE else labels[int(rng.integers(len(labels)))]
+def web_caption(
+    labels: list[str], rng: np.random.Generator, salient_share: float = SALIENT_SHARE, rare_naming: float = RARE_NAMING
+) -> tuple[str, list[str]]:
+    """A web-like caption: ONE shape of the image, the salient (first, large) one ``salient_share`` of the time."""
+    shape = labels[0] if rng.random() < salient_share else labels[int(rng.integers(len(labels)))]
+    if shape in RARE_ALIASES and rng.random() >= rare_naming:
+        shape = RARE_ALIASES[shape]
     template = TEMPLATES[0] if rng.random() < 0.5 else TEMPLATES[int(rng.integers(len(TEMPLATES)))]
     return template.format(f"a {shape}"), [shape]
 
 
-def training_pairs(labels: list[list[str]], rng: np.random.Generator, world: str) -> tuple[list[str], torch.Tensor]:
+def training_pairs(
+    labels: list[list[str]],
+    rng: np.random.Generator,
+    world: str,
+    salient_share: float = SALIENT_SHARE,
+    rare_naming: float = RARE_NAMING,
+) -> tuple[list[str], torch.Tensor]:
     """(captions, match [N, N]) of one batch: multi-label subsets in the classic world, web-like one-positive
     captions (match = identity) elsewhere."""
     if world == "classic":
         captions, subsets = zip(*(subset_caption(names, rng) for names in labels), strict=True)
         match = torch.tensor([[set(sub) <= set(names) for sub in subsets] for names in labels])
         return list(captions), match
-    captions = [web_caption(names, rng)[0] for names in labels]
+    captions = [web_caption(names, rng, salient_share, rare_naming)[0] for names in labels]
     return captions, torch.eye(len(captions), dtype=torch.bool)
 
 
@@ -179,7 +195,9 @@ def train_clip(
     while step < settings.steps:
         rng, _ = training_generators(settings, "clip", step)
         images, labels = render_batch(rng, settings.batch, world=world_of(settings))
-        captions, match = training_pairs(labels, rng, world_of(settings))
+        share = float(settings.extra.get("salient_share", SALIENT_SHARE))
+        naming = float(settings.extra.get("rare_naming", RARE_NAMING))
+        captions, match = training_pairs(labels, rng, world_of(settings), share, naming)
         match = match.to(device)
         _set_lr(optimizer, settings, step)
         with _autocast(device):

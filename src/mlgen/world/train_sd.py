@@ -561,7 +561,7 @@ def train_unet(
         text_encoder = build_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id).to(device)
         unet = build_unet(tuple(settings.extra.get("channels", UNET_CHANNELS))).to(device)
     models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
-    ema = Ema(models)
+    ema = Ema(models, float(settings.extra.get("ema_decay", 0.999)))  # a fine-tune uses a shorter average
     optimizer = torch.optim.AdamW(models.parameters(), lr=settings.lr, weight_decay=1e-2)
     scheduler = _scheduler_for_training()
     alphas = scheduler.alphas_cumprod.to(device)
