@@ -52,10 +52,11 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path, uninterrupt
     run = tmp_path / "run"
     proc = start_generate(run, classes)
     wait_for("raw/*_stats.json", run, finished_before_kill, proc)
-    time.sleep(0.15)  # land somewhere inside the next shard
+    wait_for("raw/.*.tar.tmp-*", run, 1, proc)  # the next shard's tar is being written
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     raw = run / "raw"
+    assert list(raw.glob(".*.tar.tmp-*")), "the kill landed between shards"  # a killed process cleans up nothing
     assert not (raw / "_SUCCESS.json").exists()
     done_before = {p.name for p in raw.glob("*_stats.json")}
     assert 0 < len(done_before) < 6
