@@ -1,0 +1,84 @@
+"""`mlgen bench` on the tiny models (the table, bench.json) and `mlgen run --dry-run` reading it; bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import mlgen
+
+
+def one_line_error(result, *words: str) -> None:
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-2000:]
+    assert lines[0].startswith("mlgen: error:") and all(w in lines[0] for w in words), lines
+
+
+@pytest.fixture(scope="module")
+def bench_json(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    args = ["--size", "64", "--steps", "2", "--images", "4", "--filter-images", "8", "--finetune-steps", "1"]
+    result = mlgen("bench", *args, "--out", out, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "generate images/s" in result.stdout and "projected: --quota 200 --labels 17" in result.stdout
+    return out
+
+
+def test_bench_writes_every_figure(bench_json: Path) -> None:
+    figures = json.loads(bench_json.read_text())
+    g, f = figures["generate"], figures["filter"]
+    assert g["images"] == 4 and g["size"] == 64 and g["steps"] == 2 and g["batch_size"] == 8  # CPU: 8
+    assert g["images_per_s"] > 0 and g["bare_images_per_s"] > 0 and g["ratio"] > 0
+    assert f["images"] == 8 and f["images_per_s"] > 0 and f["bare_images_per_s"] > 0
+    assert figures["finetune"]["steps_per_s"] > 0 and figures["memory"]["peak_rss_gib"] > 0.1
+    p = figures["projection"]
+    assert p["labels"] == 17 and p["images"] >= 17 * 200 // 2  # a pair image counts for two labels
+    expected = p["images"] / g["images_per_s"] + p["images"] / f["images_per_s"]
+    assert abs(p["total_seconds"] - expected) <= 1
+
+
+def test_dry_run_reads_the_config_and_bench_without_loading(bench_json: Path, tmp_path: Path) -> None:
+    (tmp_path / "unseen.txt").write_text("zebra\nkite\nsurfboard\n")
+    config = {
+        "classes": str(tmp_path / "unseen.txt"),
+        "prompts": {"llm": "smollm2", "prompts_per_set": 5},
+        # a hub id that is not here (HF_HUB_OFFLINE): a dry run must not load it
+        "generate": {"model": "stabilityai/stable-diffusion-2", "images_per_prompt": 4, "shard_size": 50, "size": 128},
+        "filter": {"clip": "ViT-B-32/openai"},
+    }
+    (tmp_path / "mlgen.yaml").write_text(yaml.safe_dump(config))
+    result = mlgen("run", "--config", tmp_path / "mlgen.yaml", "--dry-run", "--bench", bench_json, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "label sets  6 (pairs)" in out and "prompts     30 (5 per set" in out
+    assert "images      120 (4 per prompt); per label: zebra 60, kite 60, surfboard 60" in out  # 2 pairs + self
+    assert "shards      raw 3 x 50 images" in out and "preset sd2: 128 px, 50 steps" in out
+    figures = json.loads(bench_json.read_text())
+    seconds = 120 * (128 / 64) ** 2 * (50 / 2) / figures["generate"]["images_per_s"]
+    assert "time        about" in out and str(bench_json) in out
+    assert f"generate {seconds / 60:.0f} min" in out or f"generate {seconds:.0f} s" in out, out
+    assert "disk        about" in out
+    assert not (tmp_path / "mlgen-run").exists()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["bench", "--arch", "sd3"], ("--arch 'sd3'", "sd2")),
+        (["bench", "--clip-arch", "ViT-X"], ("--clip-arch 'ViT-X'",)),
+        (["bench", "--quota", "0"], ("--quota",)),
+    ],
+)
+def test_bench_bad_input_is_one_line(args: list[str], words: tuple[str, ...], tmp_path: Path) -> None:
+    one_line_error(mlgen(*args, cwd=tmp_path), *words)
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_dry_run_on_unknown_keys_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "mlgen.yaml").write_text("finetune: {max_steps: 3}\n")
+    one_line_error(mlgen("run", "--config", tmp_path / "mlgen.yaml", "--dry-run"), "unknown setting 'max_steps'")
+    (tmp_path / "mlgen.yaml").write_text("generat: {steps: 3}\n")
+    one_line_error(mlgen("run", "--config", tmp_path / "mlgen.yaml", "--dry-run"), "unknown section 'generat'")
