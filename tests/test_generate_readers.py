@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -37,31 +38,29 @@ def test_webdataset_reads_every_sample_sizes_json_counts(run: RunDir) -> None:
     assert set(json.loads(json.dumps(samples[0]["json"]))["labels"]) <= {"zebra", "kite", "bench"}
 
 
+@pytest.mark.xfail(
+    strict=True, raises=KeyError,
+    reason="open_clip_train 3.3's group_by_keys_nothrow reads webdataset>=0.2.96's end-of-shard {} as a file "
+    "(KeyError 'fname'; mlfoundations/open_clip#935, webdataset/webdataset#384): strict, so a fixed release fails here",
+)  # fmt: skip
 def test_open_clip_training_loader(run: RunDir) -> None:
-    """open_clip_train's get_wds_dataset when installed, else the same pipeline its docs describe."""
-    import open_clip
+    """open_clip's own training loader (open_clip_train.data.get_wds_dataset) on the raw shards: sizes.json
+    gives it the sample count, and every image and caption comes out preprocessed and tokenized."""
+    from open_clip_train.data import get_wds_dataset
 
     from mlgen.models.registry import load_open_clip
 
     _, preprocess, tokenizer = load_open_clip("tiny", torch.device("cpu"))
-    urls = "::".join(_tars(run.stage_dir("raw")))
-    try:
-        from open_clip_train.data import get_wds_dataset  # noqa: F401 - needs training extras
-    except ImportError:
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(urls.split("::")),
-            wds.tarfile_to_samples(),
-            wds.decode("pilrgb"),
-            wds.rename(image="jpg;png;jpeg;webp", text="txt"),
-            wds.map_dict(image=preprocess, text=lambda t: tokenizer(t)[0]),
-            wds.to_tuple("image", "text"),
-            wds.batched(5, partial=True),
-        )
-        batches = list(pipeline)
-    else:
-        pytest.skip("open_clip_train present: exercised through get_wds_dataset in CI images with it")
-    assert sum(len(b[0]) for b in batches) == 12 and batches[0][0].ndim == 4
-    assert open_clip.__version__
+    args = Namespace(
+        train_data="::".join(_tars(run.stage_dir("raw"))), train_num_samples=None, train_data_upsampling_factors=None,
+        dataset_resampled=False, batch_size=4, workers=1, world_size=1, seed=0, val_data=None, val_num_samples=None,
+    )  # fmt: skip
+    data = get_wds_dataset(args, preprocess, is_train=True, tokenizer=tokenizer)
+    assert data.dataloader.num_samples == 12  # from sizes.json
+    batches = list(data.dataloader)
+    assert sum(len(images) for images, _ in batches) == 12
+    images, texts = batches[0]
+    assert images.shape[1:] == (3, 64, 64) and texts.shape[0] == images.shape[0] and texts.dtype == torch.long
 
 
 def test_hf_datasets_webdataset_builder(run: RunDir) -> None:
