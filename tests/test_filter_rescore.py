@@ -87,13 +87,16 @@ def test_rescore_with_another_text_side(filtered_run: Path, text: str, monkeypat
     monkeypatch.setattr(FilterStage, "encode", lambda self, images: pytest.fail("image encoder ran"))
     run = RunDir(filtered_run)
     before = decisions(filtered_run)
-    if text == "s3" and not (filtered_run / "prompts" / "synonyms.parquet").is_file():
-        pytest.skip("this run has no prompt stage")
+    synonyms = pq.read_table(filtered_run / "prompts" / "synonyms.parquet").to_pylist()  # generate ran prompts
+    assert [(r["label"], r["synonym"]) for r in synonyms] == [(c, c) for c in ("zebra", "kite", "surfboard")]
     workflow.filter_images(run, FilterConfig(clip="tiny", text=text), rescore=True)
     after = decisions(filtered_run)
     assert [r["key"] for r in after] == [r["key"] for r in before]
-    if text == "ensemble":  # s3 with no synonyms beyond the names themselves equals bare
+    if text == "ensemble":
         assert [r["scores"] for r in after] != [r["scores"] for r in before]  # another text side, other scores
+    else:  # each label's synonym space is the label alone: its local center is the bare name's embedding
+        for old, new in zip(before, after, strict=True):
+            assert new["scores"] == pytest.approx(old["scores"], abs=1e-4) and new["kept"] == old["kept"]
     assert all(r["kept"] == (r["reason"] == "") for r in after)
     workflow.filter_images(run, FilterConfig(clip="tiny"), rescore=True)
 
