@@ -77,3 +77,11 @@ def test_ctrl_c_keeps_finished_shards_and_a_rerun_resumes(tmp_path: Path) -> Non
     _ok(mlgen(*args, cwd=tmp_path))
     assert (raw / "_SUCCESS.json").exists() and len(list(raw.glob("*_stats.json"))) > len(done)
     assert all((raw / name).stat().st_mtime_ns == mtime for name, mtime in before.items())  # not redone
+
+
+def test_help_lists_the_commands_in_pipeline_order() -> None:
+    result = mlgen("--help", env={"COLUMNS": "120"})
+    assert result.returncode == 0, result.stderr
+    names = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("│ ") and line[2:3].isalpha()]
+    pipeline = ["prompts", "finetune", "generate", "filter", "train-classifier", "evaluate", "predict", "report"]
+    assert names[: len(pipeline)] == pipeline, names

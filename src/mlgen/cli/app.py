@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from mlgen import __version__, workflow
 from mlgen.cli.bench import bench_command
@@ -32,8 +33,20 @@ from mlgen.errors import MlgenError
 from mlgen.labels import read_labels
 from mlgen.pipeline.rundir import RunDir
 
+# `mlgen --help` lists the commands in the order a run uses them; the rest follow in definition order.
+PIPELINE_ORDER = ("prompts", "finetune", "generate", "filter", "train-classifier", "evaluate", "predict", "report")
+
+
+class PipelineOrder(TyperGroup):
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+        return sorted(names, key=lambda name: rank.get(name, len(rank)))  # stable: the others keep their order
+
+
 app = typer.Typer(
     name="mlgen",
+    cls=PipelineOrder,
     help="Synthetic training data and a multi-label classifier for labels nobody has annotated.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
