@@ -164,7 +164,7 @@ class ExperimentConfig:
     finetune_steps: int = 30  # +finetune: text-encoder fine-tuning steps
     test_images: int = 400  # toy world: rendered test scenes (fixed for all seeds)
     seen_images: int = 256  # toy world: rendered seen-label scenes per seed
-    oracle_images: int = 128  # toy world: rendered unseen-label scenes per seed (the oracle arm)
+    oracle_images: int = 512  # toy world: rendered unseen-label scenes per seed (the oracle arm)
 
 
 STAGE_CONFIGS: dict[str, type] = {
@@ -236,6 +236,7 @@ def validate(config: Any) -> None:
         "temperature": lambda v: v >= 0,
         "top_p": lambda v: 0 < v <= 1,
         "lr": lambda v: v > 0,
+        "request_timeout": lambda v: v > 0,
         "image_format": lambda v: v in ("jpg", "png", "webp"),
         "jpeg_quality": lambda v: 1 <= v <= 100,
         "shard_size": lambda v: v <= 10_000,  # sample keys have four digits for the index

@@ -51,7 +51,7 @@ def experiment_command(
     settings = build_config(ExperimentConfig, section, flags)
     if settings.world is not None and settings.world.lower() == "none":  # your own data and models
         settings = dataclasses.replace(settings, world=None)
-    classifier = build_config(ClassifierConfig, {"head": "dualcoop"}, sections.get("classifier"))
+    classifier = build_config(ClassifierConfig, sections.get("classifier")) if "classifier" in sections else None
     started = time.time()
     run_experiment(run, settings, classifier, log=typer.echo)
     typer.echo(f"\nmlgen experiment finished in {time.time() - started:.0f} s. Outputs in {run}/experiment/:")

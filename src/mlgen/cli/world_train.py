@@ -85,6 +85,7 @@ def train_unet_command(
     ema_decay: Annotated[
         float, typer.Option("--ema-decay", min=0.0, max=1.0, help="Decay of the exported EMA weights.")
     ] = 0.999,
+    warmup: Annotated[int, typer.Option("--warmup", min=1, help="Linear learning-rate warm-up steps.")] = 100,
 ) -> None:
     """Train the toy UNet and text encoder on WORK/vae; export the pipeline (also at every checkpoint)."""
     import json
@@ -96,5 +97,6 @@ def train_unet_command(
     start = diffusers_folder(init) if init else None
     decay = None if ema_decay == 0.999 else ema_decay  # the default is not recorded (old runs stay resumable)
     settings = _settings(steps, batch, lr, seed, checkpoint_every, threads, world, init=start, ema_decay=decay)
+    settings.warmup = warmup
     result = train_unet(work, out or builtin_for_world(world, "diffusion").folder, settings, log=_print)
     print(json.dumps(result))

@@ -2,7 +2,9 @@
 
 Arms that differ only in training share one generation (``run``): ``mlgen``, ``no-filter`` (its raw images),
 ``+fusion`` and ``text-only`` (its prompts) all read the seed's ``mlgen`` run. Every trained arm uses the same
-head, optimizer, augmentation and number of optimizer steps (``ClassifierConfig.steps``).
+head, optimizer, augmentation and number of optimizer steps (``ClassifierConfig.steps``), except ``seen-only``:
+a head trained on seen labels alone must score names it never trained on, which only a shared prompt context
+can (DualCoOp, the classic zero-shot multi-label baseline); it keeps the same optimizer, augmentation and steps.
 """
 
 from __future__ import annotations
@@ -21,12 +23,20 @@ class Arm:
     source: str = "filtered"  # stage arms: filtered (kept images) or raw (every generated image)
     fusion: bool = False
     seen_data: bool = True  # stage arms: the seen-label real images train beside (GZSL, as the paper)
+    prompt_head: bool = False  # trains the shared-context prompt head (DualCoOp) instead of the shared head
 
 
 ARMS: tuple[Arm, ...] = (
     Arm("zero-shot", "zero-shot", None, "the teacher CLIP, prompt ensemble (no training)"),
     Arm("s3", "s3", None, "S^3 synonym spaces of the teacher CLIP (no training)"),
-    Arm("seen-only", "stage", "seen-only", "the head trained on real seen-label images only", seen_data=False),
+    Arm(
+        "seen-only",
+        "stage",
+        "seen-only",
+        "DualCoOp (one shared context) trained on real seen-label images only, scoring the unseen names",
+        seen_data=False,
+        prompt_head=True,
+    ),
     Arm("text-only", "text", "mlgen", "the head trained on the prompts' text embeddings instead of images"),
     Arm("mlgen", "stage", "mlgen", "LLM prompts -> generation -> filter -> head, with the seen real images"),
     Arm("no-filter", "stage", "mlgen", "mlgen on every generated image (no CLIP filter)", source="raw"),

@@ -70,8 +70,9 @@ class Context:
 def classifier_config(ctx: Context, seed: int, arm: Arm) -> ClassifierConfig:
     """The one ClassifierConfig of every trained arm; arms change only their data and fusion."""
     seen = str(seen_set(ctx.config, ctx.setup, ctx.root, seed)) if arm.seen_data else None
+    base = prompt_head_config(ctx) if arm.prompt_head else ctx.classifier
     return dataclasses.replace(
-        ctx.classifier,
+        base,
         clip=ctx.setup.clip,
         steps=ctx.config.steps,
         seed=SeedSeeds.of(seed).classifier,
@@ -80,6 +81,13 @@ def classifier_config(ctx: Context, seed: int, arm: Arm) -> ClassifierConfig:
         seen_data=seen,
         holdout=0.0,
     )
+
+
+def prompt_head_config(ctx: Context) -> ClassifierConfig:
+    """seen-only's head: DualCoOp with one shared context, on the shared head's optimizer and augmentation (a
+    toy CLIP's short text window takes a 4-token context; see ``--prompt-context``)."""
+    context = 4 if ctx.setup.world is not None else ctx.classifier.prompt_context
+    return dataclasses.replace(ctx.classifier, head="dualcoop", class_specific_context=False, prompt_context=context)
 
 
 @functools.cache
