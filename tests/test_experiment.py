@@ -149,14 +149,14 @@ def label_frequency_map(targets: np.ndarray) -> float:
 
 
 def test_demo_mlgen_arm_beats_chance(tmp_path: Path) -> None:
-    from mlgen.demo import DEMO_CLASSIFIER, demo_settings
+    from mlgen.demo import demo_settings
     from mlgen.experiment.cells import TestSet
     from mlgen.experiment.data import resolve, test_set
 
-    settings = demo_settings("template", world="toy-classic")
+    settings = demo_settings("template", world="toy")
     small = dict(prompts_per_set=1, images_per_prompt=4, steps=60, test_images=120, seen_images=64, oracle_images=32)
     settings = ExperimentConfig(**{**settings.__dict__, **small, "arms": "mlgen"})
-    summary = run_experiment(tmp_path, settings, DEMO_CLASSIFIER, log=lambda _: None)
+    summary = run_experiment(tmp_path, settings, log=lambda _: None)  # the demo's (and experiment's) shared head
     setup = resolve(settings)
     test = TestSet.load(test_set(settings, setup, tmp_path / "experiment"), setup)
     zsl_rows = test.targets[:, : test.unseen].any(axis=1)

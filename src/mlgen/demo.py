@@ -21,9 +21,8 @@ TOY = "toy"
 # The demo's unseen labels: four of the toy world's eight shapes (the other four are seen).
 TOY_DEMO_CLASSES = ["circle", "triangle", "star", "heart"]
 DEMO_ARMS = "zero-shot,mlgen,oracle"
-# The demo's classifier: a linear head on the frozen toy CLIP started from random weights (not from the text
-# embeddings, which are the zero-shot baseline), so what it knows it learns from the images.
-DEMO_CLASSIFIER = ClassifierConfig(head="linear", head_init="random")
+# The demo's classifier is the experiment's shared head (a linear head on the frozen teacher started from random
+# weights, so what it knows it learns from the images; see mlgen.experiment.runner).
 
 
 def demo_world() -> str:
@@ -47,7 +46,7 @@ def demo_settings(llm: str = "smollm2", world: str | None = None) -> ExperimentC
         steps=200,
         test_images=400,
         seen_images=256,
-        oracle_images=128,
+        oracle_images=512,
     )
 
 
@@ -73,7 +72,7 @@ def run_demo(run: RunDir, llm: str = "smollm2", model: str = TOY) -> list[str]:
     if model == "tiny":
         return run_tiny_demo(run, llm)
     settings = demo_settings(llm)
-    summary = run_experiment(run.root, settings, DEMO_CLASSIFIER, log=lambda line: print(line, flush=True))
+    summary = run_experiment(run.root, settings, log=lambda line: print(line, flush=True))
     folder = run.root / "experiment"
     mlgen_run = RunDir(folder / "runs" / "0" / "mlgen")
     return [
