@@ -132,15 +132,19 @@ def test_tiny_demo_with_template_prompts(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_toy_demo_scores_rendered_real_scenes(tmp_path: Path) -> None:
-    result = mlgen("demo", "--run", tmp_path / "demo", "--llm", "template")
+def test_toy_demo_prints_the_experiments_headline(tmp_path: Path) -> None:
+    """`mlgen demo` is the experiment for one seed on the headroom world: the teacher's zero-shot, mlgen and
+    the oracle, ZSL and GZSL, with the gap closed; the oracle above the teacher (the backbone has headroom) and
+    mlgen well above chance (label-frequency AP is about 0.3 on these scenes)."""
+    result = mlgen("demo", "--run", tmp_path / "demo", "--llm", "template", timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
-    for line in ("kept", "real test: 300 rendered scenes", "no filter", "toy CLIP zero-shot"):
-        assert line in result.stdout
-    metrics = json.loads((tmp_path / "demo" / "real-test-metrics.json").read_text(encoding="utf-8"))
-    assert {"unfiltered", "zero_shot_clip"} <= set(metrics) <= {"filtered", "unfiltered", "zero_shot_clip"}
-    assert metrics["zero_shot_clip"]["mAP"] > 0.95  # the toy CLIP knows the shapes
-    assert all(0.0 <= m["mAP"] <= 1.0 for m in metrics.values())
+    for text in ("kept", "real test: 400 rendered scenes of all 8 shapes (toy world)", "ZSL  mAP", "GZSL mAP"):
+        assert text in result.stdout
+    assert result.stdout.count("gap closed") == 2
+    summary = json.loads((tmp_path / "demo" / "experiment" / "summary.json").read_text(encoding="utf-8"))
+    zsl = {arm: summary["zsl"][arm]["mAP"]["mean"] for arm in ("zero-shot", "mlgen", "oracle")}
+    assert zsl["oracle"] >= zsl["zero-shot"] + 0.05, zsl
+    assert zsl["mlgen"] >= 0.5, zsl
 
 
 def test_predict_writes_json_lines_and_csv(finished_run: Path, tmp_path: Path) -> None:
