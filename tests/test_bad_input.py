@@ -365,3 +365,126 @@ def test_corrupt_shard(finished_outcomes: dict[str, tuple[Path, list[Outcome]]])
         assert (filtered / f"{shard['shard']:05d}_stats.json").is_file()
     assert not (filtered / "00000_stats.json").exists()
     assert not (filtered / "_SUCCESS.json").exists(), "a stage with a corrupt shard was marked complete"
+
+
+# --- the commands added last: evaluate, predict, export, world render, report, train-classifier options,
+# prompts against a dead server or a bad template, and command-line usage errors -----------------------
+#
+# Every case fails before a model is loaded. RUN holds only classes.txt and an empty raw/ folder
+# (a run whose prompt stage was never finished); x.png is a file that is not an image.
+
+BARE_RUN = {f"{RUN}/classes.txt": "zebra\nkite\n", f"{RUN}/raw/.keep": "", "x.png": "not an image\n"}
+EVAL_DATA = {**BARE_RUN, "d.csv": "image,labels\nx.png,zebra\n", "broken.json": "{\n"}
+ZERO_SHOT = ["evaluate", "--run", RUN, "--zero-shot", "clip"]
+DEAD_SERVER = "http://127.0.0.1:9/v1"  # the discard port: nothing listens, the connection is refused at once
+PROMPTS = ["prompts", "--run", RUN, "--classes", "c.txt", "--llm", "template"]
+
+LATEST_CASES: dict[str, Case] = {
+    # predict
+    "predict-missing-image": Case(["predict", "nope.png", "--run", RUN], ("nope.png", "not found"), BARE_RUN),
+    "predict-no-images": Case(["predict", "--run", RUN], ("missing argument", "images"), BARE_RUN),
+    "predict-bad-format": Case(["predict", "x.png", "--run", RUN, "--format", "xml"], ("--format", "xml"), BARE_RUN),
+    "predict-untrained-run": Case(
+        ["predict", "x.png", "--run", RUN], ("classifier", "mlgen train-classifier"), BARE_RUN
+    ),
+    "predict-no-run": Case(["predict", "x.png", "--run", "nosuch"], ("no run directory", "nosuch"), BARE_RUN),
+    # evaluate
+    "evaluate-no-run": Case(["evaluate", "--run", "nosuch"], ("no run directory", "nosuch")),
+    "evaluate-untrained-run": Case(["evaluate", "--run", RUN], ("classifier", "mlgen train-classifier"), BARE_RUN),
+    "evaluate-zero-shot-without-data": Case(ZERO_SHOT, ("--zero-shot", "--data"), BARE_RUN),
+    "evaluate-unknown-zero-shot": Case(
+        ["evaluate", "--run", RUN, "--zero-shot", "nosuch", "--data", "d.csv"], ("--zero-shot", "nosuch"), EVAL_DATA
+    ),
+    "evaluate-missing-data": Case([*ZERO_SHOT, "--data", "missing.csv"], ("missing.csv", "not found"), EVAL_DATA),
+    "evaluate-data-not-json": Case([*ZERO_SHOT, "--data", "broken.json"], ("broken.json", "COCO"), EVAL_DATA),
+    "evaluate-s3-without-synonyms": Case(
+        ["evaluate", "--run", RUN, "--zero-shot", "s3", "--data", "d.csv"], ("s3", "synonyms"), EVAL_DATA
+    ),
+    # export
+    "export-no-folder": Case(["export", "nofolder", "out.json"], ("nofolder",)),
+    "export-bad-format": Case(["export", f"{RUN}/raw", "o.json", "--format", "xml"], ("--format", "xml"), BARE_RUN),
+    "export-without-output": Case(["export", f"{RUN}/raw"], ("output file",), BARE_RUN),
+    "export-no-shards": Case(["export", f"{RUN}/raw", "o.json"], ("raw", "no finished shards"), BARE_RUN),
+    "export-sizes-no-shards": Case(["export", f"{RUN}/raw", "--format", "sizes"], ("no finished shards",), BARE_RUN),
+    "export-not-a-run": Case(["export", "loose", "o.json"], ("classes.txt",), {"loose/.keep": ""}),
+    # world render
+    "render-zero-scenes": Case(["world", "render", "--out", "W", "--n", "0"], ("--n", "greater than or equal to 1")),
+    "render-unknown-shape": Case(["world", "render", "--out", "W", "--n", "2", "--labels", "blob"], ("blob",)),
+    "render-unknown-world": Case(["world", "render", "--out", "W", "--n", "2", "--world", "mars"], ("mars",)),
+    "render-unknown-stream": Case(["world", "render", "--out", "W", "--n", "2", "--stream", "x"], ("--stream",)),
+    "render-out-is-a-file": Case(["world", "render", "--out", "x.png", "--n", "2"], ("x.png", "file"), BARE_RUN),
+    "render-without-out": Case(["world", "render", "--n", "2"], ("missing option", "--out")),
+    # report
+    "report-no-run": Case(["report", "--run", "nosuch"], ("no run directory", "nosuch")),
+    "report-before-filter": Case(["report", "--run", RUN], ("filtered", "mlgen filter"), BARE_RUN),
+    # train-classifier options (refused before the stage looks for its input)
+    "train-unknown-head": Case(["train-classifier", "--run", RUN, "--head", "mlp"], ("head", "mlp"), BARE_RUN),
+    "train-unknown-loss": Case(["train-classifier", "--run", RUN, "--loss", "hinge"], ("loss", "hinge"), BARE_RUN),
+    "train-steps-0": Case(["train-classifier", "--run", RUN, "--steps", "0"], ("--steps",), BARE_RUN),
+    "train-holdout-1.5": Case(["train-classifier", "--run", RUN, "--holdout", "1.5"], ("holdout", "1.5"), BARE_RUN),
+    "train-epochs-not-a-number": Case(["train-classifier", "--run", RUN, "--epochs", "ten"], ("--epochs",), BARE_RUN),
+    "train-prompt-context-0": Case(
+        ["train-classifier", "--run", RUN, "--prompt-context", "0"], ("prompt_context",), BARE_RUN
+    ),
+    # prompts: a dead server, a template that is missing or not a template, a negative timeout
+    "prompts-dead-server": Case(
+        [
+            "prompts",
+            "--run",
+            RUN,
+            "--classes",
+            "c.txt",
+            "--llm",
+            "openai:m",
+            "--llm-base-url",
+            DEAD_SERVER,
+            "--request-retries",
+            "0",
+            "--request-timeout",
+            "5",
+        ],
+        ("cannot reach", DEAD_SERVER),
+        CLASSES_FILE,
+        timeout=60,
+    ),
+    "prompts-missing-template": Case(
+        [*PROMPTS, "--prompt-template", "nope.yaml"], ("nope.yaml", "not found"), CLASSES_FILE
+    ),
+    "prompts-template-not-a-template": Case(
+        [*PROMPTS, "--prompt-template", "c.txt"], ("c.txt", "messages"), CLASSES_FILE
+    ),
+    "prompts-negative-timeout": Case(
+        [*PROMPTS, "--request-timeout", "-1"], ("request_timeout", "-1"), CLASSES_FILE, no_prompts=True
+    ),
+    # a command that does not exist
+    "no-such-command": Case(["evalute", "--run", RUN], ("evalute",)),
+}
+
+
+@pytest.fixture(scope="module")
+def latest_outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+    """The selected LATEST_CASES (all, or those ``-k`` picked), two processes at a time."""
+    wanted = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.originalname == "test_latest_commands_bad_input" and hasattr(item, "callspec")
+    ]
+    root = tmp_path_factory.mktemp("latest")
+    jobs = {
+        name: Job(
+            make_folder(root / name, LATEST_CASES[name].files), [LATEST_CASES[name].args], LATEST_CASES[name].timeout
+        )
+        for name in wanted
+    }
+    return {name: outcomes[0] for name, outcomes in run_all(jobs).items()}
+
+
+@pytest.mark.parametrize("name", list(LATEST_CASES))
+def test_latest_commands_bad_input(name: str, latest_outcomes: dict[str, Outcome], tmp_path: Path) -> None:
+    case, outcome = LATEST_CASES[name], latest_outcomes[name]
+    assert_one_error_line(outcome.proc, *case.mentions)
+    assert outcome.files_after == outcome.files_before, "files written outside the run directory"
+    if case.no_prompts:
+        assert outcome.run_after == outcome.run_before, "the run changed before the bad input was refused"
+    if case.timeout < 300:
+        assert outcome.seconds < case.timeout

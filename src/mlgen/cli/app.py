@@ -33,6 +33,12 @@ from mlgen.errors import MlgenError
 from mlgen.labels import read_labels
 from mlgen.pipeline.rundir import RunDir
 
+try:  # typer >= 0.2x carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # older typer: click itself
+    from click import exceptions as click_exceptions
+NO_ARGS_IS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2; () matches nothing
+
 # `mlgen --help` lists the commands in the order a run uses them; the rest follow in definition order.
 PIPELINE_ORDER = ("prompts", "finetune", "generate", "filter", "train-classifier", "evaluate", "predict", "report")
 
@@ -103,6 +109,13 @@ def _settings(config_file: Path | None, section: str, cls: type, **flags: Any) -
 
 def _labels(classes_file: Path | None) -> list[str] | None:
     return read_labels(classes_file) if classes_file else None
+
+
+def _existing_run(run: Path) -> RunDir:
+    """The run directory of a command that reads a run (evaluate, predict, report): it must exist."""
+    if not run.is_dir():
+        raise MlgenError(f"no run directory at {run}" + (" (it is a file)" if run.exists() else ""))
+    return RunDir(run)
 
 
 def _say(marker: dict[str, Any], run: Path) -> None:
@@ -216,7 +229,7 @@ def report(run: RunOpt = DEFAULT_RUN) -> None:
     """Write RUN/report/index.html: per label, contact sheets of kept and dropped images, scores, counts."""
     from mlgen.report import build_report
 
-    typer.echo(f"report: {build_report(RunDir(run))}")
+    typer.echo(f"report: {build_report(_existing_run(run))}")
 
 
 @app.command("train-classifier")
@@ -327,7 +340,7 @@ def evaluate(
     clip: Annotated[str, typer.Option(help="The CLIP model of --zero-shot.")] = "tiny",
 ) -> None:
     """Score the classifier on real labelled images (ZSL, GZSL, beside CLIP zero-shot); no --data: print metrics."""
-    run_dir = RunDir(run)
+    run_dir = _existing_run(run)
     if zero_shot is not None:
         if data is None:
             raise MlgenError("--zero-shot needs --data (the real labelled images to score)")
@@ -379,7 +392,7 @@ def predict(
 
     if output_format not in ("jsonl", "csv"):
         raise MlgenError(f"--format must be jsonl or csv, not {output_format!r}")
-    typer.echo(format_predictions(images, predict_files(RunDir(run), images), output_format), nl=False)
+    typer.echo(format_predictions(images, predict_files(_existing_run(run), images), output_format), nl=False)
 
 
 @app.command("run")
@@ -508,14 +521,30 @@ def _quiet_libraries() -> None:
     huggingface_hub.utils.logging.set_verbosity_error()
 
 
+def usage_error_line(err: click_exceptions.ClickException) -> str:
+    """A command-line usage error (missing argument, a value click cannot parse or that is out of
+    range) as one line, like every other error, instead of typer's boxed usage block."""
+    message = " ".join(err.format_message().split())
+    ctx = getattr(err, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return f"mlgen: error: {message}{where}"
+
+
 def main() -> None:
     _quiet_libraries()
     try:
-        app()
+        code = app(standalone_mode=False)  # typer's Exit (--help, --version, Ctrl-C) comes back as a code
     except MlgenError as err:
         typer.echo(f"mlgen: error: {err}", err=True)
         sys.exit(1)
-    except SystemExit as exit_:
-        if exit_.code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit status 130
-            typer.echo("mlgen: interrupted: finished shards are kept; run the same command again to resume", err=True)
-        raise
+    except NO_ARGS_IS_HELP as err:  # typer printed the help already
+        sys.exit(err.exit_code)
+    except click_exceptions.ClickException as err:
+        typer.echo(usage_error_line(err), err=True)
+        sys.exit(err.exit_code)
+    except typer.Abort:  # end of input at a prompt (typer.Abort is click's Abort in older typer)
+        typer.echo("mlgen: aborted", err=True)
+        sys.exit(1)
+    if code == 130:  # typer turns Ctrl-C (KeyboardInterrupt) into exit status 130
+        typer.echo("mlgen: interrupted: finished shards are kept; run the same command again to resume", err=True)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -32,7 +32,17 @@ def export_command(
     from mlgen.generate.export import export
     from mlgen.pipeline.rundir import RunDir
 
+    if fmt not in ("coco", "sizes"):
+        raise MlgenError(f"--format must be coco or sizes, not {fmt!r}")
+    if not folder.is_dir():
+        raise MlgenError(f"no shard folder at {folder}" + (" (it is a file)" if folder.exists() else ""))
     if fmt == "coco" and out is None:
         raise MlgenError("mlgen export --format coco needs an output file: mlgen export RUN/filtered OUT.json")
-    counts = export(folder, out or folder / "sizes.json", fmt, RunDir(folder.parent).classes())
+    classes: list[str] = []
+    if fmt == "coco":  # the run's labels name the categories
+        run = RunDir(folder.parent)
+        if not run.classes_file.is_file():
+            raise MlgenError(f"{folder.parent} has no classes.txt: FOLDER must be a run's raw or filtered folder")
+        classes = run.classes()
+    counts = export(folder, out or folder / "sizes.json", fmt, classes)
     typer.echo(f"export {fmt}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {out or folder}")

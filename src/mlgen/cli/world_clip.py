@@ -37,6 +37,8 @@ def render_command(
     """Render a labelled real test set of toy scenes (the CSV that 'mlgen evaluate --data' reads)."""
     from mlgen.world.render import get_world, render_dataset
 
+    if out.exists() and not out.is_dir():
+        raise MlgenError(f"--out {out} is a file: choose a folder")
     if (out / "labels.csv").exists():
         raise MlgenError(f"{out} already holds a rendered set (labels.csv): choose another --out")
     if stream not in ("test", "seen", "oracle"):

@@ -69,6 +69,8 @@ def export(folder: Path, out: Path, fmt: str, classes: list[str]) -> dict[str, i
         write_json_atomic(out, data)
         return {"images": len(data["images"]), "annotations": len(data["annotations"])}
     if fmt == "sizes":
+        if not finished_shards(folder):
+            raise MlgenError(f"{folder} has no finished shards to export")
         sizes = json.loads(write_sizes(folder).read_text(encoding="utf-8"))
         return {"shards": len(sizes), "samples": sum(sizes.values())}
     raise MlgenError(f"unknown export format '{fmt}': use coco or sizes")
