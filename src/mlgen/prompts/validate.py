@@ -31,6 +31,10 @@ SYNONYM_REASONS = (
     "too_long",
     "is_label",
     "contains_label",
+    "repetition",  # a word twice ('zebra zebra'), or the label glued to itself ('starstar')
+    "concatenation",  # the label glued to more letters: 'zebrass', 'zebray', 'teddybear'
+    "not_a_word",  # a word no English word list knows
+    "misspelling",  # a rare word a letter or two from the label's: 'zebre', 'kyte' ('dryer' for 'drier' is common)
     "other_label",
     "duplicate",
     "far_in_meaning",
@@ -133,6 +137,53 @@ class PromptValidator:
         return keep
 
 
+# A synonym's every word must be an English word: at least this Zipf frequency in wordfreq's list
+# (log10 of uses per billion words: 'okapi' 1.9, 'bodyboard' 1.5; misspellings such as 'zebrass' are 0).
+MIN_ZIPF = 1.5
+# A rare word within two letters of the label's word is its misspelling, unless it is at least this
+# common: 'dryer' (3.5) for 'drier' is a spelling variant, 'zebre' (1.9) for 'zebra' is not.
+VARIANT_ZIPF = 3.0
+
+
+@cache
+def zipf(word: str) -> float:
+    """``word``'s Zipf frequency in English (wordfreq's maintained list; offline)."""
+    from wordfreq import zipf_frequency
+
+    return zipf_frequency(word, "en")
+
+
+def _edits(a: str, b: str) -> int:
+    """Levenshtein distance."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        previous, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (ca != cb))
+    return row[-1]
+
+
+def word_problem(synonym: str, label: str) -> str | None:
+    """Why ``synonym`` (cleaned, not the label itself) is no word for ``label``, by its letters alone:
+    a repetition, the label glued to more letters, a non-word, or a misspelling (None: it is words)."""
+    words = re.findall(r"[a-z0-9']+", synonym)
+    glued, label_glued = "".join(words), re.sub(r"[^a-z0-9]", "", label.lower())
+    repeats = len(glued) // len(label_glued) if label_glued else 0
+    if len(set(words)) < len(words) or (repeats >= 2 and glued == label_glued * repeats):
+        return "repetition"
+    if label_glued and label_glued in glued:
+        return "concatenation"
+    if any(zipf(word) < MIN_ZIPF for word in words if not word.isdigit()):
+        return "not_a_word"
+    label_words = re.findall(r"[a-z0-9']+", label.lower())
+    for word in words:
+        if word in label_words or zipf(word) >= VARIANT_ZIPF:
+            continue
+        if any(_edits(word, other) <= min(2, len(other) // 3) for other in label_words):
+            return "misspelling"
+    return None
+
+
 def clean_synonym(item: str) -> str:
     word = re.sub(r"^\s*(\d+[.)]|[-*•])\s*", "", item.lower())
     return re.sub(r"^(a|an|the)\s+", "", re.sub(r"[^a-z0-9' -]", "", word).strip()).strip()
@@ -144,7 +195,8 @@ def validate_synonyms(
     """Up to ``n`` synonyms per label from the raw comma-separated answers.
 
     A synonym is kept when it is not empty, at most four words, neither the label (nor its plural) nor the
-    label with more words,
+    label with more words, real words (no repetition, no label glued to more letters, every word in
+    wordfreq's English list, no rare near-spelling of the label's words: :func:`word_problem`),
     not another label nor another label's synonym, not a repeat, and close in meaning: its
     embedding's cosine to the label's is at least ``threshold`` and higher than to any other label.
     """
@@ -163,6 +215,8 @@ def validate_synonyms(
                 why = "is_label"
             elif _term_pattern(label).search(word):  # 'motorcycle ride', 'laptop light': the label plus a word
                 why = "contains_label"
+            elif why := word_problem(word, label):
+                pass
             elif any(_term_pattern(other).fullmatch(word) for other in labels if other != label):
                 why = "other_label"
             elif word in seen:
