@@ -161,6 +161,8 @@ def test_report_page_shows_every_image_in_chromium(filtered_run: Path, tmp_path:
     text = page.read_text(encoding="utf-8")
     for label in ("zebra", "kite", "surfboard"):
         assert f"<h2>{label}</h2>" in text
+    prompts = text[text.index("<h2>Prompts</h2>") :]  # the prompt report: tables like the rest, no JSON dump
+    assert "<pre>" not in prompts and "<th>template only (baseline)</th>" in prompts
     checked = page.with_name("check.html")
     checked.write_text(text.replace("</body>", IMAGE_CHECK + "</body>"), encoding="utf-8")
     browser = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]

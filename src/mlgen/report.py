@@ -112,11 +112,96 @@ def _metrics_section(root: Path, out: Path) -> str:
     )
 
 
+def _cell(value: Any) -> str:
+    """One table cell's text: '-' for nothing, floats to 3 digits, a mapping as 'key value' pairs."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.0f}" if value.is_integer() else f"{value:.3f}".rstrip("0")
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_cell(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(_cell(v) for v in value) or "-"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    """An HTML table; every cell escaped."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+PROMPT_FIGURES = [  # (key in the report's figures, shown as)
+    ("prompts", "prompts"),
+    ("prompts_per_set", "prompts per set"),
+    ("distinct_2", "distinct 2-grams"),
+    ("within_set_distance", "within-set distance"),
+    ("label_coverage", "label coverage"),
+    ("prompts_per_label", "prompts per label"),
+]
+
+
 def _prompt_section(root: Path) -> str:
-    report = root / "prompts" / "report.json"
-    if not report.is_file():
+    """prompts/report.json as tables: where the prompts came from, what was refused, how diverse they
+    are beside the template-only baseline, the synonyms and the settings."""
+    path = root / "prompts" / "report.json"
+    if not path.is_file():
         return ""
-    return f"<h2>Prompts</h2><pre>{html.escape(report.read_text(encoding='utf-8'))}</pre>"
+    report = json.loads(path.read_text(encoding="utf-8"))
+    requests, answers = report.get("requests", {}), report.get("answers", {})
+    sets = report.get("label_sets", {})
+    parts = ["<h2>Prompts</h2>"]
+    overview = [
+        ["LLM", report.get("llm")],
+        ["prompt style", report.get("prompt_style")],
+        ["label sets", f"{sets.get('count')} ({sets.get('method')})"],
+        ["requests", requests.get("total")],
+        ["answered from the cache", requests.get("answered_from_cache")],
+        ["synonym requests", requests.get("synonym_requests")],
+        ["answers (candidates)", answers.get("candidates")],
+        ["accepted", answers.get("accepted")],
+        ["valid beyond what a set needed", answers.get("surplus")],
+        ["valid share", answers.get("accepted_share")],
+        ["prompts from the LLM", report.get("share_from_llm")],
+        ["prompts from the template", report.get("share_from_template")],
+        ["sets the template filled", report.get("template_filled_sets")],
+    ]
+    parts.append(_table(["", "value"], overview))
+    rejected = answers.get("rejected") or {}
+    if rejected:
+        parts.append("<h3>Refused answers</h3>")
+        parts.append(_table(["reason", "answers"], sorted(rejected.items(), key=lambda kv: -kv[1])))
+    arms = [(key, title) for key, title in (("prompts", "these prompts"), ("llm_prompts_only", "LLM prompts only"),
+            ("template_only", "template only (baseline)")) if report.get(key)]  # fmt: skip
+    if arms:
+        parts.append("<h3>Diversity beside the template-only baseline</h3>")
+        rows = [[title, *(report[key].get(name) for key, _ in arms)] for name, title in PROMPT_FIGURES]
+        parts.append(_table(["figure", *(title for _, title in arms)], rows))
+    synonyms = report.get("synonyms") or {}
+    if synonyms.get("per_label"):
+        words = _synonym_words(root)
+        parts.append(f"<h3>Synonyms (MiniLM threshold {_cell(synonyms.get('threshold'))})</h3>")
+        rows = [[label, count, words.get(label, [])] for label, count in synonyms["per_label"].items()]
+        parts.append(_table(["label", "synonyms", "words"], rows))
+        if synonyms.get("rejected"):
+            refused = sorted(synonyms["rejected"].items(), key=lambda kv: -kv[1])
+            parts.append(_table(["refused synonym: reason", "words"], [[k, v] for k, v in refused if v]))
+    if report.get("settings"):
+        parts.append("<h3>Settings</h3>")
+        parts.append(_table(["setting", "value"], list(report["settings"].items())))
+    return "".join(parts)
+
+
+def _synonym_words(root: Path) -> dict[str, list[str]]:
+    """label -> its LLM synonyms, from prompts/synonyms.parquet (empty when there is none)."""
+    path = root / "prompts" / "synonyms.parquet"
+    words: dict[str, list[str]] = {}
+    if path.is_file():
+        for row in pq.read_table(path).to_pylist():
+            if row["source"] != "label":
+                words.setdefault(row["label"], []).append(row["synonym"])
+    return words
 
 
 STYLE = (
