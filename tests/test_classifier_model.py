@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mlgen.classifiers.losses import make_loss
-from mlgen.classifiers.model import build_classifier, load_classifier, save_classifier
+from mlgen.classifiers.model import HeadOptions, build_classifier, load_classifier, save_classifier
 from mlgen.models.registry import open_clip_name
 
 CLASSES = ["circle", "square", "triangle"]
@@ -19,25 +19,36 @@ def _clip(name: str):
     return model, open_clip.get_tokenizer(model_name)
 
 
+# Two distinct images (black, white; each twice) with distinct labels: a model that learned a bias only
+# (the same scores for every image) cannot rank each label's image above the other one.
+PER_CLASS = [[1, 0, 1], [0, 1, 0]]  # which label depends on the image
+PER_IMAGE = [[1, 1, 1], [0, 0, 0]]  # whether any label: all a shared DualCoOp context can learn on a random text tower
+
+
 @pytest.mark.parametrize(
-    ("name", "head", "fusion", "loss"),
+    ("name", "head", "fusion", "loss", "options", "pattern", "lr", "steps"),
     [
-        ("tiny", "linear", False, "bce"),
-        ("tiny", "dualcoop", False, "asl"),
-        ("tiny", "cprfl", True, "asl"),
-        ("tiny-resnet", "cprfl", False, "mlcd"),
-        ("tiny-resnet", "linear", True, "asl"),
+        ("tiny", "linear", False, "bce", {}, PER_CLASS, 1e-2, 10),
+        ("tiny", "dualcoop", False, "asl", {"class_specific_context": True}, PER_CLASS, 1e-3, 10),
+        ("tiny", "dualcoop", False, "asl", {}, PER_IMAGE, 1e-3, 10),
+        ("tiny", "cprfl", True, "asl", {}, PER_CLASS, 1e-3, 10),
+        # the random-weight ResNet's features of the two images are 0.998 alike: smaller steps, more of them
+        ("tiny-resnet", "cprfl", False, "mlcd", {}, PER_CLASS, 1e-4, 30),
+        ("tiny-resnet", "linear", True, "asl", {}, PER_CLASS, 1e-2, 30),
     ],
 )
-def test_head_trains_only_its_params_learns_and_reloads(tmp_path, name, head, fusion, loss) -> None:
+def test_head_trains_only_its_params_learns_and_reloads(
+    tmp_path, name, head, fusion, loss, options, pattern, lr, steps
+) -> None:
     torch.manual_seed(0)
     clip_model, tokenizer = _clip(name)
     frozen = {n: p.detach().clone() for n, p in clip_model.named_parameters()}
-    model = build_classifier(clip_model, tokenizer, CLASSES, head=head, fusion=fusion, device="cpu")
+    model = build_classifier(
+        clip_model, tokenizer, CLASSES, head=head, fusion=fusion, device="cpu", options=HeadOptions(**options)
+    )
     assert model.cacheable is (not fusion)
-    pixels = torch.randn(4, 3, 64, 64)
-    # random-weight CLIP gives near-identical embeddings: a label set shared by the batch is what is learnable
-    targets = torch.tensor([[1, 0, 1]]).repeat(4, 1)
+    pixels = torch.cat([torch.full((1, 3, 64, 64), -1.5), torch.full((1, 3, 64, 64), 1.5)]).repeat(2, 1, 1, 1)
+    targets = torch.tensor(pattern).repeat(2, 1)
     features = model.frozen_features(pixels)
     assert features["pooled"].shape == (4, 64)
     if head == "cprfl":
@@ -46,16 +57,22 @@ def test_head_trains_only_its_params_learns_and_reloads(tmp_path, name, head, fu
 
     loss_fn = make_loss(loss, head)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2 if head == "linear" else 1e-3)
+    optimizer = torch.optim.AdamW(trainable, lr=lr)
     model.train()
     losses = []
-    for _ in range(10):
+    for _ in range(steps):
         optimizer.zero_grad()
         value = loss_fn(model(pixels) if fusion else model.forward_features(features), targets)
         value.backward()
         optimizer.step()
         losses.append(value.item())
     assert sum(losses[-3:]) / 3 < losses[0]  # CPRFL's dropout makes single steps noisy
+    model.eval()
+    with torch.no_grad():
+        scores = model(pixels)
+    # every label scores higher on the image that has it than on the one that has not
+    gap = (scores[0] - scores[1]) * (targets[0] - targets[1])
+    assert (gap > 0).all(), gap
     assert all(p.grad is not None for p in trainable)
     trained = {id(p) for p in trainable}
     for n, p in clip_model.named_parameters():  # the CLIP weights never change (fusion wraps ".block"/".conv")
