@@ -117,7 +117,7 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.0f}" if value.is_integer() else f"{value:.3f}".rstrip("0")
+        return f"{value:.0f}" if value.is_integer() else f"{value:.3f}".rstrip("0").rstrip(".")
     if isinstance(value, dict):
         return ", ".join(f"{k} {_cell(v)}" for k, v in value.items()) or "-"
     if isinstance(value, list | tuple):
