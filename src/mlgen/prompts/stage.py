@@ -54,7 +54,8 @@ PROMPTS_SCHEMA = pa.schema(
     ]
 )
 SYNONYMS_SCHEMA = pa.schema([("label", pa.string()), ("synonym", pa.string()), ("source", pa.string())])
-SYNONYM_SAMPLES = 2  # synonym requests per label (different seeds); their answers are pooled
+SYNONYM_SAMPLES = 2  # synonym requests per label and round (different seeds); all answers are pooled
+SYNONYM_ROUNDS = 2  # rounds of SYNONYM_SAMPLES requests; round 2 only for the labels still short of --synonyms
 CACHE_FOLDER = "llm-cache"  # RUN/llm-cache: outside prompts/, so --overwrite keeps the answers
 
 
@@ -116,18 +117,27 @@ class PromptStage(Stage):
         requests = 0
         if self.backend is not None and self.cache is not None and self.config.synonyms_per_label:
             n = self.config.synonyms_per_label
-            asks = [
-                self._request(self.synonym_instruction.render({"label": label, "n": str(n)}), ("synonyms", label, j))
-                for label in self.classes
-                for j in range(SYNONYM_SAMPLES)
-            ]
-            requests = len(asks)
-            answers = self.cache.complete(self.backend, asks)
-            raw = {
-                label: [a for a in answers[i * SYNONYM_SAMPLES : (i + 1) * SYNONYM_SAMPLES] if a]
-                for i, label in enumerate(self.classes)
-            }
-            synonyms = validate_synonyms(raw, n, self.embedder, self.config.synonym_threshold, rejected)
+            raw: dict[str, list[str]] = {label: [] for label in self.classes}
+            short = list(self.classes)
+            for round_ in range(SYNONYM_ROUNDS):  # a small LLM's answers are mostly refused: sample more
+                seeds = range(round_ * SYNONYM_SAMPLES, (round_ + 1) * SYNONYM_SAMPLES)
+                labels = [label for label in short for _ in seeds]
+                asks = [
+                    self._request(
+                        self.synonym_instruction.render({"label": label, "n": str(n)}), ("synonyms", label, j)
+                    )
+                    for label in short
+                    for j in seeds
+                ]
+                requests += len(asks)
+                for label, answer in zip(labels, self.cache.complete(self.backend, asks), strict=True):
+                    if answer:
+                        raw[label].append(answer)
+                rejected = Counter()  # the counts of the last validation, over every answer so far
+                synonyms = validate_synonyms(raw, n, self.embedder, self.config.synonym_threshold, rejected)
+                short = [label for label in self.classes if len(synonyms[label]) < n]
+                if not short:
+                    break
         write_json_atomic(path, {"synonyms": synonyms, "rejected": dict(rejected), "requests": requests})
         return synonyms
 
