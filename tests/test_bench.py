@@ -31,9 +31,14 @@ def test_bench_writes_every_figure(bench_json: Path) -> None:
     figures = json.loads(bench_json.read_text())
     g, f = figures["generate"], figures["filter"]
     assert g["images"] == 4 and g["size"] == 64 and g["steps"] == 2 and g["batch_size"] == 8  # CPU: 8
-    assert g["images_per_s"] > 0 and g["bare_images_per_s"] > 0 and g["ratio"] > 0
+    assert g["images_per_s"] > 0 and g["bare_images_per_s"] > 0
+    for stage in (g, f):  # stage/bare: the stage's rate over the bare call's (1 = no overhead)
+        assert stage["ratio"] == pytest.approx(stage["images_per_s"] / stage["bare_images_per_s"], rel=1e-9)
+    assert g["dtype"] == "float32" and g["attention"] and not (g["vae_slicing"] or g["vae_tiling"] or g["compiled"])
     assert f["images"] == 8 and f["images_per_s"] > 0 and f["bare_images_per_s"] > 0
-    assert figures["finetune"]["steps_per_s"] > 0 and figures["memory"]["peak_rss_gib"] > 0.1
+    t = figures["finetune"]
+    assert t["steps_per_s"] > 0 and t["autocast"] is None and t["gradient_checkpointing"] and len(t["losses"]) == 1
+    assert figures["finetune_skipped"] is None and figures["memory"]["peak_rss_gib"] > 0.1
     p = figures["projection"]
     assert p["labels"] == 17 and p["images"] >= 17 * 200 // 2  # a pair image counts for two labels
     expected = p["images"] / g["images_per_s"] + p["images"] / f["images_per_s"]
@@ -82,3 +87,22 @@ def test_dry_run_on_unknown_keys_is_one_line(tmp_path: Path) -> None:
     one_line_error(mlgen("run", "--config", tmp_path / "mlgen.yaml", "--dry-run"), "unknown setting 'max_steps'")
     (tmp_path / "mlgen.yaml").write_text("generat: {steps: 3}\n")
     one_line_error(mlgen("run", "--config", tmp_path / "mlgen.yaml", "--dry-run"), "unknown section 'generat'")
+
+
+@pytest.mark.slow
+def test_bench_a_real_architecture_on_cpu(tmp_path: Path) -> None:
+    """`--arch sd2` at 256 px on CPU: one image per batch, the fine-tuning step skipped with its reason
+    (a batch of 8 and a real-size training step took minutes on 2 cores)."""
+    args = ["bench", "--arch", "sd2", "--size", "256", "--steps", "2"]  # the issue's command
+    result = mlgen(*args, cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mlgen bench on cpu: sd2 (random weights), 256 px, 2 steps, float32" in result.stdout
+    assert "skipped on CPU with --arch" in result.stdout and "batch size chosen: 1" in result.stdout
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    g = figures["generate"]
+    assert g["images"] == 1 and g["batch_size"] == 1 and g["size"] == 256 and figures["arch"] == "sd2"
+    assert figures["filter"]["images"] == 8
+    assert figures["finetune"] is None and "--finetune-steps 1" in figures["finetune_skipped"]
+    # Stage vs bare on one image: the issue asks for 0.95 or better (measured 0.99-1.0 alone); a wider band
+    # here, where another test process shares the two cores.
+    assert g["ratio"] > 0.85, g

@@ -16,7 +16,7 @@ from mlgen.pipeline.rundir import RunDir
 from mlgen.pipeline.runner import run_stage
 from test_finetune import CLASSES, make_run, read_log
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp16"])

@@ -11,7 +11,7 @@ from mlgen.config import FilterConfig, GenerateConfig, PromptsConfig
 from mlgen.pipeline.rundir import RunDir
 from mlgen.workflow import filter_images, generate
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
 def test_generate_and_filter_in_fp16_on_cuda(tmp_path: Path) -> None:

@@ -228,6 +228,7 @@ def test_a_server_that_never_answers_times_out_with_one_line(tmp_path: Path) -> 
     importlib.util.find_spec("vllm") is None, reason="vllm is not installed (pip install 'mlgen[vllm]')"
 )
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM needs a GPU")
+@pytest.mark.gpu
 def test_vllm_backend_writes_structured_prompts(tmp_path: Path) -> None:
     (tmp_path / "c.txt").write_text("zebra\nkite\n")
     args = ["prompts", "--run", "R", "--classes", "c.txt", "--llm", "vllm:smollm2"]

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import resource
@@ -30,9 +31,23 @@ from mlgen.prompts.stage import PromptStage
 LABELS = ["zebra", "surfboard", "kite", "bench", "dog", "cat", "car", "tree"]  # 36 label sets, one prompt each
 
 
+PEAKS_GIB: list[float] = []  # the peak GPU memory of each phase that reset the counter (see phase_peak)
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def phase_start() -> None:
+    """Start a phase's own peak GPU memory, keeping the peak so far for memory()'s overall figure."""
+    if torch.cuda.is_available():
+        PEAKS_GIB.append(torch.cuda.max_memory_allocated() / 2**30)
+        torch.cuda.reset_peak_memory_stats()
+
+
+def phase_peak() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None
 
 
 def prompt_run(root: Path, images: int) -> RunDir:
@@ -55,6 +70,7 @@ def shard_seconds(folder: Path) -> float:
 def bench_generate(run: RunDir, config: GenerateConfig, images: int) -> tuple[dict[str, Any], GenerateStage]:
     """The generate stage and a bare ``pipe(...)`` on the same prompts; the stage is kept for its pipeline."""
     stage = GenerateStage(run, dataclasses.replace(config, shard_size=images, images_per_prompt=1))
+    phase_start()
     stage.setup(current_ranks())
     warm_up(stage)
     setup, stage.setup = stage.setup, lambda ranks: None  # loaded once: the runner must not load it again
@@ -69,11 +85,27 @@ def bench_generate(run: RunDir, config: GenerateConfig, images: int) -> tuple[di
         "steps": c.steps,
         "batch_size": stage.batch_size,
         "dtype": str(stage.pipe.unet.dtype).removeprefix("torch."),
+        **gpu_paths(stage),
         "images": images,
         "images_per_s": images / stage_s,
         "bare_images_per_s": images / bare_s,
         "ratio": bare_s / stage_s,
+        "peak_gpu_gib": phase_peak(),
     }, stage
+
+
+def gpu_paths(stage: GenerateStage) -> dict[str, Any]:
+    """Which of the CUDA paths this pipeline took (the device check asserts them): attention processors,
+    VAE slicing and tiling, a compiled UNet."""
+    pipe = stage.pipe
+    vae = getattr(pipe, "vae", None)
+    unet = getattr(pipe.unet, "_orig_mod", pipe.unet)  # a compiled UNet wraps the module
+    return {
+        "attention": sorted({type(p).__name__ for p in unet.attn_processors.values()}),
+        "vae_slicing": bool(getattr(vae, "use_slicing", False)),
+        "vae_tiling": bool(getattr(vae, "use_tiling", False)),
+        "compiled": stage.config.compile,
+    }
 
 
 def warm_up(stage: GenerateStage) -> None:
@@ -144,24 +176,33 @@ def bench_filter(run: RunDir, clip: str) -> dict[str, Any]:
 
 def bench_finetune(run: RunDir, model: str, clip: str, size: int, steps: int, train_steps: int) -> dict[str, Any]:
     """Optimizer steps/s of the fine-tuning stage (setup and model load excluded: the shard's own seconds)."""
+    from mlgen.finetune.model import amp_dtype
     from mlgen.finetune.stage import finetune
 
     config = FinetuneConfig(
         model=model, clip=clip, size=size, steps=steps, max_train_steps=train_steps, save_every=10**6, log_every=1
     )
+    device = current_ranks().device
+    phase_start()
     finetune(run, config)
     seconds = shard_seconds(run.stage_dir("finetune"))
+    precision = amp_dtype(config.mixed_precision, device)
+    log = (run.stage_dir("finetune") / "log.csv").read_text(encoding="utf-8").splitlines()
+    losses = [float(row["loss"]) for row in csv.DictReader(log)]
     return {
         "size": size,
         "steps": steps,
         "train_steps": train_steps,
         "steps_per_s": train_steps / seconds,
         "mixed_precision": config.mixed_precision,
+        "autocast": None if precision is None else str(precision).removeprefix("torch."),
         "gradient_checkpointing": config.gradient_checkpointing,
+        "losses": losses,
+        "peak_gpu_gib": phase_peak(),
     }
 
 
 def memory() -> dict[str, Any]:
     rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
-    gpu = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    gpu = max([*PEAKS_GIB, torch.cuda.max_memory_allocated() / 2**30]) if torch.cuda.is_available() else None
     return {"peak_rss_gib": round(rss_gib, 2), "peak_gpu_gib": None if gpu is None else round(gpu, 2)}

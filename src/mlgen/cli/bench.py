@@ -28,11 +28,17 @@ def bench_command(
     size: Annotated[int | None, typer.Option(min=8, help="Image side in pixels (default: the model's preset).")] = None,
     steps: Annotated[int, typer.Option(min=1, help="Denoising steps per image.")] = 2,
     images: Annotated[int | None, typer.Option(min=1, help="Images to generate (default: one batch).")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per batch (default: automatic).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Images per batch (default: automatic; 1 on CPU with --arch).")
+    ] = None,
     dtype: Annotated[str, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32.")] = "auto",
     compile_unet: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the UNet.")] = False,
-    filter_images: Annotated[int, typer.Option(min=1, help="Images the filter benchmark scores.")] = 32,
-    finetune_steps: Annotated[int, typer.Option(min=0, help="Fine-tuning steps timed (0: skip).")] = 1,
+    filter_images: Annotated[
+        int | None, typer.Option(min=1, help="Images the filter benchmark scores (default 32; 8 on CPU with --arch).")
+    ] = None,
+    finetune_steps: Annotated[
+        int | None, typer.Option(min=0, help="Fine-tuning steps timed (0: skip; default 1, 0 on CPU with --arch).")
+    ] = None,
     quota: Annotated[int, typer.Option(help="Projection: kept images per label.")] = 200,
     labels: Annotated[int, typer.Option(help="Projection: number of labels.")] = 17,
     out: Annotated[Path, typer.Option(help="Where the figures go (JSON).")] = Path("bench.json"),
@@ -66,8 +72,8 @@ def run_bench(
     batch_size: int | None,
     dtype: str,
     compile_unet: bool,
-    filter_count: int,
-    finetune_steps: int,
+    filter_count: int | None,
+    finetune_steps: int | None,
 ) -> dict[str, Any]:
     from mlgen.bench import measure
     from mlgen.config import GenerateConfig
@@ -77,6 +83,16 @@ def run_bench(
 
     device = current_ranks().device
     started = time.time()
+    real_size_on_cpu = arch is not None and device.type != "cuda"
+    if real_size_on_cpu and batch_size is None:
+        batch_size = 1  # a real UNet renders one image in seconds here: a batch of 8 would take minutes
+    if filter_count is None:
+        filter_count = 8 if real_size_on_cpu else 32  # rendered by the tiny model at --size first
+    skipped = None
+    if finetune_steps is None:
+        finetune_steps = 0 if real_size_on_cpu else 1
+        if real_size_on_cpu:
+            skipped = "skipped on CPU with --arch (a real-size training step is slow here; --finetune-steps 1 runs it)"
     config = GenerateConfig(
         model=model, preset=arch, size=size, steps=steps, batch_size=batch_size, dtype=dtype, compile=compile_unet
     )
@@ -102,6 +118,7 @@ def run_bench(
         "generate": generate,
         "filter": filtered,
         "finetune": finetune,
+        "finetune_skipped": skipped,
         "memory": measure.memory(),
         "seconds": round(time.time() - started, 1),
     }
@@ -136,6 +153,8 @@ def table(r: dict[str, Any]) -> list[str]:
     ]
     if t:
         lines.append(f"{'finetune steps/s':26}{t['steps_per_s']:14.4f}")
+    elif r.get("finetune_skipped"):
+        lines.append(f"{'finetune steps/s':26}{'':>4}{r['finetune_skipped']}")
     gpu = "n/a" if m["peak_gpu_gib"] is None else f"{m['peak_gpu_gib']} GiB"
     lines.append(f"peak memory: RSS {m['peak_rss_gib']} GiB, GPU {gpu}; batch size chosen: {g['batch_size']}")
     hours = p["total_seconds"] / 3600
