@@ -103,6 +103,6 @@ def test_bench_a_real_architecture_on_cpu(tmp_path: Path) -> None:
     assert g["images"] == 1 and g["batch_size"] == 1 and g["size"] == 256 and figures["arch"] == "sd2"
     assert figures["filter"]["images"] == 8
     assert figures["finetune"] is None and "--finetune-steps 1" in figures["finetune_skipped"]
-    # Stage vs bare on one image: the issue asks for 0.95 or better (measured 0.99-1.0 alone); a wider band
-    # here, where another test process shares the two cores.
+    # Stage vs bare on one image: the issue asks for 0.95 or better; a wider band here, where other processes
+    # share the two cores (0.92 and 1.87 measured on a machine at load 7-8).
     assert g["ratio"] > 0.85, g
