@@ -32,6 +32,16 @@ class Ranks:
         if self.state is not None:
             self.state.wait_for_everyone()
 
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's ``value`` on every rank (a picklable object; the value itself with one process)."""
+        if self.state is None:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     @contextlib.contextmanager
     def main_first(self) -> Iterator[None]:
         """Rank 0 runs the block first (plans, overwrites); the others follow once it is done."""

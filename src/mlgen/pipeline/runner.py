@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -75,9 +76,25 @@ class Stage(ABC):
 def run_stage(stage: Stage, overwrite: bool = False, ranks: Ranks | None = None) -> dict[str, Any]:
     """Run the shards of ``stage`` still to do on this rank; return the stage marker when complete."""
     ranks = ranks or current_ranks()
-    # One job per stage at a time; its rank 0 holds the lock for all of its ranks.
-    with stage.run.lock(stage.name) if ranks.is_main else contextlib.nullcontext():
+    with _stage_lock(stage, ranks):
         return _run_stage(stage, overwrite, ranks)
+
+
+@contextlib.contextmanager
+def _stage_lock(stage: Stage, ranks: Ranks) -> Iterator[None]:
+    """One job per stage at a time: its rank 0 holds the lock for all of its ranks, and tells them whether it got
+    it, so that every rank of a refused job stops with the same line (none waits on a rank that left)."""
+    with contextlib.ExitStack() as held:
+        refused = None
+        if ranks.is_main:
+            try:
+                held.enter_context(stage.run.lock(stage.name))
+            except MlgenError as err:
+                refused = str(err)
+        refused = ranks.from_main(refused)
+        if refused:
+            raise MlgenError(refused)
+        yield
 
 
 def _run_stage(stage: Stage, overwrite: bool, ranks: Ranks) -> dict[str, Any]:
