@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import mlgen
 from mlgen.config import ClassifierConfig, ExperimentConfig
 from mlgen.experiment import run_experiment
+from mlgen.experiment.audit import judged_shares
 from mlgen.experiment.stats import mean_interval, paired_interval, t_quantile, verdict
 from mlgen.world.render import render_dataset
 
@@ -77,6 +79,31 @@ def test_every_trained_arm_takes_the_same_optimizer_steps(tmp_path: Path, data) 
     assert {c["arm"]: c["steps"] for c in done} == dict.fromkeys(arms.split(","), 7)
     rows = list(csv.DictReader((tmp_path / "experiment" / "results.csv").open()))
     assert {r["steps"] for r in rows} == {"7"} and len(rows) == 2 * len(done)  # zsl and gzsl per cell
+
+
+def test_seeds_in_two_worker_processes_give_the_one_process_figures(tmp_path: Path, data) -> None:
+    arms = "zero-shot,mlgen,oracle"
+    scores = {}
+    for workers in (1, 2):
+        run = tmp_path / f"workers-{workers}"
+        run_experiment(run, tiny(data, arms=arms, workers=workers), TINY_CLASSIFIER, log=lambda _: None)
+        scores[workers] = {(c["seed"], c["arm"]): (c["status"], c["zsl"], c["gzsl"], c["images"]) for c in cells(run)}
+    assert len(scores[1]) == 6 and all(v[0] == "ok" for v in scores[1].values()), scores[1]
+    assert scores[2] == scores[1]
+    for seed in (0, 1):  # the filter audit judged every generated image, kept and dropped
+        run = tmp_path / "workers-2" / "experiment" / "runs" / str(seed) / "mlgen"
+        audit = json.loads((tmp_path / "workers-2" / "experiment" / "audit" / f"{seed}.json").read_text())
+        kept = sum(pq.read_metadata(p).num_rows for p in (run / "filtered").glob("0*[0-9].parquet"))
+        generated = sum(pq.read_metadata(p).num_rows for p in (run / "raw").glob("0*[0-9].parquet"))
+        assert (audit["kept"]["images"], audit["dropped"]["images"]) == (kept, generated - kept)
+    assert "Filter audit over seeds 0, 1" in (tmp_path / "workers-2" / "experiment" / "table.md").read_text()
+
+
+def test_audit_shares_on_known_verdicts() -> None:
+    asked = np.array([[1, 1, 0], [1, 0, 0], [0, 1, 1], [1, 0, 1]], dtype=bool)
+    shows = np.array([[1, 1, 0], [1, 1, 0], [0, 0, 1], [1, 0, 1]], dtype=bool)
+    assert judged_shares(asked, shows) == {"images": 4, "exact": 0.5, "all_asked_shown": 0.75}
+    assert judged_shares(asked[:0], shows[:0])["exact"] is None
 
 
 def test_paired_interval_matches_student_t() -> None:

@@ -1,3 +1,4 @@
 from mlgen.cli.app import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -165,6 +165,7 @@ class ExperimentConfig:
     test_images: int = 400  # toy world: rendered test scenes (fixed for all seeds)
     seen_images: int = 256  # toy world: rendered seen-label scenes per seed
     oracle_images: int = 512  # toy world: rendered unseen-label scenes per seed (the oracle arm)
+    workers: int | None = None  # seeds run at once, one process each; None: one per CPU core on the toy world
 
 
 STAGE_CONFIGS: dict[str, type] = {

@@ -38,6 +38,9 @@ def experiment_command(
     model: Annotated[str | None, typer.Option(help="Text-to-image model (default: the world's).")] = None,
     llm: Annotated[str | None, typer.Option(help="Prompt LLM: smollm2, template, ...")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps of every trained arm.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Seeds run at once, a process each (default: one per core on the toy world).")
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", envvar="MLGEN_CONFIG", help="YAML config file.")] = None,
 ) -> None:
     """Arms (zero-shot, s3, seen-only, text-only, mlgen, ablations, oracle) on one real test set, paired by seed:
@@ -47,7 +50,7 @@ def experiment_command(
     sections = read_config_file(config)
     section = {k: _joined(v) for k, v in (sections.get("experiment") or {}).items()}
     flags = dict(world=world, unseen=unseen, seen=seen, seeds=seeds, arms=arms, data=data, seen_data=seen_data)
-    flags.update(oracle_data=oracle_data, clip=clip, model=model, llm=llm, steps=steps)
+    flags.update(oracle_data=oracle_data, clip=clip, model=model, llm=llm, steps=steps, workers=workers)
     settings = build_config(ExperimentConfig, section, flags)
     if settings.world is not None and settings.world.lower() == "none":  # your own data and models
         settings = dataclasses.replace(settings, world=None)

@@ -148,14 +148,23 @@ def plot(summary: dict[str, Any], arms: list[str], out: Path) -> None:
     plt.close(fig)
 
 
-def write_report(root: Path, cells: list[dict[str, Any]], arms: list[str], seeds: int) -> dict[str, Any]:
+def write_report(
+    root: Path, cells: list[dict[str, Any]], arms: list[str], seeds: int, audits: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """results.csv, summary.json, table.md (with the filter audit's table when seeds were audited), plot.png."""
+    from mlgen.experiment.audit import audit_summary, audit_table
+
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FIELDS)
     writer.writeheader()
     writer.writerows(result_rows(cells))
     write_text_atomic(root / "results.csv", buffer.getvalue())
     summary = summarise(cells, arms, seeds)
+    text = table(summary, arms)
+    if audits:
+        summary["filter_audit"] = audit_summary(audits)
+        text += audit_table(summary["filter_audit"])
     write_json_atomic(root / "summary.json", summary)
-    write_text_atomic(root / "table.md", table(summary, arms))
+    write_text_atomic(root / "table.md", text)
     plot(summary, arms, root / "plot.png")
     return summary

@@ -5,15 +5,26 @@ a rerun skips it, so a killed experiment (even ``kill -9``) redoes at most the c
 a cell with ``status: failed`` and its error: reported for that seed, never dropped. The settings that shape
 the results are recorded in ``RUN/experiment/settings.json``; a rerun with other settings is refused
 (``--seeds`` and ``--arms`` may change: more seeds or arms add cells).
+
+Seeds are independent, so ``workers`` processes run them at once (each seed's cells in one process, one torch
+thread each): on the toy world's tiny models a 2-core CPU runs the experiment in about half the time. The shared
+parts (test set, prompt stages) are made first, by this process; a worker dies with it (even after ``kill -9``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
+import multiprocessing
+import os
+import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +32,15 @@ import torch
 
 from mlgen.config import ClassifierConfig, ExperimentConfig
 from mlgen.errors import MlgenError
-from mlgen.experiment.arms import Arm, select_arms
+from mlgen.experiment.arms import REFERENCE, Arm, select_arms
+from mlgen.experiment.audit import audit_path, audit_seed
 from mlgen.experiment.cells import Context, TestSet, run_arm
 from mlgen.experiment.data import resolve, test_set
 from mlgen.experiment.report import write_report
+from mlgen.experiment.runs import PROMPTS, shared_prompts
 from mlgen.paths import write_json_atomic
 
-FREE_SETTINGS = ("seeds", "arms")  # may change between runs of one experiment
+FREE_SETTINGS = ("seeds", "arms", "workers")  # may change between runs of one experiment
 # The head every trained arm shares (a ``classifier:`` config section overrides it): a linear head started from
 # random weights, so that what it knows of the unseen labels comes from the arm's images alone, trained with
 # AdamW and no augmentation. Measured on the toy world, one seed, oracle arm (512 real images, 200 steps): the
@@ -81,26 +94,117 @@ def run_experiment(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run every missing (seed, arm) cell, then write results.csv, summary.json, table.md and the plot."""
-    setup = resolve(config)
+    resolve(config)  # bad labels or models: one error line before anything is written
     arms = select_arms(config.arms)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)  # tiny models on a shared CPU: more threads mostly wait on each other
     classifier = classifier or DEFAULT_CLASSIFIER
     root = run_root / "experiment"
     root.mkdir(parents=True, exist_ok=True)
     _check_settings(root, config, classifier)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ctx = Context(root, config, setup, classifier, TestSet.load(test_set(config, setup, root), setup), device)
-    for seed in range(config.seeds):
-        for arm in arms:
-            path = cell_path(root, seed, arm.name)
-            if path.is_file():
-                continue
-            record = run_cell(ctx, seed, arm)
-            write_json_atomic(path, record)  # the cell is finished exactly when this file exists
-            log(_cell_line(record))
+    todo = [s for s in range(config.seeds) if any(not cell_path(root, s, a.name).is_file() for a in arms)]
+    workers = min(worker_count(config), len(todo))
+    if workers > 1:
+        _prepare_shared(root, config, arms)
+        _run_in_workers(run_root, config, classifier, todo, workers, log)
+    else:
+        ctx = _context(run_root, config, classifier)
+        for seed in todo:
+            run_seed(ctx, seed, arms, log)
     cells = [json.loads(cell_path(root, s, a.name).read_text()) for s in range(config.seeds) for a in arms]
-    return write_report(root, cells, [a.name for a in arms], config.seeds)
+    audits = [json.loads(audit_path(root, s).read_text()) for s in range(config.seeds) if audit_path(root, s).is_file()]
+    return write_report(root, cells, [a.name for a in arms], config.seeds, audits)
+
+
+def worker_count(config: ExperimentConfig) -> int:
+    """``workers``, or by default one per CPU core on the toy world (tiny models, one thread each) and one with a
+    GPU or a user's models (each worker loads every model)."""
+    if config.workers is not None:
+        return config.workers
+    if config.world is None or torch.cuda.is_available():
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _context(run_root: Path, config: ExperimentConfig, classifier: ClassifierConfig) -> Context:
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # tiny models on a shared CPU: more threads mostly wait on each other
+    setup = resolve(config)
+    root = run_root / "experiment"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return Context(root, config, setup, classifier, TestSet.load(test_set(config, setup, root), setup), device)
+
+
+def run_seed(ctx: Context, seed: int, arms: list[Arm], log: Callable[[str], None]) -> None:
+    """The seed's missing cells, in the table's order."""
+    for arm in arms:
+        path = cell_path(ctx.root, seed, arm.name)
+        if path.is_file():
+            continue
+        record = run_cell(ctx, seed, arm)
+        write_json_atomic(path, record)  # the cell is finished exactly when this file exists
+        log(_cell_line(record))
+    if any(arm.name == REFERENCE for arm in arms) and not audit_path(ctx.root, seed).is_file():
+        _audit(ctx, seed, log)
+
+
+def _audit(ctx: Context, seed: int, log: Callable[[str], None]) -> None:
+    """The filter audit of the seed's mlgen run (see audit.py); a failure is one line, not a failed experiment."""
+    try:
+        record = audit_seed(ctx, seed)
+    except Exception as err:  # the audit is a diagnosis beside the results: it never stops them
+        log(f"seed {seed} filter audit failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        return
+    if record:
+        kept, dropped = record["kept"], record["dropped"]
+        log(
+            f"seed {seed} filter audit     judge says exactly as asked: kept {_pct(kept['exact'])} of "
+            f"{kept['images']}, dropped {_pct(dropped['exact'])} of {dropped['images']}"
+        )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _prepare_shared(root: Path, config: ExperimentConfig, arms: list[Arm]) -> None:
+    """What every seed reads, made once before the workers start: the test set and the prompt stages."""
+    setup = resolve(config)
+    test_set(config, setup, root)
+    kinds = {PROMPTS[arm.run] for arm in arms if arm.run in PROMPTS}
+    if any(arm.kind in ("s3", "text") for arm in arms):
+        kinds.add("llm")
+    for kind in sorted(kinds):
+        shared_prompts(root, config, setup, kind)
+
+
+def _run_in_workers(
+    run_root: Path,
+    config: ExperimentConfig,
+    classifier: ClassifierConfig,
+    seeds: list[int],
+    workers: int,
+    log: Callable[[str], None],
+) -> None:
+    log(f"running {len(seeds)} seeds in {workers} worker processes")
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start) as pool:
+        jobs = [pool.submit(_worker_seed, run_root, config, classifier, seed) for seed in seeds]
+        try:
+            for job in as_completed(jobs):
+                job.result()
+        except BrokenProcessPool as err:  # a worker was killed (out of memory?): finished cells are kept
+            raise MlgenError(f"an experiment worker process died ({err}): rerun the same command to resume") from None
+
+
+def _worker_start() -> None:
+    """In a worker: die with the parent (Linux), and no progress bars interleaving with the other workers'."""
+    os.environ["TQDM_DISABLE"] = "1"
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _worker_seed(run_root: Path, config: ExperimentConfig, classifier: ClassifierConfig, seed: int) -> None:
+    ctx = _context(run_root, config, classifier)
+    run_seed(ctx, seed, select_arms(config.arms), lambda line: print(line, flush=True))
 
 
 def _cell_line(record: dict[str, Any]) -> str:
