@@ -31,7 +31,7 @@ from mlgen.models.registry import load_open_clip
 from mlgen.paths import write_json_atomic
 from mlgen.shards.reader import finished_shards, iter_shard
 
-JUDGE_STEPS = 300
+JUDGE_STEPS = 1000
 
 
 def audit_path(root: Path, seed: int) -> Path:
@@ -88,7 +88,7 @@ def _train_judge(features: torch.Tensor, targets: np.ndarray, seed: int):
     """A logistic probe (full batch, Adam); returns features -> logits [N, C] as numpy."""
     torch.manual_seed(seed)
     probe = torch.nn.Linear(features.shape[1], targets.shape[1])
-    optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=1e-4)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=3e-2, weight_decay=1e-4)
     y = torch.from_numpy(targets)
     for _ in range(JUDGE_STEPS):
         optimizer.zero_grad()

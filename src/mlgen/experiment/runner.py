@@ -100,7 +100,7 @@ def run_experiment(
     root = run_root / "experiment"
     root.mkdir(parents=True, exist_ok=True)
     _check_settings(root, config, classifier)
-    todo = [s for s in range(config.seeds) if any(not cell_path(root, s, a.name).is_file() for a in arms)]
+    todo = [seed for seed in range(config.seeds) if _unfinished(root, seed, arms)]
     workers = min(worker_count(config), len(todo))
     if workers > 1:
         _prepare_shared(root, config, arms)
@@ -112,6 +112,13 @@ def run_experiment(
     cells = [json.loads(cell_path(root, s, a.name).read_text()) for s in range(config.seeds) for a in arms]
     audits = [json.loads(audit_path(root, s).read_text()) for s in range(config.seeds) if audit_path(root, s).is_file()]
     return write_report(root, cells, [a.name for a in arms], config.seeds, audits)
+
+
+def _unfinished(root: Path, seed: int, arms: list[Arm]) -> bool:
+    """A cell of the seed is missing, or its filter audit (with the mlgen arm)."""
+    if any(not cell_path(root, seed, arm.name).is_file() for arm in arms):
+        return True
+    return any(arm.name == REFERENCE for arm in arms) and not audit_path(root, seed).is_file()
 
 
 def worker_count(config: ExperimentConfig) -> int:
