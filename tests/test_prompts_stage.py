@@ -124,11 +124,12 @@ def cache_files(run: Path) -> int:
 def test_killed_run_resumes_without_asking_answered_questions_again(tmp_path: Path) -> None:
     """kill -9 in the middle of the only shard; the rerun gets the answered requests from the cache.
 
-    ~1-2 min on a shared 2-core CPU: two process starts and about twenty short SmolLM2 answers.
+    Two process starts and about ten short SmolLM2 answers (one attempt per set).
     """
     (tmp_path / "c.txt").write_text("zebra\nkite\n")
+    (tmp_path / "one-attempt.yaml").write_text("prompts:\n  max_attempts: 1\n")  # no re-asking: fewer answers
     args = ["prompts", "--run", "R", "--classes", "c.txt", "--prompts-per-set", "2", "--synonyms", "1"]
-    args += ["--batch-size", "1"]
+    args += ["--batch-size", "1", "--config", "one-attempt.yaml"]
     env = {**os.environ, "MLGEN_MAX_NEW_TOKENS": "20"}
     run = tmp_path / "R"
     proc = subprocess.Popen([sys.executable, "-m", "mlgen", *args], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
@@ -186,7 +187,9 @@ def test_openai_backend_against_a_real_transformers_server(tmp_path: Path) -> No
         (tmp_path / "c.txt").write_text("zebra\nkite\n")
         args = ["prompts", "--run", "R", "--classes", "c.txt", "--llm", f"openai:{folder}", "--llm-base-url", url]
         args += ["--prompts-per-set", "1", "--synonyms", "1", "--concurrency", "4"]
-        result = mlgen(*args, cwd=tmp_path, timeout=600, env={"MLGEN_MAX_NEW_TOKENS": "24"})
+        (tmp_path / "one-attempt.yaml").write_text("prompts:\n  max_attempts: 1\n")  # 5 requests, none re-asked
+        args += ["--config", "one-attempt.yaml"]
+        result = mlgen(*args, cwd=tmp_path, timeout=600, env={"MLGEN_MAX_NEW_TOKENS": "16"})
         assert result.returncode == 0, result.stderr
         report = json.loads((tmp_path / "R" / "prompts" / "report.json").read_text())
         assert report["requests"]["total"] >= 3 and report["answers"]["candidates"] >= 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from mlgen import __version__, workflow
+from mlgen import __version__
 from mlgen.cli.bench import bench_command
 from mlgen.cli.experiment import experiment_command
 from mlgen.cli.finetune import finetune_command
@@ -31,12 +30,14 @@ from mlgen.config import (
 )
 from mlgen.errors import MlgenError
 from mlgen.labels import read_labels
+from mlgen.lazy import LazyModule
 from mlgen.pipeline.rundir import RunDir
 
 try:  # typer >= 0.2x carries its own copy of click
     from typer._click import exceptions as click_exceptions
 except ImportError:  # older typer: click itself
     from click import exceptions as click_exceptions
+workflow = LazyModule("mlgen.workflow")  # torch and the models load when a command needs them
 NO_ARGS_IS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2; () matches nothing
 
 # `mlgen --help` lists the commands in the order a run uses them; the rest follow in definition order.
@@ -227,9 +228,10 @@ def filter_(
 @app.command()
 def report(run: RunOpt = DEFAULT_RUN) -> None:
     """Write RUN/report/index.html: per label, contact sheets of kept and dropped images, scores, counts."""
+    run_dir = _existing_run(run)
     from mlgen.report import build_report
 
-    typer.echo(f"report: {build_report(_existing_run(run))}")
+    typer.echo(f"report: {build_report(run_dir)}")
 
 
 @app.command("train-classifier")
@@ -388,11 +390,12 @@ def predict(
     ] = "jsonl",
 ) -> None:
     """Score image files with the trained classifier: every label's probability, as JSON lines or CSV."""
-    from mlgen.classifiers.predict import format_predictions, predict_files
-
     if output_format not in ("jsonl", "csv"):
         raise MlgenError(f"--format must be jsonl or csv, not {output_format!r}")
-    typer.echo(format_predictions(images, predict_files(_existing_run(run), images), output_format), nl=False)
+    run_dir = _existing_run(run)
+    from mlgen.classifiers.predict import format_predictions, predict_files  # torch: once the input is checked
+
+    typer.echo(format_predictions(images, predict_files(run_dir, images), output_format), nl=False)
 
 
 @app.command("run")
@@ -507,20 +510,6 @@ def _version(version: Annotated[bool, typer.Option("--version", help="Print the 
         raise typer.Exit()
 
 
-def _quiet_libraries() -> None:
-    """Keep library chatter (weight-loading bars, deprecation notes) out of mlgen's output."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import diffusers
-    import huggingface_hub
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.logging.set_verbosity_error()
-
-
 def usage_error_line(err: click_exceptions.ClickException) -> str:
     """A command-line usage error (missing argument, a value click cannot parse or that is out of
     range) as one line, like every other error, instead of typer's boxed usage block."""
@@ -531,7 +520,6 @@ def usage_error_line(err: click_exceptions.ClickException) -> str:
 
 
 def main() -> None:
-    _quiet_libraries()
     try:
         code = app(standalone_mode=False)  # typer's Exit (--help, --version, Ctrl-C) comes back as a code
     except MlgenError as err:

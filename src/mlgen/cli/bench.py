@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 
 from mlgen import __version__
@@ -75,6 +74,8 @@ def run_bench(
     filter_count: int | None,
     finetune_steps: int | None,
 ) -> dict[str, Any]:
+    import torch
+
     from mlgen.bench import measure
     from mlgen.config import GenerateConfig
     from mlgen.generate.diffusion import auto_batch_size

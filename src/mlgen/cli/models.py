@@ -8,12 +8,13 @@ from typing import Annotated
 import typer
 
 from mlgen.errors import MlgenError
-from mlgen.generate.diffusion import SCHEDULERS
-from mlgen.generate.presets import PRESET_FIELDS, presets
 
 
 def models_command() -> None:
     """List the sampling presets (chosen by model id, or with --preset) and their values."""
+    from mlgen.generate.diffusion import SCHEDULERS
+    from mlgen.generate.presets import PRESET_FIELDS, presets
+
     for name, preset in presets().items():
         values = "  ".join(f"{field} {preset.get(field) if preset.get(field) is not None else 'native'}"
                            for field in PRESET_FIELDS)  # fmt: skip

@@ -8,11 +8,13 @@ from typing import Annotated, Any
 
 import typer
 
-from mlgen import workflow
 from mlgen.config import PromptsConfig, build_config, read_config_file
 from mlgen.labels import read_labels
+from mlgen.lazy import LazyModule
 from mlgen.pipeline.rundir import RunDir
 from mlgen.prompts.composer import read_exclude_pairs, read_label_lines
+
+workflow = LazyModule("mlgen.workflow")
 
 
 def _opt(*names: str, help: str) -> Any:

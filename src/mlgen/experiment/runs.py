@@ -119,7 +119,9 @@ def generated_run(root: Path, config: ExperimentConfig, setup: Setup, seed: int,
         seed=seeds.generate,
     )
     workflow.generate(run, generate, prompts_config(config, setup, kind))
-    workflow.filter_images(run, FilterConfig(clip=setup.clip))
+    # Inline decoding: a decoding process costs more to start than a few hundred small images take to decode,
+    # and a worker process of `--workers` forking its own decoders took 20 s per filter (measured).
+    workflow.filter_images(run, FilterConfig(clip=setup.clip, workers=0))
     return run
 
 

@@ -15,8 +15,11 @@ import torch
 
 from mlgen.errors import MlgenError
 from mlgen.models.builtin import builtin
+from mlgen.models.quiet import quiet_libraries
 from mlgen.models.tiny import TINY, TINY_RESNET, tiny_clip_dir, tiny_resnet_clip_dir, tiny_sd_dir
 from mlgen.paths import build_dir_atomic, cache_dir
+
+quiet_libraries()  # no weight-loading bars or info logs in mlgen's output
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -25,7 +25,10 @@ from typing import Any, Protocol
 import torch
 
 from mlgen.errors import MlgenError
+from mlgen.models.quiet import quiet_libraries
 from mlgen.paths import write_json_atomic
+
+quiet_libraries()  # no weight-loading bars or info logs in mlgen's output
 
 TEMPLATE = "template"
 

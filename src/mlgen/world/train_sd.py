@@ -28,7 +28,10 @@ from safetensors.torch import load_file, save_file
 
 from mlgen.errors import MlgenError
 from mlgen.models.builtin import builtin
+from mlgen.models.quiet import quiet_libraries
 from mlgen.paths import write_json_atomic
+
+quiet_libraries()  # no weight-loading bars or info logs in mlgen's output
 
 TOY_SD_DIR = builtin("toy", "diffusion").folder
 SIZE = 64
