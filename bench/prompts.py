@@ -74,8 +74,8 @@ def main() -> None:
 
     backend = TransformersBackend("smollm2", torch.device("cpu"), batch_size=args.batch)
     # Every arm is the same backend.complete() call; only the batch size and prefix reuse differ (a batch of
-    # one skips the prefix pass by itself). Each arm is warmed up the same way, the arms alternate, and
-    # each figure is the median of three.
+    # one has no shared prefix: no separate prefix pass). Each arm is warmed up the same way, the arms
+    # alternate, and each figure is the median of three.
     arms = {"batched": (args.batch, True), "unshared": (args.batch, False), "single": (1, True)}
     rates: dict[str, list[float]] = {arm: [] for arm in arms}
     for batch_size, reuse in arms.values():

@@ -75,6 +75,7 @@ def test_shared_prefix_leaves_every_request_a_token_of_its_own() -> None:
     assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
     assert shared_prefix_length([[7], [7, 8]]) == 0
     assert shared_prefix_length([[1, 2], [3, 4]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 0  # one request: no separate prefix pass
 
 
 def test_row_sampler_draws_from_the_whole_nucleus_when_it_reaches_past_the_candidates() -> None:

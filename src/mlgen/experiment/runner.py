@@ -194,7 +194,17 @@ def _run_in_workers(
     log(f"running {len(seeds)} seeds in {workers} worker processes")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_worker_start) as pool:
-        jobs = [pool.submit(_worker_seed, run_root, config, classifier, seed) for seed in seeds]
+        # No progress bars interleaving from several workers: tqdm reads TQDM_DISABLE when it is imported, which
+        # in a worker is before its initializer runs, so the workers get it from this process's environment.
+        hidden = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"
+        try:
+            jobs = [pool.submit(_worker_seed, run_root, config, classifier, seed) for seed in seeds]
+        finally:
+            if hidden is None:
+                del os.environ["TQDM_DISABLE"]
+            else:
+                os.environ["TQDM_DISABLE"] = hidden
         try:
             for job in as_completed(jobs):
                 job.result()
@@ -203,8 +213,7 @@ def _run_in_workers(
 
 
 def _worker_start() -> None:
-    """In a worker: die with the parent (Linux), and no progress bars interleaving with the other workers'."""
-    os.environ["TQDM_DISABLE"] = "1"
+    """In a worker: die with the parent (Linux)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 

@@ -125,7 +125,10 @@ class RowSampler:
 
 
 def shared_prefix_length(token_lists: Sequence[Sequence[int]]) -> int:
-    """Tokens every list starts with, leaving each at least one token of its own."""
+    """Tokens every list starts with, leaving each at least one token of its own; none for a single list (a
+    separate prefix pass would only add work)."""
+    if len(token_lists) < 2:
+        return 0
     limit = max(min(len(tokens) for tokens in token_lists) - 1, 0)
     first = token_lists[0]
     for position in range(limit):
