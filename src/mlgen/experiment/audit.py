@@ -143,12 +143,12 @@ def audit_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
 def audit_table(summary: dict[str, Any]) -> str:
     """Markdown: the judge's verdict on kept vs dropped images, and per label."""
-
-    def pct(value: float | None) -> str:
-        return "-" if value is None else f"{100 * value:.0f}%"
-
     lines = [
         f"\nFilter audit over seeds {', '.join(map(str, summary['seeds']))}: a linear probe on the teacher's "
         f"features, trained on the oracle images (test ZSL mAP {summary['judge_test_zsl_map']:.3f}), judges every "

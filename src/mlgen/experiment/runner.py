@@ -33,7 +33,7 @@ import torch
 from mlgen.config import ClassifierConfig, ExperimentConfig
 from mlgen.errors import MlgenError
 from mlgen.experiment.arms import REFERENCE, Arm, select_arms
-from mlgen.experiment.audit import audit_path, audit_seed
+from mlgen.experiment.audit import audit_path, audit_seed, pct
 from mlgen.experiment.cells import Context, TestSet, run_arm
 from mlgen.experiment.data import resolve, test_set
 from mlgen.experiment.report import write_report
@@ -163,13 +163,9 @@ def _audit(ctx: Context, seed: int, log: Callable[[str], None]) -> None:
     if record:
         kept, dropped = record["kept"], record["dropped"]
         log(
-            f"seed {seed} filter audit     judge says exactly as asked: kept {_pct(kept['exact'])} of "
-            f"{kept['images']}, dropped {_pct(dropped['exact'])} of {dropped['images']}"
+            f"seed {seed} filter audit     judge says exactly as asked: kept {pct(kept['exact'])} of "
+            f"{kept['images']}, dropped {pct(dropped['exact'])} of {dropped['images']}"
         )
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 def _prepare_shared(root: Path, config: ExperimentConfig, arms: list[Arm]) -> None:
