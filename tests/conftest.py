@@ -11,6 +11,20 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: unknown names must fail fast
 
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Share the cores out among pytest-xdist's test processes before they start (they inherit os.environ).
+
+    Each test process starts torch processes of its own; if each of them uses every core, OpenMP threads
+    spin waiting on each other: two tiny demos side by side took 3 min 50 s on 2 cores, 41 s with one
+    thread each. A user's own OMP_NUM_THREADS wins.
+    """
+    workers = getattr(config.option, "numprocesses", None)
+    workers = workers if isinstance(workers, int) and workers > 0 else 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+
+
 # Small settings that keep a generate run to a few seconds on a 2-core CPU.
 FAST_GENERATE = ["--llm", "template", "--steps", "2", "--size", "64", "--shard-size", "4", "--batch-size", "2"]
 

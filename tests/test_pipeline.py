@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -14,17 +15,22 @@ from conftest import FAST_GENERATE, mlgen
 from helpers import manifest_keys, planned_shards
 
 
+CLASSES = ["circle", "square", "triangle", "star"]  # shapes of the toy world, which the shipped toy models know
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
+    """The four commands on the shipped toy models, whose CLIP tells the shapes apart: the classifier's held-out
+    score means something here (on the random-weight tiny models the filter kept 2 label sets of one label)."""
     tmp = tmp_path_factory.mktemp("pipeline")
     classes = tmp / "unseen.txt"
-    classes.write_text("zebra\nsurfboard\nkite\nbench\n")
+    classes.write_text("".join(f"{label}\n" for label in CLASSES))
     run = tmp / "run"
     for command in (
         ["prompts", "--run", run, "--classes", classes, "--llm", "template"],
-        ["generate", "--run", run, *FAST_GENERATE, "--images-per-prompt", "6"],
-        ["filter", "--run", run],
-        ["train-classifier", "--run", run, "--epochs", "5", "--holdout", "0.2"],
+        ["generate", "--run", run, "--model", "toy", *FAST_GENERATE, "--steps", "10", "--images-per-prompt", "6"],
+        ["filter", "--run", run, "--clip", "toy"],
+        ["train-classifier", "--run", run, "--clip", "toy", "--epochs", "5", "--holdout", "0.5"],
     ):
         result = mlgen(*command)
         assert result.returncode == 0, f"{command[0]}: {result.stderr[-2000:]}"
@@ -32,13 +38,13 @@ def finished_run(tmp_path_factory) -> Path:
 
 
 def test_prompt_tables(finished_run: Path) -> None:
-    assert (finished_run / "classes.txt").read_text() == "zebra\nsurfboard\nkite\nbench\n"
+    assert (finished_run / "classes.txt").read_text().split() == CLASSES
     sets = pq.read_table(finished_run / "prompts" / "label_sets.parquet").to_pylist()
     assert len(sets) == 10  # 4 labels: 6 pairs + 4 self pairs, self pairs are one label
     assert sum(len(s["labels"]) == 1 for s in sets) == 4
     prompts = pq.read_table(finished_run / "prompts" / "prompts.parquet").to_pylist()
     assert [p["prompt_id"] for p in prompts] == list(range(10))
-    assert prompts[1]["text"] == "A photo of a zebra next to a surfboard."
+    assert prompts[1]["text"] == "A photo of a circle next to a square."
     assert all(p["negative_text"] and p["source"] == "template" for p in prompts)
     assert pq.read_table(finished_run / "prompts" / "synonyms.parquet").num_rows == 4  # each label itself
 
@@ -79,30 +85,52 @@ def test_filter_keeps_exact_label_sets(finished_run: Path) -> None:
         [str(filtered / f"{s:05d}.tar") for s in planned_shards(filtered)], shardshuffle=False
     ).decode():
         assert sample["json"]["kept"] is True
-        assert set(sample["json"]["scores"]) == {"zebra", "surfboard", "kite", "bench"}
+        assert set(sample["json"]["scores"]) == set(CLASSES)
 
 
-def test_classifier_outputs_and_metrics(finished_run: Path) -> None:
+def label_frequency_map(targets: np.ndarray) -> float:
+    """The mAP of a classifier that learned nothing: every image scored alike, so each label's AP is its share."""
+    return float(targets.mean(axis=0)[targets.any(axis=0)].mean())
+
+
+def test_classifier_ranks_held_out_label_sets_above_chance(finished_run: Path) -> None:
+    """On the held-out label sets the classifier ranks far above a constant score (0.90 against 0.38 measured).
+
+    Its linear head starts from CLIP's text embeddings, so this shows a working pipeline, not learning: with 8
+    held-out images a random head scored 0.39-0.81. Learning is checked where the data allow it:
+    test_classifier_stage (weights move, loss falls) and test_experiment (a random-init head, 120 test scenes).
+    """
     classifier = finished_run / "classifier"
     config = json.loads((classifier / "config.json").read_text())
-    assert config["classes"] == ["zebra", "surfboard", "kite", "bench"]
-    metrics = json.loads((classifier / "metrics.json").read_text())
-    assert 0 <= metrics["synthetic_heldout"]["mAP"] <= 1
-    assert {"precision@3", "recall@3", "f1@3"} <= set(metrics["synthetic_heldout"])
+    assert config["classes"] == CLASSES
+    assert config["head"] == "linear" and config["fusion"] is False and config["clip"] == "toy"
+    assert set(config["thresholds"]) == set(CLASSES)
     from safetensors.torch import load_file
 
     assert load_file(classifier / "model.safetensors")["head.weight"].shape == (4, config["feature_dim"])
-    assert config["head"] == "linear" and config["fusion"] is False and config["clip"] == "tiny"
-    assert set(config["thresholds"]) == set(config["classes"])
-    assert "synthetic" in metrics["synthetic_heldout_split"] or "label set" in metrics["synthetic_heldout_split"]
+
+    from mlgen.classifiers.source import shard_samples
+    from mlgen.classifiers.stage import held_out
+
+    metas = [meta for meta, _ in shard_samples(finished_run / "filtered")]
+    test = held_out([meta["set_id"] for meta in metas], 0.5).numpy()
+    targets = np.array([[label in meta["labels"] for label in CLASSES] for meta in metas])[test]
+    metrics = json.loads((classifier / "metrics.json").read_text())
+    heldout = metrics["synthetic_heldout"]
+    assert heldout["images"] == metrics["zero_shot_clip_heldout"]["images"] == len(targets) > 0
+    assert metrics["train_images"] == len(metas) - len(targets) > 0
+    assert len({tuple(row) for row in targets}) >= 2, "one held-out label set: any ranking scores 1"
+    chance = label_frequency_map(targets)
+    assert heldout["mAP"] >= chance + 0.2, (heldout, chance)
+    assert {"precision@3", "recall@3", "f1@3"} <= set(heldout)
     result = mlgen("evaluate", "--run", finished_run)
-    assert result.returncode == 0 and "mAP" in result.stdout
+    assert result.returncode == 0 and f"{heldout['mAP']:.3f}" in result.stdout, result.stdout
 
 
 def test_config_yaml_and_status(finished_run: Path) -> None:
     config = yaml.safe_load((finished_run / "config.yaml").read_text())
     assert set(config) == {"prompts", "generate", "filter", "classifier"}
-    assert config["generate"]["steps"] == 2 and config["prompts"]["llm"] == "template"
+    assert config["generate"]["steps"] == 10 and config["prompts"]["llm"] == "template"
     result = mlgen("status", "--run", finished_run)
     assert result.returncode == 0, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
@@ -155,13 +183,13 @@ def test_predict_writes_json_lines_and_csv(finished_run: Path, tmp_path: Path) -
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.strip().splitlines()]
     assert [line["image"] for line in lines] == [str(image)] * 2
-    assert set(lines[0]["scores"]) == {"zebra", "surfboard", "kite", "bench"}
+    assert set(lines[0]["scores"]) == set(CLASSES)
     assert all(0 <= p <= 1 for p in lines[0]["scores"].values()) and lines[0] == lines[1]
     result = mlgen("predict", image, "--run", finished_run, "--format", "csv")
     assert result.returncode == 0, result.stderr
     header, row = result.stdout.strip().splitlines()
-    assert header.split(",") == ["image", "zebra", "surfboard", "kite", "bench"] and row.startswith(str(image))
-    assert abs(float(row.split(",")[1]) - lines[0]["scores"]["zebra"]) < 1e-5
+    assert header.split(",") == ["image", *CLASSES] and row.startswith(str(image))
+    assert abs(float(row.split(",")[1]) - lines[0]["scores"]["circle"]) < 1e-5
     result = mlgen("predict", tmp_path / "missing.jpg", "--run", finished_run)
     assert result.returncode == 1 and "image not found" in result.stderr
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
