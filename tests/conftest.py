@@ -12,7 +12,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: unknown names must fail fast
 
 
-
 def pytest_configure(config: pytest.Config) -> None:
     """Share the cores out among pytest-xdist's test processes before they start (they inherit os.environ).
 

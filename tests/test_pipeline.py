@@ -1,4 +1,4 @@
-"""The four commands end to end on tiny models, and the run-directory contract they leave."""
+"""The four commands end to end on the toy models, and the run-directory contract they leave."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import yaml
 
 from conftest import FAST_GENERATE, mlgen
 from helpers import manifest_keys, planned_shards
-
 
 CLASSES = ["circle", "square", "triangle", "star"]  # shapes of the toy world, which the shipped toy models know
 
