@@ -18,6 +18,7 @@ import torch
 
 from mlgen.classifiers.data import decodable, read_labelled, squash_transform
 from mlgen.classifiers.features import image_features, label_embeddings
+from mlgen.classifiers.inputs import check_zero_shot_inputs, synonyms_table
 from mlgen.classifiers.metrics import evaluate_scores, per_class_average_precision, threshold_metrics
 from mlgen.classifiers.predict import load_run_classifier, predict_logits
 from mlgen.errors import MlgenError
@@ -154,9 +155,7 @@ def read_synonyms(run: RunDir, classes: list[str]) -> list[list[str]]:
     """Each class's name and its synonyms from the prompt stage (the S^3 point sets, as the filter reads them)."""
     import pyarrow.parquet as pq
 
-    path = run.stage_dir("prompts") / "synonyms.parquet"
-    if not path.is_file():
-        raise MlgenError(f"--zero-shot s3 needs the prompt stage's synonyms: {path} is missing (run `mlgen prompts`)")
+    path = synonyms_table(run)
     words = {label: [label] for label in classes}
     for row in pq.read_table(path, columns=["label", "synonym"]).to_pylist():
         if row["label"] in words and row["synonym"] not in words[row["label"]]:
@@ -171,8 +170,7 @@ def zero_shot_on_data(
     point-to-local-center score), over the run's labels; ZSL on ``unseen`` (default all), GZSL on all."""
     from mlgen.filters.s3 import s3_scores
 
-    if method not in ("clip", "s3"):
-        raise MlgenError(f"--zero-shot must be clip or s3, not {method!r}")
+    check_zero_shot_inputs(run, data, method)
     classes = run.classes()
     unseen = unseen or classes
     missing = [label for label in unseen if label not in classes]

@@ -44,10 +44,7 @@ def probabilities(logits: np.ndarray) -> np.ndarray:
 
 
 def predict_files(run: RunDir, images: list[Path]) -> list[dict[str, float]]:
-    """Per image file: every label the classifier knows -> its probability."""
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        raise MlgenError(f"image not found: {missing[0]}")
+    """Per image file (checked to exist by the caller): every label the classifier knows -> its probability."""
     model, preprocess, config = load_run_classifier(run)
     try:
         logits = predict_logits(model, squash_transform(preprocess), [p.read_bytes() for p in images])

@@ -229,6 +229,7 @@ def filter_(
 def report(run: RunOpt = DEFAULT_RUN) -> None:
     """Write RUN/report/index.html: per label, contact sheets of kept and dropped images, scores, counts."""
     run_dir = _existing_run(run)
+    run_dir.require("filtered")  # before the report's imports load torch and CLIP
     from mlgen.report import build_report
 
     typer.echo(f"report: {build_report(run_dir)}")
@@ -346,6 +347,9 @@ def evaluate(
     if zero_shot is not None:
         if data is None:
             raise MlgenError("--zero-shot needs --data (the real labelled images to score)")
+        from mlgen.classifiers.inputs import check_zero_shot_inputs
+
+        check_zero_shot_inputs(run_dir, data, zero_shot)  # before torch loads
         metrics = workflow.evaluate_zero_shot(run_dir, data, zero_shot, clip, _labels(labels))
         for name in ("zsl", "gzsl"):
             title = f"{zero_shot} zero-shot, real images, {name.upper()}"
@@ -393,6 +397,10 @@ def predict(
     if output_format not in ("jsonl", "csv"):
         raise MlgenError(f"--format must be jsonl or csv, not {output_format!r}")
     run_dir = _existing_run(run)
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise MlgenError(f"image not found: {missing[0]}")
+    run_dir.require("classifier")
     from mlgen.classifiers.predict import format_predictions, predict_files  # torch: once the input is checked
 
     typer.echo(format_predictions(images, predict_files(run_dir, images), output_format), nl=False)

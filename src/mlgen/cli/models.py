@@ -30,7 +30,6 @@ def export_command(
     fmt: Annotated[str, typer.Option("--format", help="coco (label JSON) or sizes (sizes.json in FOLDER).")] = "coco",
 ) -> None:
     """Export a shard folder: COCO-style labels (with per-label confidences once filtered), or sizes.json."""
-    from mlgen.generate.export import export
     from mlgen.pipeline.rundir import RunDir
 
     if fmt not in ("coco", "sizes"):
@@ -45,5 +44,7 @@ def export_command(
         if not run.classes_file.is_file():
             raise MlgenError(f"{folder.parent} has no classes.txt: FOLDER must be a run's raw or filtered folder")
         classes = run.classes()
+    from mlgen.generate.export import export  # after the checks: it loads webdataset, which loads torch
+
     counts = export(folder, out or folder / "sizes.json", fmt, classes)
     typer.echo(f"export {fmt}: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" -> {out or folder}")

@@ -13,6 +13,7 @@ from mlgen.labels import read_labels
 from mlgen.lazy import LazyModule
 from mlgen.pipeline.rundir import RunDir
 from mlgen.prompts.composer import read_exclude_pairs, read_label_lines
+from mlgen.prompts.instructions import load_instruction
 
 workflow = LazyModule("mlgen.workflow")
 
@@ -87,6 +88,7 @@ def prompts_command(
         seed=seed,
     )
     settings = build_config(PromptsConfig, read_config_file(config).get("prompts"), flags)
+    load_instruction(settings.prompt_style, settings.prompt_template)  # a bad template fails before torch loads
     marker = workflow.make_prompts(RunDir(run), settings, read_labels(classes) if classes else None, overwrite)
     if marker:
         counts = ", ".join(f"{k} {v}" for k, v in marker["counts"].items())

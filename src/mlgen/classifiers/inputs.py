@@ -1,0 +1,28 @@
+"""Checks on a zero-shot evaluation's inputs that need no model: the command fails in a second, not after
+torch and CLIP have loaded (this module imports neither)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlgen.errors import MlgenError
+from mlgen.pipeline.rundir import RunDir
+
+ZERO_SHOT_METHODS = ("clip", "s3")
+
+
+def synonyms_table(run: RunDir) -> Path:
+    """The prompt stage's synonyms (the S^3 point sets); a clear error when the run has none."""
+    path = run.stage_dir("prompts") / "synonyms.parquet"
+    if not path.is_file():
+        raise MlgenError(f"--zero-shot s3 needs the prompt stage's synonyms: {path} is missing (run `mlgen prompts`)")
+    return path
+
+
+def check_zero_shot_inputs(run: RunDir, data: Path, method: str) -> None:
+    if method not in ZERO_SHOT_METHODS:
+        raise MlgenError(f"--zero-shot must be clip or s3, not {method!r}")
+    if not data.exists():
+        raise MlgenError(f"evaluation data not found: {data}")
+    if method == "s3":
+        synonyms_table(run)
