@@ -94,7 +94,7 @@ def test_bench_a_real_architecture_on_cpu(tmp_path: Path) -> None:
     """`--arch sd2` at 256 px on CPU: one image per batch, the fine-tuning step skipped with its reason
     (a batch of 8 and a real-size training step took minutes on 2 cores)."""
     args = ["bench", "--arch", "sd2", "--size", "256", "--steps", "2"]  # the issue's command
-    result = mlgen(*args, cwd=tmp_path, env={"OMP_NUM_THREADS": "2"}, timeout=1200)
+    result = mlgen(*args, cwd=tmp_path, timeout=1200)  # the threads conftest gives each test process
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mlgen bench on cpu: sd2 (random weights), 256 px, 2 steps, float32" in result.stdout
     assert "skipped on CPU with --arch" in result.stdout and "batch size chosen: 1" in result.stdout
