@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import warm_cli
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: unknown names must fail fast
 
 
@@ -28,15 +30,26 @@ def pytest_configure(config: pytest.Config) -> None:
 FAST_GENERATE = ["--llm", "template", "--steps", "2", "--size", "64", "--shard-size", "4", "--batch-size", "2"]
 
 
-def mlgen(*args: str | Path, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
-    """Run ``python -m mlgen ARGS`` as a real process; returns the CompletedProcess (text)."""
+def mlgen(
+    *args: str | Path, cwd: Path | None = None, timeout: int = 300, env: dict | None = None, fresh: bool = False
+) -> subprocess.CompletedProcess:
+    """Run ``python -m mlgen ARGS`` as a real process; returns the CompletedProcess (text).
+
+    The process is forked from a server that has imported torch & co. (see ``warm_cli``); ``fresh=True``
+    starts a new interpreter instead, for what depends on process start-up. ``MLGEN_TEST_FRESH=1`` makes
+    every command fresh (to rule the warm server out when a test fails).
+    """
+    args_text = [str(arg) for arg in args]
+    full_env = {**os.environ, **(env or {})}
+    if not (fresh or os.environ.get("MLGEN_TEST_FRESH") == "1"):
+        return warm_cli.run(args_text, cwd, full_env, timeout)
     return subprocess.run(
-        [sys.executable, "-m", "mlgen", *map(str, args)],
+        [sys.executable, "-m", "mlgen", *args_text],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, **(env or {})},
+        env=full_env,
     )
 
 

@@ -1,0 +1,43 @@
+"""The warm ``mlgen`` server (``warm_cli``) answers as a fresh ``python -m mlgen`` does.
+
+Most tests run their commands through it to skip ~10 s of imports each; these compare it with a fresh
+interpreter on commands that depend on the working folder, the environment and the exit path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import mlgen
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--help"], {"COLUMNS": "97"}),  # the width comes from the environment given to this command
+        (["prompts", "--classes", "c.txt", "--llm", "template", "--set-size", "0"], {}),  # a usage error
+        (["prompts", "--classes", "nosuch.txt", "--llm", "template"], {}),  # relative to the working folder
+        (["status"], {}),  # the default run folder, relative to the working folder
+        (["status"], {"MLGEN_RUN": "elsewhere"}),
+    ],
+)
+def test_a_warm_command_answers_as_a_fresh_one(args: list[str], env: dict[str, str], tmp_path: Path) -> None:
+    (tmp_path / "c.txt").write_text("zebra\nkite\n")
+    (tmp_path / "mlgen-run" / "raw").mkdir(parents=True)
+    (tmp_path / "mlgen-run" / "classes.txt").write_text("zebra\nkite\n")
+    fresh = mlgen(*args, cwd=tmp_path, env=env, fresh=True)
+    warm = mlgen(*args, cwd=tmp_path, env=env)
+    assert (warm.returncode, warm.stdout, warm.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert os.getcwd() != str(tmp_path)  # the command changed folder in its own process, not in this one
+
+
+def test_a_warm_command_that_raises_ends_with_a_traceback_and_status_1(tmp_path: Path) -> None:
+    """An unexpected error is not hidden: the child prints the traceback and exits 1, as python does."""
+    (tmp_path / "mlgen-run").write_text("a file where the run folder should be\n")
+    fresh = mlgen("status", cwd=tmp_path, fresh=True)
+    warm = mlgen("status", cwd=tmp_path)
+    assert warm.returncode == fresh.returncode
+    assert ("Traceback" in warm.stderr) == ("Traceback" in fresh.stderr)
