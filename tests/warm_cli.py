@@ -47,6 +47,7 @@ _CONTEXT.set_forkserver_preload(PRELOAD)
 
 def _child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
     """The forked process: become ``python -m mlgen ARGS`` run in ``cwd`` with ``env``, output to files."""
+    atexit._clear()  # the server's own exit handlers (from its imports) are not this command's to run
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
