@@ -34,6 +34,9 @@ def training_hashes(world: str, model: str, batch: int) -> set[str]:
     return hashes
 
 
+DATA_STREAMS = ("test", "seen", "oracle", "val", "judge")  # the rendered real sets an experiment reads
+
+
 def data_hashes(stream: str, world: str, seed: int = 0) -> set[str]:
     rng = stream_rng(stream, seed)
     return {scene_hash(rng, world) for _ in range(SCENES)}
@@ -44,10 +47,14 @@ def data_hashes(stream: str, world: str, seed: int = 0) -> set[str]:
 def test_no_test_seen_or_oracle_scene_is_a_training_scene_of_a_shipped_model(world: str) -> None:
     training = set().union(*(training_hashes(w, m, b) for w, m, b in SHIPPED if w == world))
     assert len(training) >= SCENES
-    for stream in ("test", "seen", "oracle"):
+    seen_before: dict[str, set[str]] = {}
+    for stream in DATA_STREAMS:
         data = data_hashes(stream, world)
         assert len(data) > SCENES * 0.99  # the noisy background makes scenes distinct
         assert not data & training, f"{stream} scenes of the {world} world repeat training scenes"
+        for other, hashes in seen_before.items():  # validation never sees a test scene, and so on
+            assert not data & hashes, f"{stream} scenes of the {world} world repeat {other} scenes"
+        seen_before[stream] = data
 
 
 def test_the_legacy_alias_is_gone() -> None:

@@ -14,7 +14,9 @@ import hashlib
 import numpy as np
 
 # Training streams of the toy models, the real data a run renders, and the experiment's own draws.
-STREAMS = ("train-clip", "train-vae", "train-unet", "test", "seen", "oracle", "experiment")
+# ``val`` holds the scenes settings and checkpoints are chosen on (never ``test``); ``judge`` trains the filter
+# audit's judge; ``splits`` draws the unseen label splits of ``mlgen experiment --splits``.
+STREAMS = ("train-clip", "train-vae", "train-unet", "test", "seen", "oracle", "experiment", "val", "judge", "splits")
 
 
 def _entropy(name: str) -> int:
