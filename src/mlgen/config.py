@@ -110,6 +110,10 @@ class ClassifierConfig:
     dualcoop_scoring: str = "dense"  # dualcoop: dense (official region aggregation) or pooled
     prompt_context: int = 64  # dualcoop: learned context tokens (official 64; capped by the text window)
     cprfl_recipe: str = "official"  # cprfl: official (raw text, AdamW 1e-5, OneCycle, EMA) or mlgen
+    pass_steps: int | None = None  # every pass of an epoch takes exactly this many batches (its source cycled)
+    passes_per_epoch: int | None = None  # pad the epoch with empty passes: the cosine steps this often per epoch
+    val_data: str | None = None  # labelled validation images: keep the best epoch's weights (never the test set)
+    select_every: int = 1  # with val_data: evaluate every N epochs (and after the last)
     cache: bool = runtime(True)  # frozen features cached on disk (float16) when only a head trains
 
 

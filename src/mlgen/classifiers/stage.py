@@ -23,7 +23,7 @@ from mlgen.classifiers.features import label_embeddings
 from mlgen.classifiers.metrics import evaluate_scores
 from mlgen.classifiers.model import MultiLabelClassifier, build_classifier, head_options, load_clip, save_classifier
 from mlgen.classifiers.source import Source, labelled_samples, mixed, multi_hot, shard_samples
-from mlgen.classifiers.train import Pass, alternating, fit
+from mlgen.classifiers.train import Pass, alternating, fit, fixed_length, idle_pass
 from mlgen.config import ClassifierConfig
 from mlgen.errors import MlgenError
 from mlgen.paths import write_json_atomic
@@ -58,6 +58,8 @@ class ClassifierStage(Stage):
         self.requires = (config.source,)  # "raw": the same classifier without the filter (an ablation)
         if config.seen_data and not Path(config.seen_data).exists():
             raise MlgenError(f"--seen-data not found: {config.seen_data}")
+        if config.val_data and not Path(config.val_data).exists():
+            raise MlgenError(f"--val-data not found: {config.val_data}")
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()
@@ -116,6 +118,31 @@ class ClassifierStage(Stage):
         combine = alternating if c.schedule == "alternating" else mixed
         return [Pass(combine(real_pass.batches, synthetic_pass.batches), None, c.schedule)]
 
+    def _shaped(self, passes: list[Pass]) -> list[Pass]:
+        """``pass_steps`` batches in every pass and ``passes_per_epoch`` passes (padded with empty ones)."""
+        c = self.config
+        if c.pass_steps is not None:
+            passes = [fixed_length(one, c.pass_steps) for one in passes]
+        if c.passes_per_epoch is not None:
+            passes = passes + [idle_pass() for _ in range(c.passes_per_epoch - len(passes))]
+        return passes
+
+    def _selector(self, model: MultiLabelClassifier, cache, classes: list[str]):
+        """The validation score of ``val_data`` (mAP over this run's labels, on the images that hold one), or
+        None without validation data."""
+        c = self.config
+        if not c.val_data:
+            return None
+        labels, images, _ = labelled_samples(Path(c.val_data))
+        rows = torch.tensor([any(label in self.classes for label in row) for row in labels])
+        if not rows.any():
+            raise MlgenError(f"--val-data {c.val_data}: no image holds one of the labels {', '.join(self.classes)}")
+        targets = multi_hot(labels, classes)
+        source = self._source(model, cache, targets, rows, images, None, False)
+        columns = [classes.index(label) for label in self.classes]
+        truth = targets[rows][:, columns].numpy()
+        return lambda trained: evaluate_scores(self._logits(trained, source)[:, columns], truth)["mAP"]
+
     def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
         c = self.config
         folder = self.run.stage_dir(c.source)
@@ -152,13 +179,29 @@ class ClassifierStage(Stage):
         # before training: the fused encoder is still the frozen one, so this is CLIP's own zero-shot score
         zero_shot = self._zero_shot(model, heldout, classes) if heldout is not None else None
         passes = self._passes(model, cache, classes, synthetic, (seen_labels, seen_images) if seen_images else None)
-        result = fit(model, passes, c.epochs, c.loss, c.lr, seed=c.seed, steps=c.steps, optimizer=c.optimizer)
+        passes = self._shaped(passes)
+        select = self._selector(model, cache, classes)
+        result = fit(
+            model,
+            passes,
+            c.epochs,
+            c.loss,
+            c.lr,
+            seed=c.seed,
+            steps=c.steps,
+            optimizer=c.optimizer,
+            select=select,
+            select_every=c.select_every,
+        )
         self.model, self.fit_result = model, result  # for callers that drive the stage themselves (tests)
         metrics = {
             "train_images": len(synthetic),
             "seen_images": len(seen_labels),
             "seen_images_skipped": seen_skipped,
             "optimizer_steps": result.optimizer_steps,
+            "steps_by_pass": result.steps_by_pass,
+            "validation": [{"epoch": e, "mAP": round(v, 4)} for e, v in result.validation] or None,
+            "selected_epoch": result.selected_epoch,
             "epochs": len(result.history),
             "schedule": c.schedule if seen_images else "synthetic only",
             "label_masks": "real batches on seen columns, synthetic on unseen" if unseen is not None else "all columns",

@@ -14,9 +14,11 @@ one process on the same global batch.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -46,11 +48,49 @@ class Pass:
 
 @dataclass
 class FitResult:
-    """Mean loss per epoch, the optimizer steps taken and the learning rate of each step (group 0)."""
+    """Mean loss per epoch, the optimizer steps taken (per pass name too), the learning rate of each step (group
+    0), and with checkpoint selection the validation score of each evaluated epoch and the epoch kept."""
 
     history: list[float] = field(default_factory=list)
     optimizer_steps: int = 0
     lr_trace: list[float] = field(default_factory=list)
+    steps_by_pass: dict[str, int] = field(default_factory=dict)
+    validation: list[tuple[int, float]] = field(default_factory=list)  # (epoch, score)
+    selected_epoch: int | None = None
+
+
+def fixed_length(one: Pass, steps: int) -> Pass:
+    """``one`` with exactly ``steps`` batches in every epoch, whatever its source's size: epoch e takes batches
+    e*steps .. (e+1)*steps - 1 of the source's epochs chained end to end (each reshuffled as usual). Arms with
+    more or fewer images then get the same number of optimizer steps on their columns."""
+    state: dict[str, Any] = {"chain": None, "next": 0}
+
+    def chain() -> Iterator[Batch]:
+        epoch = 0
+        while True:
+            empty = True
+            for batch in one.batches(epoch):
+                empty = False
+                yield batch
+            if empty:
+                return
+            epoch += 1
+
+    def batches(epoch: int) -> Iterator[Batch]:
+        if state["chain"] is None or epoch != state["next"]:  # not the next epoch (a count, a restart): replay
+            state["chain"] = chain()
+            for _ in itertools.islice(state["chain"], epoch * steps):
+                pass
+        state["next"] = epoch + 1
+        yield from itertools.islice(state["chain"], steps)
+
+    return Pass(batches, one.columns, one.name)
+
+
+def idle_pass(name: str = "idle") -> Pass:
+    """A pass with no batch: the learning-rate schedule still steps after it (a one-source arm then follows the
+    same learning-rate curve as the two-pass arms it is compared with)."""
+    return Pass(lambda epoch: iter(()), None, name)
 
 
 def alternating(real: Callable[[int], Iterable[Batch]], synthetic: Callable[[int], Iterable[Batch]]):
@@ -196,6 +236,8 @@ def fit(
     optimizer: str | None = None,
     warmup: int = 1,
     steps_per_epoch: int | None = None,  # accepted for old callers: the schedule counts passes
+    select: Callable[[MultiLabelClassifier], float] | None = None,
+    select_every: int = 1,
 ) -> FitResult:
     """Train ``model``'s trainable parameters on ``train_batches``: passes run in order every epoch (a bare
     callable is one pass on every column). ``steps`` trains exactly that many optimizer steps instead of
@@ -204,6 +246,10 @@ def fit(
     Batches are GLOBAL (the same on every rank); inputs are pixels, or cached feature dicts when
     ``model.cacheable``. Returns the mean loss per epoch (over all ranks' samples), the optimizer steps taken
     and the learning-rate trace.
+
+    ``select`` (a validation score, higher is better) is called every ``select_every`` epochs and after the
+    last one; the model ends with the weights of the best-scoring epoch (the official code keeps its best epoch;
+    here it is chosen on validation data, never on the test set).
     """
     torch.manual_seed(seed)
     passes = _as_passes(train_batches)
@@ -215,6 +261,7 @@ def fit(
     trainer = _Trainer(model, loss, opt)
     schedule = PassSchedule(opt, t_max=epochs, warmup=warmup) if official is None else None
     result = FitResult()
+    best: dict[str, Tensor] | None = None
     totals: dict[int, list[float]] = {}
     model.train()
     for epoch, one in _pass_stream(passes, None if steps is not None else epochs):
@@ -226,19 +273,48 @@ def fit(
             total[0] += trainer.step(inputs, targets, columns[0] if columns else one.columns)
             total[1] += targets.shape[0]
             result.optimizer_steps += 1
+            result.steps_by_pass[one.name] = result.steps_by_pass.get(one.name, 0) + 1
             if official:
                 official[1].step()  # OneCycle steps per optimizer step
                 official[2].update(model)
         if schedule is not None:
             schedule.step()
-        if one is passes[-1] and log is not None and trainer.rank == 0:
-            log(epoch, total[0] / max(total[1], 1))
-        if steps is not None and result.optimizer_steps >= steps:
+        done = steps is not None and result.optimizer_steps >= steps
+        if one is passes[-1] or done:
+            if log is not None and trainer.rank == 0:
+                log(epoch, total[0] / max(total[1], 1))
+            last = done or (epochs is not None and steps is None and epoch == epochs - 1)
+            if select is not None and ((epoch + 1) % select_every == 0 or last):
+                best = _validate(model, select, epoch, result, best, official[2] if official else None)
+        if done:
             break
     if official:
         official[2].copy_to(model)  # the official code evaluates (and mlgen saves) the EMA weights
+    if best is not None:
+        model.load_state_dict(best, strict=False)
     result.history = [total / max(count, 1) for total, count in totals.values()]
     return result
+
+
+def _trained_state(model: MultiLabelClassifier) -> dict[str, Tensor]:
+    """A copy of what training changes (every entry but the frozen parameters)."""
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in frozen}
+
+
+def _validate(model, select, epoch: int, result: FitResult, best, ema) -> dict[str, Tensor] | None:
+    """Score the epoch's weights (the EMA weights where the recipe evaluates those); keep a copy when best."""
+    live = _trained_state(model) if ema is not None else None
+    if ema is not None:
+        ema.copy_to(model)
+    score = float(select(model))
+    model.train()
+    if not result.validation or score > max(s for _, s in result.validation):
+        best, result.selected_epoch = _trained_state(model), epoch
+    result.validation.append((epoch, score))
+    if live is not None:
+        model.load_state_dict(live, strict=False)
+    return best
 
 
 def _steps_in(passes: list[Pass], epochs: int) -> int:

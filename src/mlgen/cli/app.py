@@ -293,6 +293,15 @@ def train_classifier(
     cprfl_recipe: Annotated[
         str | None, typer.Option(help="cprfl: official (raw text, AdamW, OneCycle, EMA) or mlgen (normalised, SGD).")
     ] = None,
+    val_data: Annotated[
+        str | None,
+        typer.Option(help="Labelled validation images: keep the best epoch's weights by their mAP (never test data)."),
+    ] = None,
+    select_every: Annotated[int | None, typer.Option(min=1, help="With --val-data: validate every N epochs.")] = None,
+    pass_steps: Annotated[
+        int | None,
+        typer.Option(min=1, help="Exactly N batches in every pass of an epoch (equal steps whatever the image count)."),
+    ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -319,6 +328,9 @@ def train_classifier(
         dualcoop_scoring=dualcoop_scoring,
         prompt_context=prompt_context,
         cprfl_recipe=cprfl_recipe,
+        val_data=val_data,
+        select_every=select_every,
+        pass_steps=pass_steps,
     )
     _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
     _print_metrics(run)
