@@ -35,6 +35,7 @@ def data(tmp_path_factory) -> dict[str, str]:
         "data": (24, None, "test"),
         "seen_data": (16, ["square", "star"], "seen"),
         "oracle_data": (12, None, "oracle"),
+        "val_data": (16, None, "val"),
     }
     out = {}
     for name, (n, labels, stream) in sets.items():
@@ -57,7 +58,8 @@ def tiny(data: dict[str, str], **changes) -> ExperimentConfig:
         prompts_per_set=1,
         images_per_prompt=2,
         generate_steps=2,
-        steps=5,
+        epochs=3,
+        pass_steps=2,
         finetune_steps=1,
         seeds=2,
         **data,
@@ -69,16 +71,41 @@ def cells(run: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((run / "experiment" / "cells").rglob("*.json"))]
 
 
-def test_every_trained_arm_takes_the_same_optimizer_steps(tmp_path: Path, data) -> None:
-    arms = "seen-only,text-only,mlgen,no-filter,+fusion,oracle"
-    run_experiment(tmp_path, tiny(data, seeds=1, arms=arms, steps=7), TINY_CLASSIFIER, log=lambda _: None)
-    done = cells(tmp_path)
-    assert {c["arm"] for c in done} == set(arms.split(","))
-    failed = {c["arm"]: c.get("error") for c in done if c["status"] != "ok"}
+def test_every_trained_arm_takes_the_same_steps_per_pass_kind(tmp_path: Path, data) -> None:
+    """Equal real and synthetic steps whatever each arm's image count; seen-only has only its real pass."""
+    arms = "seen-only,paper,text-embedding-head,mlgen,no-filter,no-filter-matched,mlgen-uncached,+fusion,oracle"
+    config = tiny(data, seeds=1, arms=arms, epochs=4, pass_steps=3, images_per_prompt=4)
+    run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    done = {c["arm"]: c for c in cells(tmp_path)}
+    assert set(done) == set(arms.split(","))
+    failed = {arm: c.get("error") for arm, c in done.items() if c["status"] != "ok"}
     assert not failed, failed
-    assert {c["arm"]: c["steps"] for c in done} == dict.fromkeys(arms.split(","), 7)
+    two_pass = {arm: (c["real_steps"], c["synthetic_steps"]) for arm, c in done.items() if arm != "seen-only"}
+    assert two_pass == dict.fromkeys(two_pass, (12, 12))
+    assert (done["seen-only"]["real_steps"], done["seen-only"]["synthetic_steps"]) == (12, 0)
+    images = {arm: done[arm]["images"] for arm in ("mlgen", "no-filter", "no-filter-matched", "oracle")}
+    assert images["no-filter"] > images["mlgen"] == images["no-filter-matched"], images  # steps equal, images not
     rows = list(csv.DictReader((tmp_path / "experiment" / "results.csv").open()))
-    assert {r["steps"] for r in rows} == {"7"} and len(rows) == 2 * len(done)  # zsl and gzsl per cell
+    assert len(rows) == 2 * len(done)  # zsl and gzsl per cell
+    mlgen_row = next(r for r in rows if r["arm"] == "mlgen")
+    assert mlgen_row["real_steps"] == mlgen_row["synthetic_steps"] == "12" and mlgen_row["selected_epoch"] != ""
+    assert sum(int(part.split(":")[1]) for part in mlgen_row["images_per_label"].split("|")) >= images["mlgen"]
+
+
+def test_matched_control_draws_as_many_raw_images_per_label_set_as_the_filter_kept(tmp_path: Path, data) -> None:
+    from collections import Counter
+
+    from mlgen.classifiers.source import shard_samples
+
+    config = tiny(data, seeds=1, arms="no-filter-matched", images_per_prompt=6, prompts_per_set=2)
+    run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    run = tmp_path / "experiment" / "runs" / "0" / "mlgen"
+    per_set = {name: Counter(m["set_id"] for m, _ in shard_samples(run / name)) for name in ("filtered", "matched")}
+    assert sum(per_set["filtered"].values()) > 0 and per_set["matched"] == per_set["filtered"]
+    raw = {m["seed"]: image for m, image in shard_samples(run / "raw")}  # an image's seed is its identity
+    matched = [(m["seed"], image) for m, image in shard_samples(run / "matched")]
+    assert len({seed for seed, _ in matched}) == len(matched)  # no image twice
+    assert all(raw[seed] == image for seed, image in matched)  # each one a raw image, unchanged
 
 
 def test_seeds_in_two_worker_processes_give_the_one_process_figures(tmp_path: Path, data) -> None:
@@ -97,6 +124,38 @@ def test_seeds_in_two_worker_processes_give_the_one_process_figures(tmp_path: Pa
         generated = sum(pq.read_metadata(p).num_rows for p in (run / "raw").glob("0*[0-9].parquet"))
         assert (audit["kept"]["images"], audit["dropped"]["images"]) == (kept, generated - kept)
     assert "Filter audit over seeds 0, 1" in (tmp_path / "workers-2" / "experiment" / "table.md").read_text()
+
+
+def test_selection_reads_validation_images_never_test_images(tmp_path: Path, data, monkeypatch) -> None:
+    """Model selection (and training) read the validation and seen sets; the test set is read only to score."""
+    import mlgen.classifiers.stage as stage_module
+
+    read: list[str] = []
+    original = stage_module.labelled_samples
+
+    def recording(path):
+        read.append(str(Path(path).resolve()))
+        return original(path)
+
+    monkeypatch.setattr(stage_module, "labelled_samples", recording)
+    config = tiny(data, seeds=1, arms="mlgen,oracle", workers=1)
+    run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    assert str(Path(data["val_data"]).resolve()) in read
+    assert str(Path(data["data"]).resolve()) not in read, read
+    assert all(c["selected_epoch"] is not None for c in cells(tmp_path))
+
+
+def test_holm_adjusts_step_down_and_verdicts_follow_the_adjusted_p() -> None:
+    from mlgen.experiment.stats import holm, holm_verdict, paired_p
+
+    assert holm([0.01, 0.04, 0.03, float("nan")]) == pytest.approx([0.03, 0.06, 0.06, float("nan")], nan_ok=True)
+    arm, ref = {s: 0.70 + 0.01 * (s % 3) for s in range(10)}, {s: 0.68 for s in range(10)}
+    stats = pytest.importorskip("scipy.stats")
+    p = paired_p(arm, ref)
+    assert p == pytest.approx(stats.ttest_rel(list(arm.values()), list(ref.values())).pvalue)
+    interval = paired_interval(arm, ref)
+    assert holm_verdict(interval, 0.03) == "holds (above mlgen)"
+    assert holm_verdict(interval, 0.06) == "not shown"  # significant raw, not after the correction
 
 
 def test_audit_shares_on_known_verdicts() -> None:
@@ -141,7 +200,7 @@ def test_a_failed_arm_is_reported_for_each_seed_never_dropped(tmp_path: Path, da
 
 def _experiment_args(run: Path, data: dict[str, str], arms: str) -> list[str]:
     args = ["experiment", "--run", str(run), "--world", "none", "--unseen", UNSEEN, "--clip", "tiny", "--model", "tiny"]
-    args += ["--llm", "template", "--arms", arms, "--seeds", "2", "--steps", "5"]
+    args += ["--llm", "template", "--arms", arms, "--seeds", "2", "--epochs", "3", "--pass-steps", "2"]
     return [*args, "--data", data["data"], "--seen-data", data["seen_data"], "--oracle-data", data["oracle_data"]]
 
 
@@ -181,11 +240,11 @@ def test_demo_mlgen_arm_beats_chance(tmp_path: Path) -> None:
     from mlgen.experiment.data import resolve, test_set
 
     settings = demo_settings("template", world="toy")
-    small = dict(prompts_per_set=1, images_per_prompt=4, steps=60, test_images=120, seen_images=64, oracle_images=32)
-    settings = ExperimentConfig(**{**settings.__dict__, **small, "arms": "mlgen"})
+    small = dict(prompts_per_set=1, images_per_prompt=4, epochs=6, test_images=120, seen_images=64, oracle_images=32)
+    settings = ExperimentConfig(**{**settings.__dict__, **small, "arms": "mlgen", "val_images": 60})
     summary = run_experiment(tmp_path, settings, log=lambda _: None)  # the demo's (and experiment's) shared head
     setup = resolve(settings)
-    test = TestSet.load(test_set(settings, setup, tmp_path / "experiment"), setup)
+    test = TestSet.load(test_set(settings, setup, tmp_path / "experiment", 0), setup)
     zsl_rows = test.targets[:, : test.unseen].any(axis=1)
     chance = label_frequency_map(test.targets[zsl_rows][:, : test.unseen])
     assert summary["zsl"]["mlgen"]["mAP"]["mean"] >= chance + 0.2, (summary["zsl"]["mlgen"], chance)

@@ -164,9 +164,13 @@ class ExperimentConfig:
     prompts_per_set: int = 4
     images_per_prompt: int = 4
     generate_steps: int | None = 10  # denoising steps; None: the model's preset
-    steps: int = 200  # optimizer steps of EVERY trained arm
+    epochs: int = 20  # epochs of every trained arm (a real pass then a synthetic pass each)
+    pass_steps: int = 5  # optimizer steps of EVERY pass: equal real and synthetic steps in every trained arm
+    paper_lr: float = 0.002  # the paper arm's SGD learning rate (the official 0.002; bench/tune_experiment.py)
     finetune_steps: int = 30  # +finetune: text-encoder fine-tuning steps
-    test_images: int = 400  # toy world: rendered test scenes (fixed for all seeds)
+    test_images: int = 400  # toy world: rendered test scenes, drawn anew for every seed
+    val_images: int = 200  # toy world: rendered validation scenes per seed (checkpoints and settings chosen there)
+    val_data: str | None = None  # your own validation images (checkpoint selection); None: final weights
     seen_images: int = 256  # toy world: rendered seen-label scenes per seed
     oracle_images: int = 512  # toy world: rendered unseen-label scenes per seed (the oracle arm)
     workers: int | None = None  # seeds run at once, one process each; None: one per CPU core on the toy world

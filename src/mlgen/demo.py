@@ -43,7 +43,6 @@ def demo_settings(llm: str = "smollm2", world: str | None = None) -> ExperimentC
         llm=llm,
         prompts_per_set=2,
         images_per_prompt=6,
-        steps=200,
         test_images=400,
         seen_images=256,
         oracle_images=512,

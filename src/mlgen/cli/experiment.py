@@ -37,20 +37,29 @@ def experiment_command(
     clip: Annotated[str | None, typer.Option(help="Teacher CLIP (default: the world's).")] = None,
     model: Annotated[str | None, typer.Option(help="Text-to-image model (default: the world's).")] = None,
     llm: Annotated[str | None, typer.Option(help="Prompt LLM: smollm2, template, ...")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps of every trained arm.")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs of every trained arm (a real, a synthetic pass).")
+    ] = None,
+    pass_steps: Annotated[
+        int | None, typer.Option(min=1, help="Optimizer steps of every pass (equal steps per pass kind in every arm).")
+    ] = None,
+    val_data: Annotated[
+        str | None, typer.Option(help="Your validation images (checkpoint selection; the toy world renders them).")
+    ] = None,
     workers: Annotated[
         int | None, typer.Option(help="Seeds run at once, a process each (default: one per core on the toy world).")
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", envvar="MLGEN_CONFIG", help="YAML config file.")] = None,
 ) -> None:
-    """Arms (zero-shot, s3, seen-only, text-only, mlgen, ablations, oracle) on one real test set, paired by seed:
-    RUN/experiment/results.csv, summary.json, table.md, plot.png. Resumable per (seed, arm)."""
+    """Arms (zero-shot, s3, seen-only, paper, text-embedding-head, mlgen, ablations, oracle) under like-for-like
+    rules, paired by seed: RUN/experiment/results.csv, summary.json, table.md, plot.png. Resumable per cell."""
     from mlgen.experiment import run_experiment
 
     sections = read_config_file(config)
     section = {k: _joined(v) for k, v in (sections.get("experiment") or {}).items()}
     flags = dict(world=world, unseen=unseen, seen=seen, seeds=seeds, arms=arms, data=data, seen_data=seen_data)
-    flags.update(oracle_data=oracle_data, clip=clip, model=model, llm=llm, steps=steps, workers=workers)
+    flags.update(oracle_data=oracle_data, clip=clip, model=model, llm=llm, workers=workers, val_data=val_data)
+    flags.update(epochs=epochs, pass_steps=pass_steps)
     settings = build_config(ExperimentConfig, section, flags)
     if settings.world is not None and settings.world.lower() == "none":  # your own data and models
         settings = dataclasses.replace(settings, world=None)

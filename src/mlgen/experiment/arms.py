@@ -1,10 +1,16 @@
 """The arms of ``mlgen experiment``: what each trains on (or that it trains nothing), and what it shares.
 
 Arms that differ only in training share one generation (``run``): ``mlgen``, ``no-filter`` (its raw images),
-``+fusion`` and ``text-only`` (its prompts) all read the seed's ``mlgen`` run. Every trained arm uses the same
-head, optimizer, augmentation and number of optimizer steps (``ClassifierConfig.steps``), except ``seen-only``:
-a head trained on seen labels alone must score names it never trained on, which only a shared prompt context
-can (DualCoOp, the classic zero-shot multi-label baseline); it keeps the same optimizer, augmentation and steps.
+``no-filter-matched`` (as many raw images per label set as the filter kept), ``+fusion`` and
+``text-embedding-head`` (its prompts) all read the seed's ``mlgen`` run.
+
+Like for like: every trained arm runs the same epochs of a real pass then a synthetic pass, each pass exactly
+``pass_steps`` optimizer steps whatever its image count, so every arm gets the same steps on the seen columns
+and on the unseen ones (a one-source arm runs an empty second pass: the same learning-rate curve). Each keeps
+its best epoch on the seed's validation scenes. Arms differ in their data, except where their name says:
+``+fusion`` (fusion modules; compared with ``mlgen-uncached``, the same pixels-through-the-encoder training
+without them) and the prompt-context heads (``seen-only``, ``paper``: DualCoOp with one shared context, which
+alone can score names it never trained on).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ class Arm:
     fusion: bool = False
     seen_data: bool = True  # stage arms: the seen-label real images train beside (GZSL, as the paper)
     prompt_head: bool = False  # trains the shared-context prompt head (DualCoOp) instead of the shared head
+    reference: str = "mlgen"  # the arm it is compared with in the main table
+    paper: bool = False  # the paper's classifier: DualCoOp (shared context) + fusion, ASL, SGD
+    cache: bool = True  # False: pixels through the encoder every step (as a fusion model must)
 
 
 ARMS: tuple[Arm, ...] = (
@@ -37,11 +46,49 @@ ARMS: tuple[Arm, ...] = (
         seen_data=False,
         prompt_head=True,
     ),
-    Arm("text-only", "text", "mlgen", "the head trained on the prompts' text embeddings instead of images"),
+    Arm(
+        "paper",
+        "stage",
+        "mlgen",
+        "the paper's classifier on mlgen's data: DualCoOp (shared context) + fusion, ASL, SGD",
+        paper=True,
+        prompt_head=True,
+        fusion=True,
+        cache=False,
+        reference="seen-only",
+    ),
+    Arm(
+        "text-embedding-head",
+        "text",
+        "mlgen",
+        "the head trained on the prompts' CLIP text embeddings instead of images (TaI-DPT's idea, not its method)",
+    ),
     Arm("mlgen", "stage", "mlgen", "LLM prompts -> generation -> filter -> head, with the seen real images"),
     Arm("no-filter", "stage", "mlgen", "mlgen on every generated image (no CLIP filter)", source="raw"),
+    Arm(
+        "no-filter-matched",
+        "stage",
+        "mlgen",
+        "a seeded random subset of the raw images, as many per label set as the filter kept",
+        source="matched",
+    ),
     Arm("+finetune", "stage", "finetune", "mlgen with the text encoder fine-tuned first"),
-    Arm("+fusion", "stage", "mlgen", "mlgen plus the feature fusion modules", fusion=True),
+    Arm(
+        "mlgen-uncached",
+        "stage",
+        "mlgen",
+        "mlgen with pixels through the encoder every step (+fusion's reference)",
+        cache=False,
+    ),
+    Arm(
+        "+fusion",
+        "stage",
+        "mlgen",
+        "mlgen plus the feature fusion modules",
+        fusion=True,
+        cache=False,
+        reference="mlgen-uncached",
+    ),
     Arm("template-prompts", "stage", "template", "mlgen with one template prompt instead of the LLM's"),
     Arm("singletons", "stage", "singletons", "mlgen with one label per image instead of pairs"),
     Arm("oracle", "stage", "oracle", "the head trained on real images of the unseen labels (the ceiling)"),
@@ -61,6 +108,14 @@ def select_arms(spec: str) -> list[Arm]:
     if unknown:
         raise MlgenError(f"unknown arm '{unknown[0]}': use ALL or some of {', '.join(BY_NAME)}")
     return [arm for arm in ARMS if arm.name in names]
+
+
+# Further comparisons the table reports beside each arm's difference to its reference: (arm, reference).
+EXTRA_COMPARISONS: tuple[tuple[str, str], ...] = (
+    ("paper", "zero-shot"),
+    ("no-filter", "no-filter-matched"),
+    ("mlgen", "zero-shot"),
+)
 
 
 def stage_name(arm: Arm) -> str:

@@ -1,10 +1,12 @@
-"""One (seed, arm) cell: train what the arm says (or nothing) and score it on the real test set.
+"""One (seed, arm) cell: train what the arm says (or nothing) and score it on the seed's real test set.
 
 Trained arms go through the classifier stage (``ClassifierStage`` under the arm's own folder) with one
-``ClassifierConfig``: the same head, optimizer, augmentation and ``steps`` optimizer steps for all of them; they
-differ only in their data (``source``, the run) and, for ``+fusion``, the fusion modules. ``text-only`` cannot
-read images, so it runs the same schedule through :func:`mlgen.classifiers.train.fit` itself: the seen real
-images pass (cached augmented views, seen columns) then the prompts' text embeddings (unseen columns).
+``ClassifierConfig``: the same head, optimizer, augmentation, epochs and ``pass_steps`` optimizer steps per pass
+(so the same steps on the seen and on the unseen columns, whatever the image count), and the best epoch on the
+seed's validation scenes; they differ in their data (``source``, the run) and where the arm's name says
+(fusion, the paper's head). ``text-embedding-head`` cannot read images, so it runs the same schedule through
+:func:`mlgen.classifiers.train.fit` itself: the seen real images pass (seen columns) then the prompts' text
+embeddings (unseen columns).
 """
 
 from __future__ import annotations
@@ -39,11 +41,12 @@ class TestSet:
     targets: np.ndarray
     classes: list[str]
     unseen: int  # the first ``unseen`` columns are the unseen labels
+    path: str = ""
 
     @classmethod
     def load(cls, data: Path, setup: Setup) -> TestSet:
         images, targets, _ = load_eval_set(data, setup.classes)
-        return cls(images, targets, setup.classes, len(setup.unseen))
+        return cls(images, targets, setup.classes, len(setup.unseen), str(data))
 
     def score(self, scores: np.ndarray, names: list[str]) -> dict[str, dict[str, float]]:
         """ZSL (unseen labels, images with one) and GZSL (all labels, images with one) mAP and F1@3."""
@@ -63,21 +66,41 @@ class Context:
     config: ExperimentConfig
     setup: Setup
     classifier: ClassifierConfig  # the base of every trained arm
-    test: TestSet
+    test: TestSet | None = None  # the seed's test set (``for_seed``)
     device: torch.device = dataclasses.field(default_factory=lambda: torch.device("cpu"))
+
+    def for_seed(self, seed: int) -> Context:
+        """This context scoring on the seed's own test draw."""
+        from mlgen.experiment.data import test_set
+
+        return dataclasses.replace(
+            self, test=TestSet.load(test_set(self.config, self.setup, self.root, seed), self.setup)
+        )
+
+
+PASSES_PER_EPOCH = 2  # a real pass then a synthetic pass; one-source arms get an empty second pass
 
 
 def classifier_config(ctx: Context, seed: int, arm: Arm) -> ClassifierConfig:
-    """The one ClassifierConfig of every trained arm; arms change only their data and fusion."""
+    """The one ClassifierConfig of every trained arm: the same epochs, steps per pass, learning-rate curve and
+    checkpoint selection on the seed's validation scenes; arms change their data and what their name says."""
+    from mlgen.experiment.data import val_set
+
     seen = str(seen_set(ctx.config, ctx.setup, ctx.root, seed)) if arm.seen_data else None
-    base = prompt_head_config(ctx) if arm.prompt_head else ctx.classifier
+    val = val_set(ctx.config, ctx.setup, ctx.root, seed)
+    base = paper_config(ctx) if arm.paper else prompt_head_config(ctx) if arm.prompt_head else ctx.classifier
     return dataclasses.replace(
         base,
         clip=ctx.setup.clip,
-        steps=ctx.config.steps,
+        epochs=ctx.config.epochs,
+        steps=None,
+        pass_steps=ctx.config.pass_steps,
+        passes_per_epoch=PASSES_PER_EPOCH,
+        val_data=str(val) if val else None,
         seed=SeedSeeds.of(seed).classifier,
         source=arm.source,
         fusion=arm.fusion,
+        cache=arm.cache,
         seen_data=seen,
         holdout=0.0,
     )
@@ -88,6 +111,12 @@ def prompt_head_config(ctx: Context) -> ClassifierConfig:
     toy CLIP's short text window takes a 4-token context; see ``--prompt-context``)."""
     context = 4 if ctx.setup.world is not None else ctx.classifier.prompt_context
     return dataclasses.replace(ctx.classifier, head="dualcoop", class_specific_context=False, prompt_context=context)
+
+
+def paper_config(ctx: Context) -> ClassifierConfig:
+    """The paper's classifier: DualCoOp with one shared context and the GlobalBranch fusion, the official ASL
+    and SGD at the experiment's ``paper_lr`` (chosen on validation for this budget)."""
+    return dataclasses.replace(prompt_head_config(ctx), loss="asl", optimizer="sgd", lr=ctx.config.paper_lr)
 
 
 @functools.cache
@@ -111,18 +140,40 @@ def run_arm(ctx: Context, seed: int, arm: Arm) -> dict[str, Any]:
 def _stage_arm(ctx: Context, seed: int, arm: Arm) -> dict[str, Any]:
     import json
 
+    from mlgen.experiment.data import MatchedConfig, MatchedStage
+
     run = prepare(ctx.root, ctx.config, ctx.setup, seed, arm.run)
     config = classifier_config(ctx, seed, arm)
+    if config.source == "matched":
+        run_stage(MatchedStage(run, MatchedConfig(SeedSeeds.of(seed).classifier)))
     run.require(config.source)
     stage = _stage_class(stage_name(arm))(run, config)
     run_stage(stage)
     metrics = json.loads((stage.folder / "metrics.json").read_text(encoding="utf-8"))
     model, preprocess = _load_for(stage.folder, ctx)
     logits = predict_logits(model, squash_transform(preprocess), ctx.test.images)
+    return {**ctx.test.score(logits, model.classes), **training_figures(arm, metrics, run)}
+
+
+def training_figures(arm: Arm, metrics: dict[str, Any], run) -> dict[str, Any]:
+    """What a cell trained on: optimizer steps on the seen-label (real) and unseen-label (synthetic, or the
+    oracle's real) passes, images, images per label, and the validated epoch it kept."""
+    from collections import Counter
+
+    from mlgen.classifiers.source import shard_samples
+
+    by_pass = metrics.get("steps_by_pass") or {}
+    real, synthetic = by_pass.get("real", 0), by_pass.get("synthetic", 0)
+    if not arm.seen_data:  # seen-only: its one source is the real seen-label images
+        real, synthetic = synthetic, 0
+    per_label = Counter(label for meta, _ in shard_samples(run.stage_dir(arm.source)) for label in meta["labels"])
     return {
-        **ctx.test.score(logits, model.classes),
         "images": metrics["train_images"],
         "steps": metrics["optimizer_steps"],
+        "real_steps": real,
+        "synthetic_steps": synthetic,
+        "images_per_label": dict(sorted(per_label.items())),
+        "selected_epoch": metrics.get("selected_epoch"),
     }
 
 
@@ -145,21 +196,23 @@ def _load_for(folder: Path, ctx: Context):
     return model, preprocess
 
 
-_ZERO_SHOT: dict[tuple[str, int], np.ndarray] = {}
+_ZERO_SHOT: dict[tuple[str, str], np.ndarray] = {}
 
 
 def _zero_shot(ctx: Context) -> np.ndarray:
     """The teacher's prompt-ensemble scores (the same for every seed: computed once per process)."""
-    key = (ctx.setup.clip, id(ctx.test))
+    key = (ctx.setup.clip, ctx.test.path)
     if key not in _ZERO_SHOT:
         _ZERO_SHOT[key] = zero_shot_scores(ctx.setup.clip, ctx.test.images, ctx.test.classes, ctx.device)
     return _ZERO_SHOT[key]
 
 
 def _s3(ctx: Context) -> np.ndarray:
-    """S^3: each label's synonym space (the shared LLM prompt stage's synonyms), point-to-local-center score."""
-    from mlgen.classifiers.evaluate import read_synonyms
-    from mlgen.classifiers.features import image_features
+    """S^3: each label's synonym space (the shared LLM prompt stage's synonyms), point-to-local-center score.
+    Each synonym is embedded with the zero-shot arm's prompt ensemble (templates averaged), so S^3 and zero-shot
+    differ only in the synonyms."""
+    from mlgen.classifiers.evaluate import ZERO_SHOT_TEMPLATES, read_synonyms
+    from mlgen.classifiers.features import image_features, label_embeddings
     from mlgen.filters.s3 import s3_scores
     from mlgen.models.registry import load_open_clip
 
@@ -167,9 +220,10 @@ def _s3(ctx: Context) -> np.ndarray:
     synonyms = read_synonyms(shared, ctx.test.classes)
     model, preprocess, tokenizer = load_open_clip(ctx.setup.clip, ctx.device)
     features = image_features(model, squash_transform(preprocess), ctx.test.images, ctx.device)
-    with torch.inference_mode():
-        spaces = [
-            torch.nn.functional.normalize(model.encode_text(tokenizer(words).to(ctx.device)).float(), dim=-1).cpu()
-            for words in synonyms
-        ]
+    spaces = []
+    for words in synonyms:
+        per_template = torch.stack(
+            [label_embeddings(model, tokenizer, words, ctx.device, t) for t in ZERO_SHOT_TEMPLATES]
+        )
+        spaces.append(torch.nn.functional.normalize(per_template.mean(0), dim=-1))
     return s3_scores(features, spaces).numpy()

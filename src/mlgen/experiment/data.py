@@ -3,9 +3,12 @@
 - ``--world toy``: the headroom world (colours shared in pairs, one salient shape and small ones) with the
   ``toy-headroom`` teacher CLIP and text-to-image model; ``--world toy-classic``: the classic world (colour
   names the class) with the ``toy`` models, whose CLIP is an oracle there.
-- The test set is rendered once from the ``test`` stream (all shapes, fixed for every seed); the seen-label
-  images from the ``seen`` stream and the oracle's unseen-label images from the ``oracle`` stream, per seed.
-- Without a world: ``data`` (test), ``seen_data`` and optionally ``oracle_data`` are the user's files.
+- Every seed draws its own test scenes from the ``test`` stream (all shapes), so the intervals over seeds hold
+  the test sampling too; its validation scenes from the ``val`` stream (all shapes: checkpoints are chosen
+  there, never on test), its seen-label images from ``seen`` and the oracle's unseen-label images from
+  ``oracle``.
+- Without a world: ``data`` (test, the same for every seed), ``seen_data``, optionally ``oracle_data`` and
+  ``val_data`` are the user's files.
 
 Real labelled images become a stage folder (:class:`ImportStage`) so that the oracle and seen-only arms train
 through the same classifier stage as the generated ones.
@@ -29,7 +32,6 @@ from mlgen.shards.writer import MANIFEST_FIELDS, ShardWriter
 
 # --world NAME: (rendering world, CLIP, text-to-image model)
 WORLDS = {"toy": ("headroom", "toy-headroom", "toy-headroom"), "toy-classic": ("classic", "toy", "toy")}
-TEST_SEED = 0  # the test stream's one seed: the same test set for every experiment seed
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def resolve(config: ExperimentConfig) -> Setup:
 def _user_setup(config: ExperimentConfig, unseen: list[str]) -> Setup:
     if not (config.data and config.seen_data and config.clip and config.model):
         raise MlgenError("without --world, pass --data, --seen-data, --clip and --model (your own data and models)")
-    for path in (config.data, config.seen_data, config.oracle_data):
+    for path in (config.data, config.seen_data, config.oracle_data, config.val_data):
         if path and not Path(path).exists():
             raise MlgenError(f"not found: {path}")
     seen = _labels(config.seen, "--seen") or sorted(
@@ -91,11 +93,19 @@ def _disjoint(unseen: list[str], seen: list[str]) -> None:
         raise MlgenError(f"label '{both[0]}' is listed as both seen and unseen")
 
 
-def test_set(config: ExperimentConfig, setup: Setup, root: Path) -> Path:
-    """The real test set: the user's, or rendered once (all labels, ``test`` stream)."""
+def test_set(config: ExperimentConfig, setup: Setup, root: Path, seed: int) -> Path:
+    """The seed's real test set: the user's (the same for every seed), or rendered (all labels, ``test``
+    stream, the seed's own draw)."""
     if setup.world is None:
         return Path(config.data)
-    return _rendered(root / "data" / "test", config.test_images, TEST_SEED, setup.classes, setup.world, "test")
+    return _rendered(root / "data" / f"test-{seed}", config.test_images, seed, setup.classes, setup.world, "test")
+
+
+def val_set(config: ExperimentConfig, setup: Setup, root: Path, seed: int) -> Path | None:
+    """The seed's validation set (all labels, ``val`` stream), the user's ``val_data``, or None."""
+    if setup.world is None:
+        return Path(config.val_data) if config.val_data else None
+    return _rendered(root / "data" / f"val-{seed}", config.val_images, seed, setup.classes, setup.world, "val")
 
 
 def seen_set(config: ExperimentConfig, setup: Setup, root: Path, seed: int) -> Path:
@@ -168,3 +178,50 @@ def import_run(run: RunDir, data: Path, labels: list[str]) -> RunDir:
     run.write_classes(labels)
     run_stage(ImportStage(run, ImportConfig(str(data), tuple(labels))))
     return run
+
+
+@dataclass(frozen=True)
+class MatchedConfig:
+    seed: int  # the draw of each label set's subset
+
+
+class MatchedStage(Stage):
+    """``no-filter-matched``'s images: for every label set, a seeded random subset of the raw (unfiltered) images
+    of the same size as the set's kept images. Against ``mlgen`` it says whether the filter chooses better
+    images than chance at the same count; against ``no-filter``, whether more images help."""
+
+    name = "matched"
+    config_section = "matched"
+    requires = ("raw", "filtered")
+
+    def plan(self) -> list[dict[str, Any]]:
+        return [{"shard": 0}]
+
+    def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
+        import random
+        from collections import Counter
+
+        from mlgen.classifiers.source import shard_samples
+        from mlgen.shards.reader import finished_shards, iter_shard
+
+        kept = Counter(meta["set_id"] for meta, _ in shard_samples(self.run.stage_dir("filtered")))
+        raw = self.run.stage_dir("raw")
+        by_set: dict[int, list[tuple[int, str]]] = {}
+        for number in finished_shards(raw):
+            for sample in iter_shard(raw, number):
+                by_set.setdefault(json.loads(sample["json"])["set_id"], []).append((number, sample["__key__"]))
+        rng = random.Random(self.config.seed)
+        chosen = {item for set_id in sorted(by_set) for item in rng.sample(by_set[set_id], kept[set_id])}
+        schema = __import__("pyarrow").schema(MANIFEST_FIELDS)
+        with ShardWriter(self.folder, shard["shard"], schema) as writer:
+            for number in finished_shards(raw):
+                for sample in iter_shard(raw, number):
+                    if (number, sample["__key__"]) not in chosen:
+                        continue
+                    meta = json.loads(sample["json"])
+                    row = {field.name: meta.get(field.name) for field in MANIFEST_FIELDS}
+                    text = sample.get("txt", b"")
+                    text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+                    writer.write(sample, {**row, "key": sample["__key__"], "text": text})
+            images = writer.commit()
+        return {"kept": images}

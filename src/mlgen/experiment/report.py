@@ -1,6 +1,7 @@
-"""The experiment's outputs: ``results.csv`` (one row per seed, arm and setting, failed cells included),
-``summary.json`` (per arm: mean and 95% interval, the paired difference to mlgen with its interval and verdict,
-the failed seeds), ``table.md`` and ``plot.png`` (each arm's mean with its interval)."""
+"""The experiment's outputs: ``results.csv`` (one row per seed, arm and setting, failed cells included, with what
+each cell trained on), ``summary.json`` (per arm: mean and 95% interval, the paired difference to its reference
+arm with its interval, raw and Holm-adjusted p and verdict, the failed seeds; further comparisons), ``table.md``
+and ``plot.png`` (each arm's mean with its interval)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,26 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mlgen.experiment.arms import REFERENCE
-from mlgen.experiment.stats import gap_closed, mean_interval, paired_interval, verdict
+from mlgen.experiment.arms import BY_NAME, EXTRA_COMPARISONS, REFERENCE
+from mlgen.experiment.stats import gap_closed, holm, holm_verdict, mean_interval, paired_interval, paired_p
 from mlgen.paths import write_atomic, write_json_atomic, write_text_atomic
 
 SETTINGS = ("zsl", "gzsl")
-FIELDS = ("seed", "arm", "setting", "mAP", "F1@3", "images", "steps", "status", "error")
+FIELDS = (
+    "seed",
+    "arm",
+    "setting",
+    "mAP",
+    "F1@3",
+    "images",
+    "steps",
+    "real_steps",
+    "synthetic_steps",
+    "images_per_label",
+    "selected_epoch",
+    "status",
+    "error",
+)
 
 
 def result_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -33,6 +48,10 @@ def result_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "F1@3": f"{figures['f1@3']:.4f}" if ok else "",
                     "images": cell.get("images", ""),
                     "steps": cell.get("steps", ""),
+                    "real_steps": cell.get("real_steps", ""),
+                    "synthetic_steps": cell.get("synthetic_steps", ""),
+                    "images_per_label": "|".join(f"{k}:{v}" for k, v in (cell.get("images_per_label") or {}).items()),
+                    "selected_epoch": "" if cell.get("selected_epoch") is None else cell["selected_epoch"],
                     "status": cell["status"],
                     "error": cell.get("error", ""),
                 }
@@ -44,26 +63,67 @@ def _by_seed(cells: list[dict[str, Any]], arm: str, setting: str, metric: str = 
     return {c["seed"]: c[setting][metric] for c in cells if c["arm"] == arm and c["status"] == "ok"}
 
 
+def reference_of(arm: str) -> str:
+    return BY_NAME[arm].reference if arm in BY_NAME else REFERENCE
+
+
+def comparisons(arms: list[str]) -> list[tuple[str, str]]:
+    """(arm, reference) pairs of the table: every arm against its reference, then the extra comparisons (both
+    arms run)."""
+    pairs = [(arm, reference_of(arm)) for arm in arms if arm != reference_of(arm)]
+    pairs += [(a, b) for a, b in EXTRA_COMPARISONS if a in arms and b in arms and (a, b) not in pairs]
+    return pairs
+
+
 def summarise(cells: list[dict[str, Any]], arms: list[str], seeds: int) -> dict[str, Any]:
-    summary: dict[str, Any] = {"seeds": seeds, "reference": REFERENCE, "interval": "95% Student t over seeds"}
+    summary: dict[str, Any] = {
+        "seeds": seeds,
+        "reference": REFERENCE,
+        "interval": "95% Student t over seeds, paired",
+        "verdicts": "paired t-test, Holm-corrected over each setting's comparisons (family-wise 5%)",
+    }
     for setting in SETTINGS:
-        reference = _by_seed(cells, REFERENCE, setting)
-        block = {}
+        block: dict[str, Any] = {}
         for arm in arms:
             values = _by_seed(cells, arm, setting)
-            entry: dict[str, Any] = {
+            block[arm] = {
                 "mAP": _interval(mean_interval(list(values.values()))),
                 "F1@3": _interval(mean_interval(list(_by_seed(cells, arm, setting, "f1@3").values()))),
                 "seeds_ok": len(values),
                 "failed_seeds": sorted(c["seed"] for c in cells if c["arm"] == arm and c["status"] != "ok"),
             }
-            if arm != REFERENCE and reference:
-                diff = paired_interval(values, reference)
-                entry["minus_mlgen"] = {**_interval(diff), "verdict": verdict(diff)}
-            block[arm] = entry
+        block["comparisons"] = _compare(cells, arms, setting)
+        for entry in block["comparisons"]:
+            if entry["reference"] == reference_of(entry["arm"]):
+                block[entry["arm"]]["minus_reference"] = entry
         block["gap_closed"] = _gap(cells, setting)
         summary[setting] = block
     return summary
+
+
+def _compare(cells: list[dict[str, Any]], arms: list[str], setting: str) -> list[dict[str, Any]]:
+    """Each comparison's paired difference, raw p and Holm-adjusted p (over this setting's comparisons)."""
+    out = []
+    for arm, reference in comparisons(arms):
+        values, ref = _by_seed(cells, arm, setting), _by_seed(cells, reference, setting)
+        entry: dict[str, Any] = {"arm": arm, "reference": reference, "paired_seeds": len(set(values) & set(ref))}
+        if reference not in arms:
+            entry["note"] = f"reference {reference} not run"
+        elif not ref:
+            entry["note"] = f"reference {reference} failed on every seed"
+        diff = paired_interval(values, ref)
+        entry.update(_interval(diff), p=_round(paired_p(values, ref)), diff=diff)
+        out.append(entry)
+    adjusted = holm([math.nan if e["p"] is None else e["p"] for e in out])
+    for entry, p in zip(out, adjusted, strict=True):
+        entry["p_holm"] = _round(p)
+        entry["verdict"] = entry.get("note") or holm_verdict(entry.pop("diff"), p, entry["reference"])
+        entry.pop("diff", None)
+    return out
+
+
+def _round(value: float) -> float | None:
+    return None if math.isnan(value) else round(value, 4)
 
 
 def _interval(interval) -> dict[str, float | int | None]:
@@ -88,22 +148,38 @@ def _gap(cells: list[dict[str, Any]], setting: str) -> dict[str, Any] | None:
 
 
 def table(summary: dict[str, Any], arms: list[str]) -> str:
-    """Markdown: per arm and setting the mean mAP [95% CI], the paired difference to mlgen and its verdict."""
+    """Markdown: per arm and setting the mean mAP [95% CI] and the paired difference to its reference arm with
+    its raw and Holm-adjusted p and verdict; then the further comparisons and the gap closed."""
     lines = [
-        "| arm | ZSL mAP [95% CI] | ZSL - mlgen [95% CI] | verdict | GZSL mAP [95% CI] | GZSL - mlgen [95% CI] "
-        "| verdict | seeds ok | failed seeds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | ZSL mAP [95% CI] | GZSL mAP [95% CI] | compared with | ZSL diff [95% CI] | p (Holm) | verdict "
+        "| GZSL diff [95% CI] | p (Holm) | verdict | paired seeds | failed seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
-        cols = []
-        for setting in SETTINGS:
-            entry = summary[setting][arm]
-            cols.append(_ci(entry["mAP"]))
-            diff = entry.get("minus_mlgen")
-            cols += [_ci(diff, signed=True), diff["verdict"]] if diff else ["(reference)", ""]
-        entry = summary["zsl"][arm]
-        failed = ", ".join(map(str, entry["failed_seeds"])) or "-"
-        lines.append(f"| {arm} | " + " | ".join(cols) + f" | {entry['seeds_ok']}/{summary['seeds']} | {failed} |")
+        zsl, gzsl = summary["zsl"][arm], summary["gzsl"][arm]
+        cols = [_ci(zsl["mAP"]), _ci(gzsl["mAP"])]
+        diffs = [summary[s][arm].get("minus_reference") for s in SETTINGS]
+        cols.append(diffs[0]["reference"] if diffs[0] else "(reference)")
+        for diff in diffs:
+            cols += [_ci(diff, signed=True), _p(diff), diff["verdict"]] if diff else ["", "", ""]
+        paired = str(diffs[0]["paired_seeds"]) if diffs[0] else f"{zsl['seeds_ok']}"
+        failed = ", ".join(map(str, zsl["failed_seeds"])) or "-"
+        lines.append(f"| {arm} | " + " | ".join(cols) + f" | {paired} | {failed} |")
+    extra = [
+        (e, g)
+        for e, g in zip(summary["zsl"]["comparisons"], summary["gzsl"]["comparisons"], strict=True)
+        if e["reference"] != reference_of(e["arm"])
+    ]
+    if extra:
+        lines += [
+            "\n| comparison | ZSL diff [95% CI] | p (Holm) | verdict | GZSL diff [95% CI] | p (Holm) | verdict "
+            "| paired seeds |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for e, g in extra:
+            cols = [_ci(e, signed=True), _p(e), e["verdict"], _ci(g, signed=True), _p(g), g["verdict"]]
+            lines.append(f"| {e['arm']} - {e['reference']} | " + " | ".join(cols) + f" | {e['paired_seeds']} |")
+    lines.append(f"\nVerdicts: {summary['verdicts']}; p is the raw paired t-test p, Holm's adjusted p in brackets.")
     for setting in SETTINGS:
         gap = summary[setting]["gap_closed"]
         text = (
@@ -113,6 +189,12 @@ def table(summary: dict[str, Any], arms: list[str]) -> str:
         )
         lines.append(f"\nGap closed {setting.upper()} = (mlgen - zero-shot) / (oracle - zero-shot) = {text}")
     return "\n".join(lines) + "\n"
+
+
+def _p(entry: dict[str, Any]) -> str:
+    if entry.get("p") is None:
+        return "-"
+    return f"{entry['p']:.3g} ({entry['p_holm']:.3g})"
 
 
 def _ci(entry: dict[str, Any] | None, signed: bool = False) -> str:

@@ -34,8 +34,8 @@ from mlgen.config import ClassifierConfig, ExperimentConfig
 from mlgen.errors import MlgenError
 from mlgen.experiment.arms import REFERENCE, Arm, select_arms
 from mlgen.experiment.audit import audit_path, audit_seed, pct
-from mlgen.experiment.cells import Context, TestSet, run_arm
-from mlgen.experiment.data import resolve, test_set
+from mlgen.experiment.cells import Context, run_arm
+from mlgen.experiment.data import resolve
 from mlgen.experiment.report import write_report
 from mlgen.experiment.runs import PROMPTS, shared_prompts
 from mlgen.paths import write_json_atomic
@@ -137,11 +137,12 @@ def _context(run_root: Path, config: ExperimentConfig, classifier: ClassifierCon
     setup = resolve(config)
     root = run_root / "experiment"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return Context(root, config, setup, classifier, TestSet.load(test_set(config, setup, root), setup), device)
+    return Context(root, config, setup, classifier, device=device)
 
 
 def run_seed(ctx: Context, seed: int, arms: list[Arm], log: Callable[[str], None]) -> None:
-    """The seed's missing cells, in the table's order."""
+    """The seed's missing cells, in the table's order, scored on the seed's own test draw."""
+    ctx = ctx.for_seed(seed)
     for arm in arms:
         path = cell_path(ctx.root, seed, arm.name)
         if path.is_file():
@@ -169,9 +170,8 @@ def _audit(ctx: Context, seed: int, log: Callable[[str], None]) -> None:
 
 
 def _prepare_shared(root: Path, config: ExperimentConfig, arms: list[Arm]) -> None:
-    """What every seed reads, made once before the workers start: the test set and the prompt stages."""
+    """What every seed reads, made once before the workers start: the prompt stages."""
     setup = resolve(config)
-    test_set(config, setup, root)
     kinds = {PROMPTS[arm.run] for arm in arms if arm.run in PROMPTS}
     if any(arm.kind in ("s3", "text") for arm in arms):
         kinds.add("llm")

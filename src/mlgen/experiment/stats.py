@@ -1,8 +1,9 @@
-"""Paired statistics over seeds: every arm is compared with ``mlgen`` on the same seeds.
+"""Paired statistics over seeds: every arm is compared with its reference arm on the same seeds.
 
-The difference of an arm to ``mlgen`` is taken seed by seed (same test set, same seen data, same generation
-where they share it), and its mean gets a two-sided Student-t interval over the seeds. A verdict says
-"holds" only when the interval excludes zero.
+The difference of an arm to its reference is taken seed by seed (the same test draw, seen data and generation
+where they share it), and its mean gets a two-sided Student-t interval over the seeds and a paired t-test p.
+A table makes several comparisons at once, so its verdicts are Holm-corrected (family-wise error 5%): a
+difference "holds" only when its Holm-adjusted p is below 0.05; the raw p stands beside it.
 """
 
 from __future__ import annotations
@@ -77,6 +78,41 @@ def paired_interval(arm: dict[int, float], reference: dict[int, float]) -> Inter
     """The mean of ``arm - reference`` over the seeds both have, with its 95% t-interval."""
     seeds = sorted(set(arm) & set(reference))
     return mean_interval([arm[s] - reference[s] for s in seeds])
+
+
+def paired_p(arm: dict[int, float], reference: dict[int, float]) -> float:
+    """The two-sided paired t-test p of ``arm - reference`` over the seeds both have (NaN below 2 seeds; 0 when
+    every seed differs by the same non-zero amount, 1 when none differs)."""
+    diffs = [arm[s] - reference[s] for s in sorted(set(arm) & set(reference))]
+    if len(diffs) < 2:
+        return math.nan
+    spread = statistics.stdev(diffs)
+    if spread == 0:
+        return 1.0 if statistics.fmean(diffs) == 0 else 0.0
+    from scipy.stats import t
+
+    statistic = statistics.fmean(diffs) / (spread / math.sqrt(len(diffs)))
+    return float(2 * t.sf(abs(statistic), len(diffs) - 1))
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (same order as given; NaN stays NaN and is not counted)."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (len(order) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def holm_verdict(interval: Interval, adjusted_p: float, reference: str = "mlgen", alpha: float = 0.05) -> str:
+    """ "holds (above/below REFERENCE)" when the Holm-adjusted p is below ``alpha``, else "not shown"."""
+    if interval.n < 2 or math.isnan(adjusted_p):
+        return "too few seeds"
+    if adjusted_p >= alpha:
+        return "not shown"
+    return f"holds (above {reference})" if interval.mean > 0 else f"holds (below {reference})"
 
 
 def verdict(interval: Interval) -> str:
