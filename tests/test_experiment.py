@@ -266,3 +266,44 @@ def test_bad_input_is_one_line(tmp_path: Path, change: list[str], message: str) 
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("mlgen: error:") and message in lines[0], result.stderr
     assert not (tmp_path / "R" / "experiment" / "cells").exists()
+
+
+def test_splits_are_drawn_anew_each_in_its_own_folder(tmp_path: Path) -> None:
+    from mlgen.experiment.runner import split_labels
+
+    small = dict(test_images=24, val_images=16, seen_images=16, oracle_images=12, prompts_per_set=1)
+    config = ExperimentConfig(
+        world="toy-classic", unseen="circle,star", clip="tiny", model="tiny", llm="template", seeds=1, splits=3,
+        arms="zero-shot,oracle", epochs=2, pass_steps=2, **small,
+    )  # fmt: skip
+    splits = split_labels(config)
+    assert splits[0] == ["circle", "star"] and len({frozenset(s) for s in splits}) == 3
+    assert all(len(s) == 2 for s in splits) and split_labels(config) == splits  # seeded: the same every time
+    summary = run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    for number, unseen in enumerate(splits[1:], start=1):
+        classes = (
+            tmp_path / "experiment" / "splits" / str(number) / "runs" / "0" / "oracle" / "classes.txt"
+        ).read_text()
+        assert classes.split() == unseen
+    assert summary["pooled"]["zsl"]["oracle"]["seeds_ok"] == 3  # one per (split, seed) pair
+    report = (tmp_path / "experiment" / "splits.md").read_text()
+    assert all(", ".join(s) in report for s in splits) and "Pooled over (split, seed) pairs" in report
+
+
+def test_pooled_differences_pair_each_split_and_seed() -> None:
+    from mlgen.experiment.arms import select_arms
+    from mlgen.experiment.report import write_pooled_report
+
+    cells_ = [
+        {"split": k, "seed": s, "arm": arm, "status": "ok", "zsl": {"mAP": m, "f1@3": 0}, "gzsl": {"mAP": m, "f1@3": 0}}
+        for k in range(2)
+        for s in range(3)
+        for arm, m in (("zero-shot", 0.5 + 0.1 * k), ("mlgen", 0.6 + 0.1 * k + 0.01 * s))
+    ]
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        pooled = write_pooled_report(Path(tmp), cells_, select_arms("zero-shot,mlgen"), [["a"], ["b"]], 3)
+    (comparison,) = pooled["zsl"]["comparisons"]
+    assert (comparison["arm"], comparison["reference"], comparison["paired_seeds"]) == ("zero-shot", "mlgen", 6)
+    assert comparison["mean"] == pytest.approx(-0.11)  # the split offsets cancel in the pairs

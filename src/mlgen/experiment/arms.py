@@ -114,7 +114,6 @@ def select_arms(spec: str) -> list[Arm]:
 EXTRA_COMPARISONS: tuple[tuple[str, str], ...] = (
     ("paper", "zero-shot"),
     ("no-filter", "no-filter-matched"),
-    ("mlgen", "zero-shot"),
 )
 
 

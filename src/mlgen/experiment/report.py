@@ -250,3 +250,32 @@ def write_report(
     write_text_atomic(root / "table.md", text)
     plot(summary, arms, root / "plot.png")
     return summary
+
+
+POOLED_ARMS = ("zero-shot", "mlgen", "no-filter", "no-filter-matched", "oracle")
+
+
+def write_pooled_report(root: Path, cells: list[dict[str, Any]], arms, splits: list[list[str]], seeds: int) -> dict:
+    """``splits.md`` and ``splits.json``: each split's means, and the paired differences pooled over every
+    (split, seed) pair (each pair counted as one observation)."""
+    names = [arm.name for arm in arms]
+    pairs = [{**cell, "seed": cell["split"] * 100_000 + cell["seed"]} for cell in cells]
+    pooled = summarise(pairs, names, len(splits) * seeds)
+    shown = [arm for arm in names if arm in POOLED_ARMS] or names
+    lines = [
+        f"# {len(splits)} unseen-label splits x {seeds} seeds",
+        "",
+        "| split | unseen | " + " | ".join(f"{arm} ZSL" for arm in shown) + " |",
+        "|---|---|" + "---|" * len(shown),
+    ]
+    for number, unseen in enumerate(splits):
+        split_cells = [c for c in cells if c["split"] == number]
+        means = []
+        for arm in shown:
+            values = list(_by_seed(split_cells, arm, "zsl").values())
+            means.append(_ci(_interval(mean_interval(values))))
+        lines.append(f"| {number} | {', '.join(unseen)} | " + " | ".join(means) + " |")
+    lines += ["", "Pooled over (split, seed) pairs:", "", table(pooled, names)]
+    write_text_atomic(root / "splits.md", "\n".join(lines))
+    write_json_atomic(root / "splits.json", {"splits": splits, "seeds": seeds, "pooled": pooled})
+    return pooled

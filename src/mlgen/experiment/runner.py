@@ -36,11 +36,11 @@ from mlgen.experiment.arms import REFERENCE, Arm, select_arms
 from mlgen.experiment.audit import audit_path, audit_seed, pct
 from mlgen.experiment.cells import Context, run_arm
 from mlgen.experiment.data import resolve
-from mlgen.experiment.report import write_report
+from mlgen.experiment.report import write_pooled_report, write_report
 from mlgen.experiment.runs import PROMPTS, shared_prompts
 from mlgen.paths import write_json_atomic
 
-FREE_SETTINGS = ("seeds", "arms", "workers")  # may change between runs of one experiment
+FREE_SETTINGS = ("seeds", "arms", "workers", "splits")  # may change between runs of one experiment
 # The head every trained arm shares (a ``classifier:`` config section overrides it): a linear head started from
 # random weights, so that what it knows of the unseen labels comes from the arm's images alone, trained with
 # AdamW and no augmentation. Measured on the toy world, one seed, oracle arm (512 real images, 200 steps): the
@@ -93,25 +93,74 @@ def run_experiment(
     classifier: ClassifierConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Run every missing (seed, arm) cell, then write results.csv, summary.json, table.md and the plot."""
+    """Run every missing (split, seed, arm) cell, then write results.csv, summary.json, table.md and the plot of
+    each split, and with several splits the pooled table (``splits.md``). Returns the first split's summary (the
+    given ``--unseen``) with the pooled one under ``pooled`` when there are several splits."""
     resolve(config)  # bad labels or models: one error line before anything is written
-    arms = select_arms(config.arms)
     classifier = classifier or DEFAULT_CLASSIFIER
-    root = run_root / "experiment"
+    splits = split_labels(config)
+    summaries, cells, audits = [], [], []
+    for number, unseen in enumerate(splits):
+        root = split_root(run_root, number)
+        split_config = config if number == 0 else dataclasses.replace(config, unseen=",".join(unseen), splits=1)
+        if len(splits) > 1:
+            log(f"split {number}: unseen {', '.join(unseen)}")
+        summary, split_cells, split_audits = _run_split(root, split_config, classifier, log)
+        summaries.append(summary)
+        cells += [{**cell, "split": number} for cell in split_cells]
+        audits += split_audits
+    if len(splits) == 1:
+        return summaries[0]
+    pooled = write_pooled_report(run_root / "experiment", cells, select_arms(config.arms), splits, config.seeds)
+    return {**summaries[0], "pooled": pooled}
+
+
+def split_root(run_root: Path, number: int) -> Path:
+    """Split 0 (the given ``--unseen``) in ``RUN/experiment``, split k in ``RUN/experiment/splits/k``."""
+    return run_root / "experiment" if number == 0 else run_root / "experiment" / "splits" / str(number)
+
+
+def split_labels(config: ExperimentConfig) -> list[list[str]]:
+    """The unseen labels of each split: the given ones, then ``splits - 1`` other draws of as many of the
+    world's labels from the ``splits`` stream (the other labels are the split's seen ones)."""
+    setup = resolve(config)
+    if config.splits <= 1:
+        return [setup.unseen]
+    if setup.world is None or config.seen:
+        raise MlgenError("--splits draws unseen labels from the toy world: not with --world none or --seen")
+    from mlgen.world.render import SHAPES
+    from mlgen.world.streams import stream_rng
+
+    rng = stream_rng("splits", 0)
+    splits, tries = [setup.unseen], 0
+    while len(splits) < config.splits and tries < 1000:
+        tries += 1
+        drawn = [SHAPES[i] for i in sorted(rng.choice(len(SHAPES), size=len(setup.unseen), replace=False))]
+        if all(set(drawn) != set(other) for other in splits):
+            splits.append(drawn)
+    if len(splits) < config.splits:
+        raise MlgenError(f"--splits {config.splits}: only {len(splits)} distinct splits of {len(setup.unseen)} labels")
+    return splits
+
+
+def _run_split(
+    root: Path, config: ExperimentConfig, classifier: ClassifierConfig, log: Callable[[str], None]
+) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    arms = select_arms(config.arms)
     root.mkdir(parents=True, exist_ok=True)
     _check_settings(root, config, classifier)
     todo = [seed for seed in range(config.seeds) if _unfinished(root, seed, arms)]
     workers = min(worker_count(config), len(todo))
     if workers > 1:
         _prepare_shared(root, config, arms)
-        _run_in_workers(run_root, config, classifier, todo, workers, log)
+        _run_in_workers(root, config, classifier, todo, workers, log)
     else:
-        ctx = _context(run_root, config, classifier)
+        ctx = _context(root, config, classifier)
         for seed in todo:
             run_seed(ctx, seed, arms, log)
     cells = [json.loads(cell_path(root, s, a.name).read_text()) for s in range(config.seeds) for a in arms]
     audits = [json.loads(audit_path(root, s).read_text()) for s in range(config.seeds) if audit_path(root, s).is_file()]
-    return write_report(root, cells, [a.name for a in arms], config.seeds, audits)
+    return write_report(root, cells, [a.name for a in arms], config.seeds, audits), cells, audits
 
 
 def _unfinished(root: Path, seed: int, arms: list[Arm]) -> bool:
@@ -131,11 +180,10 @@ def worker_count(config: ExperimentConfig) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _context(run_root: Path, config: ExperimentConfig, classifier: ClassifierConfig) -> Context:
+def _context(root: Path, config: ExperimentConfig, classifier: ClassifierConfig) -> Context:
     if not torch.cuda.is_available():
         torch.set_num_threads(1)  # tiny models on a shared CPU: more threads mostly wait on each other
     setup = resolve(config)
-    root = run_root / "experiment"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return Context(root, config, setup, classifier, device=device)
 
@@ -180,7 +228,7 @@ def _prepare_shared(root: Path, config: ExperimentConfig, arms: list[Arm]) -> No
 
 
 def _run_in_workers(
-    run_root: Path,
+    root: Path,
     config: ExperimentConfig,
     classifier: ClassifierConfig,
     seeds: list[int],
@@ -195,7 +243,7 @@ def _run_in_workers(
         hidden = os.environ.get("TQDM_DISABLE")
         os.environ["TQDM_DISABLE"] = "1"
         try:
-            jobs = [pool.submit(_worker_seed, run_root, config, classifier, seed) for seed in seeds]
+            jobs = [pool.submit(_worker_seed, root, config, classifier, seed) for seed in seeds]
         finally:
             if hidden is None:
                 del os.environ["TQDM_DISABLE"]
@@ -214,8 +262,8 @@ def _worker_start() -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def _worker_seed(run_root: Path, config: ExperimentConfig, classifier: ClassifierConfig, seed: int) -> None:
-    ctx = _context(run_root, config, classifier)
+def _worker_seed(root: Path, config: ExperimentConfig, classifier: ClassifierConfig, seed: int) -> None:
+    ctx = _context(root, config, classifier)
     run_seed(ctx, seed, select_arms(config.arms), lambda line: print(line, flush=True))
 
 

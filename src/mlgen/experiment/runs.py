@@ -67,7 +67,8 @@ def prompts_config(config: ExperimentConfig, setup: Setup, kind: str) -> Prompts
 def shared_prompts(root: Path, config: ExperimentConfig, setup: Setup, kind: str) -> RunDir:
     """The shared prompt stage ``kind`` (llm, template, singletons), made once for every seed."""
     run = RunDir(root / "shared" / f"prompts-{kind}")
-    workflow.make_prompts(run, prompts_config(config, setup, kind), setup.unseen)
+    if run.success("prompts") is None:  # made once before the workers start: they only read it (no lock)
+        workflow.make_prompts(run, prompts_config(config, setup, kind), setup.unseen)
     return run
 
 
