@@ -42,13 +42,11 @@ from mlgen.paths import write_json_atomic
 
 FREE_SETTINGS = ("seeds", "arms", "workers", "splits")  # may change between runs of one experiment
 # The head every trained arm shares (a ``classifier:`` config section overrides it): a linear head started from
-# random weights, so that what it knows of the unseen labels comes from the arm's images alone, trained with
-# AdamW and no augmentation. Measured on the toy world, one seed, oracle arm (512 real images, 200 steps): the
-# official SGD lr 0.002 barely moves a linear head (0.68, vs 0.77 with AdamW), and the official Cutout +
-# RandAugment erase or recolour the 4-7 px shapes of 64 px scenes (0.77 with, 0.85 without). A shared-context
-# DualCoOp as the shared head learned nothing: its only trainable part is the context, so it cannot learn a
-# label whose NAME the text tower does not know (the toy teacher's rare shapes), whatever the images show
-# (oracle ZSL 0.39 vs zero-shot 0.69). seen-only still uses it (see arms.py).
+# random weights, so that what it knows of the unseen labels comes from the arm's images alone. Its optimizer,
+# learning rate and augmentation are chosen on validation scenes by bench/tune_experiment.py (README gives the
+# figures). A shared-context DualCoOp cannot be the shared head: its only trainable part is the context, so it
+# cannot learn a label whose NAME the teacher's text tower does not know (the toy teacher's rare shapes); the
+# seen-only and paper arms use it (see arms.py).
 DEFAULT_CLASSIFIER = ClassifierConfig(head_init="random", optimizer="adamw", augment=False)
 
 

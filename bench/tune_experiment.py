@@ -1,0 +1,84 @@
+"""Choose the experiment's fixed settings on VALIDATION scenes, never on the test set.
+
+For each candidate setting, the arm it concerns is trained on the experiment's own data for a few seeds (the same
+runs ``mlgen experiment`` makes: generation, filter, seen and oracle images) and scored by its best validation
+mAP (the unseen labels on the seed's ``val`` scenes: what checkpoint selection reads). The test scenes are never
+rendered or read here. Prints one table per question and the candidate each chooses.
+
+- the shared head's optimizer and learning rate, and augmentation (arm ``mlgen``; ``oracle`` as a check);
+- the paper arm's SGD learning rate (arm ``paper``: DualCoOp shared context + fusion).
+
+Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--llm template] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from mlgen.config import ExperimentConfig
+from mlgen.experiment.arms import BY_NAME
+from mlgen.experiment.cells import Context, _stage_class, classifier_config
+from mlgen.experiment.data import resolve
+from mlgen.experiment.runner import DEFAULT_CLASSIFIER
+from mlgen.experiment.runs import prepare
+from mlgen.pipeline.runner import run_stage
+
+HEAD = {  # name -> changes to the shared head (mlgen's linear head started from random weights)
+    "adamw 1e-3, no augment": dict(optimizer="adamw", lr=1e-3, augment=False),
+    "adamw 3e-3, no augment": dict(optimizer="adamw", lr=3e-3, augment=False),
+    "adamw 1e-3, augment": dict(optimizer="adamw", lr=1e-3, augment=True, augment_views=4),
+    "sgd 0.002 (official), no augment": dict(optimizer="sgd", lr=0.002, augment=False),
+    "sgd 0.02, no augment": dict(optimizer="sgd", lr=0.02, augment=False),
+}
+PAPER_LR = (0.002, 0.02, 0.2)
+
+
+def val_score(ctx: Context, seed: int, arm: str, changes: dict, tag: str) -> float:
+    """The arm's best validation mAP with ``changes`` to its ClassifierConfig (its own stage folder)."""
+    spec = BY_NAME[arm]
+    run = prepare(ctx.root, ctx.config, ctx.setup, seed, spec.run)
+    config = dataclasses.replace(classifier_config(ctx, seed, spec), **changes)
+    stage = _stage_class(f"tune-{arm.strip('+')}-{tag}")(run, config)
+    run_stage(stage)
+    metrics = json.loads((stage.folder / "metrics.json").read_text(encoding="utf-8"))
+    return max(entry["mAP"] for entry in metrics["validation"])
+
+
+def choose(ctx: Context, seeds: int, arm: str, candidates: dict[str, dict]) -> str:
+    rows = {}
+    for index, (name, changes) in enumerate(candidates.items()):
+        rows[name] = [val_score(ctx, seed, arm, changes, str(index)) for seed in range(seeds)]
+    print(f"\n| {arm}: candidate | val mAP (mean over {seeds} seeds) | per seed |\n|---|---|---|")
+    for name, scores in rows.items():
+        print(f"| {name} | {statistics.fmean(scores):.3f} | {', '.join(f'{s:.3f}' for s in scores)} |")
+    best = max(rows, key=lambda name: statistics.fmean(rows[name]))
+    print(f"chosen on validation: {best}")
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", default="toy")
+    parser.add_argument("--unseen", default="circle,triangle,star,heart")
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--llm", default="template", help="template (fast) or smollm2 (the experiment's)")
+    parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    config = ExperimentConfig(world=args.world, unseen=args.unseen, seeds=args.seeds, llm=args.llm)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = (args.out or Path(tmp)) / "experiment"
+        ctx = Context(root, config, resolve(config), DEFAULT_CLASSIFIER)  # no test set: nothing here scores on it
+        choose(ctx, args.seeds, "mlgen", HEAD)
+        choose(ctx, args.seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR})
+
+
+if __name__ == "__main__":
+    main()
