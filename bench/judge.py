@@ -2,7 +2,10 @@
 (with the grid), and per label its AP on the experiment's test scenes and its false-positive rate on test scenes
 that hold the label's same-colour partner but not the label. No generation: seconds per seed.
 
-Usage: python bench/judge.py [--seeds 3] [--world toy] [--unseen circle,triangle,star,heart] [--grid]
+``--first`` measures the first judge instead (before issue 23): trained on the seed's 512 oracle scenes of the
+unseen shapes only, Adam lr 0.03 for 1000 steps, threshold logit 0.
+
+Usage: python bench/judge.py [--seeds 3] [--world toy] [--unseen circle,triangle,star,heart] [--grid] [--first]
 """
 
 from __future__ import annotations
@@ -14,9 +17,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mlgen.classifiers.evaluate import load_eval_set
 from mlgen.config import ClassifierConfig, ExperimentConfig
 from mlgen.experiment import cells, data
-from mlgen.experiment.audit import figures_on_test, partners, train_judge
+from mlgen.experiment.audit import Judge, _train_probe, figures_on_test, partners, teacher_features, train_judge
+
+
+def first_judge(ctx: cells.Context, seed: int) -> tuple[Judge, list[str], object]:
+    """The judge as it was before issue 23, on the same teacher features."""
+    features = teacher_features(ctx)
+    unseen = ctx.setup.unseen
+    images, targets, _ = load_eval_set(data.oracle_set(ctx.config, ctx.setup, ctx.root, seed), unseen)
+    probe = _train_probe(features(images), targets, seed, 3e-2, [1000])[1000]
+    tuning = {"lr": 3e-2, "steps": 1000, "tuning": []}
+    return Judge(probe, np.zeros(len(unseen)), [{}] * len(unseen), tuning), unseen, features
 
 
 def main() -> None:
@@ -25,6 +39,7 @@ def main() -> None:
     parser.add_argument("--world", default="toy")
     parser.add_argument("--unseen", default="circle,triangle,star,heart")
     parser.add_argument("--grid", action="store_true", help="print the held-out mAP of every (lr, steps)")
+    parser.add_argument("--first", action="store_true", help="the first judge (unseen shapes only)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = ExperimentConfig(world=args.world, unseen=args.unseen)
@@ -35,10 +50,10 @@ def main() -> None:
         ctx = cells.Context(root, config, setup, ClassifierConfig(), test)
         rows = []
         for seed in range(args.seeds):
-            judge, labels, features = train_judge(ctx, seed)
+            judge, labels, features = (first_judge if args.first else train_judge)(ctx, seed)
             logits = judge(features(test.images))
             figures = figures_on_test(logits, test.targets, test.classes, labels, judge.thresholds, partners(ctx))
-            print(f"seed {seed}: lr {judge.tuning['lr']:g}, steps {judge.tuning['steps']} (held-out mAP)")
+            print(f"seed {seed}: lr {judge.tuning['lr']:g}, steps {judge.tuning['steps']}")
             for entry in judge.tuning["tuning"] if args.grid else []:
                 print(f"  lr {entry['lr']:g} steps {entry['steps']}: {entry['heldout_map']:.4f}")
             rows.append({label: figures[label] for label in setup.unseen})

@@ -89,18 +89,20 @@ def audit_seed(ctx: Context, seed: int) -> dict[str, Any] | None:
 def train_judge(ctx: Context, seed: int) -> tuple[Judge, list[str], Callable[[list[bytes]], torch.Tensor]]:
     """The seed's judge, its labels (the unseen first) and the teacher's image features (image bytes -> [N, D])."""
     data, source = judge_data(ctx, seed)
-    model, preprocess, _ = load_open_clip(ctx.setup.clip, ctx.device)
-    encode = squash_transform(preprocess)
-
-    def features(images: list[bytes]) -> torch.Tensor:
-        return image_features(model, encode, images, ctx.device)
-
+    features = teacher_features(ctx)
     unseen = ctx.setup.unseen
     labels = unseen + [s for s in _world_shapes(ctx) if s not in unseen]
     images, targets, _ = load_eval_set(data, labels)
     judge = fit_judge(features(images), targets, list(range(len(unseen))), seed)
     judge.data = source
     return judge, labels, features
+
+
+def teacher_features(ctx: Context) -> Callable[[list[bytes]], torch.Tensor]:
+    """Image bytes -> the teacher CLIP's L2-normalised image embeddings [N, D] (what the judge reads)."""
+    model, preprocess, _ = load_open_clip(ctx.setup.clip, ctx.device)
+    encode = squash_transform(preprocess)
+    return lambda images: image_features(model, encode, images, ctx.device)
 
 
 def _world_shapes(ctx: Context) -> list[str]:
