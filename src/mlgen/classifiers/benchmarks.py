@@ -17,6 +17,7 @@ Everything a split needs is checked when it is opened (one line naming the file)
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 from collections.abc import Iterator, Sequence
@@ -107,11 +108,36 @@ def split_labels(benchmark: str, names: list[str] | None = None) -> dict[str, li
     return {"seen-train": seen, "unseen-test": unseen, "gzsl-test": seen + unseen}
 
 
+def split_classes(data: str | Path) -> list[str]:
+    """The labels a benchmark split scores (all 48 seen ones of ``coco-zsl:ROOT:seen-train``, even those no
+    image shows); none for other data. A classifier trained on the split knows them all, as the official one."""
+    spec = parse_spec(data)
+    return open_split(spec).classes if spec else []
+
+
 def open_split(spec: Spec, split: str | None = None) -> Split:
     """The split ``split`` (default: the spec's own) of a benchmark, every file checked."""
     split = split or spec.split
     if split is None:
         raise MlgenError(f"{spec}: name a split here ({spec}:{SPLITS[0]}, :{SPLITS[1]} or :{SPLITS[2]})")
+    root = spec.root.resolve()
+    return _open_cached(spec.benchmark, root, split, _stamp(spec.benchmark, root, split))
+
+
+def _stamp(benchmark: str, root: Path, split: str) -> tuple:
+    """(size, mtime) of a split's annotation files: a changed file is read again."""
+    if benchmark == "coco-zsl":
+        files = [root / "annotations" / COCO_FILES[split][0]]
+    else:
+        files = [root / "annotations" / "Tag_all" / "all_labels.txt"]
+        files += [root / "annotations" / "zsl" / name for name in NUS_FILES[split]]
+    stats = [path.stat() if path.is_file() else None for path in files]
+    return tuple((s.st_size, s.st_mtime_ns) if s else None for s in stats)
+
+
+@functools.lru_cache(maxsize=4)  # a command reads a split more than once (its labels, then its images)
+def _open_cached(benchmark: str, root: Path, split: str, stamp: tuple) -> Split:
+    spec = Spec(benchmark, root, split)
     if not spec.root.is_dir():
         raise MlgenError(f"{spec.benchmark} folder not found: {spec.root}")
     opened = _open_coco(spec, split) if spec.benchmark == "coco-zsl" else _open_nus(spec, split)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlgen.classifiers.benchmarks import data_exists
+from mlgen.classifiers.benchmarks import data_exists, split_classes
 from mlgen.classifiers.cache import FeatureCache
 from mlgen.classifiers.data import AugmentedView, squash_transform, train_transform
 from mlgen.classifiers.features import label_embeddings
@@ -140,7 +140,8 @@ class ClassifierStage(Stage):
         seen_labels, seen_images, seen_skipped = labelled_samples(Path(c.seen_data)) if c.seen_data else ([], None, 0)
         if c.seen_data and not any(seen_rows(seen_labels, self.classes)):
             raise MlgenError(f"--seen-data {c.seen_data}: no image has a label outside the run's (generated) labels")
-        extra = sorted({label for labels in seen_labels for label in labels} - set(self.classes))
+        found = {label for labels in seen_labels for label in labels} | set(split_classes(c.seen_data or ""))
+        extra = sorted(found - set(self.classes))
         classes = self.classes + extra  # GZSL: the seen labels of the real data beside the generated ones
         unseen = torch.tensor([label in self.classes for label in classes]) if c.label_masks and extra else None
         targets = multi_hot([meta["labels"] for meta in metas], classes)
