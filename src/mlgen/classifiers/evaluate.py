@@ -193,9 +193,8 @@ def zero_shot_on_data(
     spec = parse_spec(data)
     if spec is not None and spec.split is None:
         return _zero_shot_benchmark(run, spec, method, clip, unseen)
-    classes, seen = run.classes(), _trained_seen_labels(run)
-    classes = classes + [label for label in seen if label not in classes]  # GZSL: the classifier's labels
-    unseen = unseen or default_unseen(classes, seen)
+    classes = run.classes()  # the generated labels: unseen ones (a benchmark above scores its own)
+    unseen = unseen or default_unseen(classes, _trained_seen_labels(run))
     missing = [label for label in unseen if label not in classes]
     if missing:
         raise MlgenError(f"--labels names '{missing[0]}', which is not a label of the run")
