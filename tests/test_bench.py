@@ -17,23 +17,38 @@ def one_line_error(result, *words: str) -> None:
     assert lines[0].startswith("mlgen: error:") and all(w in lines[0] for w in words), lines
 
 
+def printed_rates(stdout: str, figures: dict) -> None:
+    """The table's rows are the figures of bench.json: stage rate, bare rate, then their quotient, per stage
+    (a swapped or stale column fails here; the ratio itself is a timing and is not asserted)."""
+    rows = {line[:26].strip(): line[26:].split() for line in stdout.splitlines() if line.endswith(tuple("0123456789"))}
+    for name, digits in (("generate", 3), ("filter", 2)):
+        stage = figures[name]
+        expected = [f"{stage['images_per_s']:.{digits}f}", f"{stage['bare_images_per_s']:.{digits}f}"]
+        assert rows[f"{name} images/s"] == [*expected, f"{stage['ratio']:.3f}"], (rows, stage)
+        assert stage["ratio"] == pytest.approx(stage["images_per_s"] / stage["bare_images_per_s"], rel=1e-9)
+
+
 @pytest.fixture(scope="module")
-def bench_json(tmp_path_factory) -> Path:
+def bench_run(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     args = ["--size", "64", "--steps", "2", "--images", "4", "--filter-images", "8", "--finetune-steps", "1"]
     result = mlgen("bench", *args, "--out", out, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generate images/s" in result.stdout and "projected: --quota 200 --labels 17" in result.stdout
-    return out
+    return out, result.stdout
 
 
-def test_bench_writes_every_figure(bench_json: Path) -> None:
-    figures = json.loads(bench_json.read_text())
+@pytest.fixture(scope="module")
+def bench_json(bench_run) -> Path:
+    return bench_run[0]
+
+
+def test_bench_writes_every_figure(bench_run) -> None:
+    figures = json.loads(bench_run[0].read_text())
     g, f = figures["generate"], figures["filter"]
     assert g["images"] == 4 and g["size"] == 64 and g["steps"] == 2 and g["batch_size"] == 8  # CPU: 8
     assert g["images_per_s"] > 0 and g["bare_images_per_s"] > 0
-    for stage in (g, f):  # stage/bare: the stage's rate over the bare call's (1 = no overhead)
-        assert stage["ratio"] == pytest.approx(stage["images_per_s"] / stage["bare_images_per_s"], rel=1e-9)
+    printed_rates(bench_run[1], figures)
     assert g["dtype"] == "float32" and g["attention"] and not (g["vae_slicing"] or g["vae_tiling"] or g["compiled"])
     assert f["images"] == 8 and f["images_per_s"] > 0 and f["bare_images_per_s"] > 0
     t = figures["finetune"]
@@ -103,6 +118,6 @@ def test_bench_a_real_architecture_on_cpu(tmp_path: Path) -> None:
     assert g["images"] == 1 and g["batch_size"] == 1 and g["size"] == 256 and figures["arch"] == "sd2"
     assert figures["filter"]["images"] == 8
     assert figures["finetune"] is None and "--finetune-steps 1" in figures["finetune_skipped"]
-    # Stage vs bare is a timing (0.92 and 1.87 measured on a machine at load 7-8): the bench reports it, the
-    # test only checks that it is the quotient of the two rates it printed.
-    assert g["ratio"] == pytest.approx(g["images_per_s"] / g["bare_images_per_s"], rel=1e-3), g
+    # Stage vs bare is a timing (0.92 and 1.87 measured on a machine at load 7-8): not asserted; the table must
+    # print the figures bench.json holds.
+    printed_rates(result.stdout, figures)

@@ -184,3 +184,65 @@ def test_mlcd_on_the_linear_head_is_the_margined_loss_under_label_masks() -> Non
     assert float(value) == pytest.approx(float(mlcd_cosine_loss(cosines[:, UNSEEN], targets[:, UNSEEN].bool())))
     assert torch.count_nonzero(model.head.weight.grad[~UNSEEN]) == 0
     assert torch.count_nonzero(model.head.weight.grad[UNSEEN]) > 0
+
+
+def test_each_real_batch_is_scored_on_100_seen_columns_drawn_at_random_when_there_are_more() -> None:
+    """Official num_train_cls: a batch's columns are 100 of the seen ones, a fresh draw per batch, the same on
+    every rerun (and so on every rank); 100 or fewer seen columns are all scored."""
+    from mlgen.classifiers.source import Source
+
+    seen = torch.arange(300) >= 60  # 240 seen columns, the first 60 unseen
+    targets = torch.zeros(8, 300)
+    features = {"pooled": torch.randn(8, 4)}
+    source = Source(targets, torch.ones(8, dtype=torch.bool), features=features, columns=seen, draw=100)
+    drawn = [columns for _, _, columns in source.batches(0, 2, seed=0)]
+    assert len(drawn) == 4 and all(int(c.sum()) == 100 and not (c & ~seen).any() for c in drawn)
+    assert len({tuple(c.nonzero().flatten().tolist()) for c in drawn}) == 4  # a new draw per batch
+    again = [columns for _, _, columns in source.batches(0, 2, seed=0)]
+    assert all(torch.equal(a, b) for a, b in zip(drawn, again, strict=True))
+    few = Source(targets, torch.ones(8, dtype=torch.bool), features=features, columns=seen & (torch.arange(300) < 150))
+    few.draw = 100
+    assert all(torch.equal(c, few.columns) for _, _, c in few.batches(0, 2, seed=0))
+
+
+def test_fit_scores_a_batch_on_its_own_drawn_columns() -> None:
+    model = _model()
+    features = _features(model, n=2)
+    drawn = torch.tensor([False, False, True, False])  # one of the two seen columns drawn for this batch
+    batches = [(features, torch.ones(2, 4), drawn)]
+    fit(model, [Pass(lambda epoch: batches, ~UNSEEN, "real")], epochs=1, optimizer="sgd", lr=0.1)
+    grad_free = model.head.weight.detach().clone()
+    model2 = _model()
+    assert torch.equal(grad_free[3], model2.head.weight.detach()[3])  # column 3 (seen, not drawn) never moved
+    assert not torch.equal(grad_free[2], model2.head.weight.detach()[2])
+
+
+def test_cprfl_official_recipe_warms_up_for_a_tenth_and_decays_only_matrices() -> None:
+    from mlgen.classifiers.recipes import recipe
+
+    model = _cprfl_official()
+    optimizer, scheduler, _ = recipe(model, 100)
+    trace = []
+    for _ in range(100):
+        trace.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert trace.index(max(trace)) == 9  # OneCycle pct_start 0.1 (the official train.py), not 0.2
+    decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            expected = 0.0 if parameter.ndim == 1 or name.endswith(".bias") else 1e-4
+            assert decay[id(parameter)] == expected, name
+
+
+def test_cprfl_attention_has_no_dropout_of_its_own() -> None:
+    """With the output and MLP dropouts off, a training-mode forward is deterministic: the official attention
+    (softmax then values) drops nothing."""
+    model = _cprfl_official()
+    head = model.head
+    for module in head.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    head.train()
+    tokens = torch.randn(2, 5, head.visual_proj.in_features, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(head({"tokens": tokens}), head({"tokens": tokens}))

@@ -104,6 +104,8 @@ class ClassifierConfig:
     seen_data: str | None = None  # real images of seen labels (CSV, COCO JSON or WebDataset) beside the synthetic
     schedule: str = "official"  # with seen_data: official (a real pass then a synthetic pass), mixed, alternating
     label_masks: bool = True  # real batches scored on the seen columns only, synthetic on the unseen (official)
+    seen_classes_per_batch: int = 100  # each real batch scored on this many seen labels drawn at random (official
+    # 100, when there are more: NUS-WIDE's 925); 0: every seen label
     augment: bool = True  # official training augmentation: squash resize + Cutout + RandAugment
     augment_views: int = 8  # augment with a cached frozen encoder: K augmented views cached, epoch e reads e mod K
     class_specific_context: bool = False  # dualcoop: one context pair per class instead of the shared one

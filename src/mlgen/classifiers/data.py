@@ -3,7 +3,9 @@
 - a CSV with columns ``image`` (path relative to the CSV) and ``labels`` (names joined by ``|``);
 - a COCO-style JSON (``images[].file_name`` relative to the JSON's folder, ``annotations[].category_id``,
   ``categories[].name``);
-- a WebDataset: a ``.tar`` file or a folder of them, each sample with an image and a ``json`` holding ``labels``.
+- a WebDataset: a ``.tar`` file or a folder of them, each sample with an image and a ``json`` holding ``labels``;
+- a split of a zero-shot benchmark in its standard layout: ``coco-zsl:ROOT:SPLIT`` or ``nus-zsl:ROOT:SPLIT``
+  (:mod:`mlgen.classifiers.benchmarks`).
 
 Images are yielded one at a time (bytes, not decoded), so a large set never sits in memory.
 """
@@ -23,6 +25,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from mlgen.classifiers.benchmarks import Split, open_split, parse_spec, split_images
 from mlgen.errors import MlgenError
 from mlgen.labels import normalise_label
 
@@ -36,8 +39,14 @@ class LabelledImage:
     labels: tuple[str, ...]  # normalised label names
 
 
-def read_labelled(path: Path) -> Iterator[LabelledImage]:
-    """Every labelled image of ``path``, whose format is told by its name (one clear line if unknown)."""
+def read_labelled(path: Path | str) -> Iterator[LabelledImage]:
+    """Every labelled image of ``path``, whose format is told by its name (one clear line if unknown).
+
+    A benchmark split is checked whole (files, row counts, class lists, every image there) before this
+    returns; the other formats are read as they are iterated."""
+    spec = parse_spec(path)
+    if spec is not None:
+        return _read_split(open_split(spec))
     path = Path(path)
     if not path.exists():
         raise MlgenError(f"evaluation data not found: {path}")
@@ -50,6 +59,11 @@ def read_labelled(path: Path) -> Iterator[LabelledImage]:
     if path.is_dir() and (path / "labels.csv").is_file():  # `mlgen world render` output
         return _read_csv(path / "labels.csv")
     raise MlgenError(f"{path}: not a labelled image set (a .csv, a COCO .json, or WebDataset .tar files)")
+
+
+def _read_split(split: Split) -> Iterator[LabelledImage]:
+    for key, image, labels in split_images(split):
+        yield LabelledImage(key, image, labels)
 
 
 def decodable(image: bytes | None) -> bool:

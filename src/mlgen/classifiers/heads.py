@@ -160,8 +160,7 @@ class CPRFLHead(nn.Module):
         mlp_dim = mlp_dim or 4 * dim
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * inner, bias=False)
-        self.attn_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))
-        self.attn_dropout = dropout
+        self.attn_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout))  # no dropout on the weights
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(
             nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(mlp_dim, dim), nn.Dropout(dropout)
@@ -170,8 +169,7 @@ class CPRFLHead(nn.Module):
     def _attention(self, x: Tensor) -> Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
-        p = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p)
+        out = F.scaled_dot_product_attention(q, k, v)  # the official attention has no dropout of its own
         return self.attn_out(out.transpose(1, 2).reshape(batch, length, self.heads * self.dim_head))
 
     def forward(self, features: dict[str, Tensor]) -> Tensor:

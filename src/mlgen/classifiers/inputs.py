@@ -22,7 +22,9 @@ def synonyms_table(run: RunDir) -> Path:
 def check_zero_shot_inputs(run: RunDir, data: Path, method: str) -> None:
     if method not in ZERO_SHOT_METHODS:
         raise MlgenError(f"--zero-shot must be clip or s3, not {method!r}")
-    if not data.exists():
+    from mlgen.classifiers.benchmarks import data_exists  # numpy only: still no torch
+
+    if not data_exists(data):
         raise MlgenError(f"evaluation data not found: {data}")
     if method == "s3":
         synonyms_table(run)

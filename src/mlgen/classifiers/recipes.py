@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-CPRFL_LR = 1e-5  # official CPRFL: AdamW 1e-5, weight decay 1e-4, OneCycle (pct_start 0.2), EMA decay 0.998
-CPRFL_WEIGHT_DECAY = 1e-4
-CPRFL_PCT_START = 0.2
+CPRFL_LR = 1e-5  # official CPRFL (train.py): AdamW 1e-5, weight decay 1e-4 on matrices only, OneCycle
+CPRFL_WEIGHT_DECAY = 1e-4  # (pct_start 0.1), EMA decay 0.998
+CPRFL_PCT_START = 0.1
 CPRFL_EMA_DECAY = 0.998
 
 
@@ -42,19 +42,29 @@ class Ema:
         return dict(self.shadow)
 
 
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters in two groups, as the official ``add_weight_decay``: biases and other 1-D
+    parameters (norm scales) without weight decay, the rest with ``weight_decay``."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 or name.endswith(".bias") else decay).append(parameter)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
 def recipe(model: nn.Module, total_steps: int | Callable[[], int], lr: float | None = None):
     """``(optimizer, scheduler, ema)`` for a head with its own official recipe, else None.
 
     ``model`` is a MultiLabelClassifier; only CPRFL built with ``cprfl_recipe="official"`` has one: AdamW
-    (lr ``lr`` or 1e-5) with a per-step OneCycle schedule to that maximum, and an EMA of decay 0.998.
+    (lr ``lr`` or 1e-5; weight decay on matrices only) with a per-step OneCycle schedule to that maximum
+    (10% warm-up), and an EMA of decay 0.998.
     """
     if model.head_name != "cprfl" or model.options.cprfl_recipe != "official":
         return None
     if callable(total_steps):
         total_steps = total_steps()
-    params = [p for p in model.parameters() if p.requires_grad]
     max_lr = lr or CPRFL_LR
-    optimizer = torch.optim.AdamW(params, lr=max_lr, weight_decay=CPRFL_WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(decay_groups(model, CPRFL_WEIGHT_DECAY), lr=max_lr)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=max_lr, total_steps=max(total_steps, 1), pct_start=CPRFL_PCT_START
     )

@@ -74,10 +74,24 @@ def multi_hot(rows: list[list[str] | tuple[str, ...]], classes: list[str]) -> Te
     return targets
 
 
+def drawn_columns(columns: Tensor | None, count: int, draw: int | None, seed: int) -> Tensor | None:
+    """At most ``draw`` of ``columns`` (None: all ``count``), drawn at random by ``seed`` for one batch: the
+    official trainer scores each real batch on 100 randomly drawn seen classes when it has more."""
+    pool = torch.ones(count, dtype=torch.bool) if columns is None else columns
+    if not draw or int(pool.sum()) <= draw:
+        return columns
+    index = pool.nonzero().flatten()
+    picked = index[torch.randperm(index.numel(), generator=torch.Generator().manual_seed(seed))[:draw]]
+    out = torch.zeros(count, dtype=torch.bool)
+    out[picked] = True
+    return out
+
+
 class Source:
     """The samples ``rows`` (a boolean mask) of a set, scored on ``columns`` (a boolean mask over the classes;
-    None: all). Inputs: cached ``features``, or cached augmented ``views`` (epoch e reads view e mod K), else
-    pixels decoded from ``images`` through ``preprocess`` (with ``augment``: a fresh seeded view per epoch)."""
+    None: all), or per batch on ``draw`` of them drawn at random. Inputs: cached ``features``, or cached augmented
+    ``views`` (epoch e reads view e mod K), else pixels decoded from ``images`` through ``preprocess`` (with
+    ``augment``: a fresh seeded view per epoch)."""
 
     def __init__(
         self,
@@ -89,9 +103,17 @@ class Source:
         columns: Tensor | None = None,
         augment=None,
         views: list[dict[str, Tensor]] | None = None,
+        draw: int | None = None,
     ) -> None:
         self.targets, self.rows, self.features, self.views = targets, rows, features, views
         self.images, self.preprocess, self.augment, self.columns = images, preprocess, augment, columns
+        self.draw = draw
+
+    def _columns(self, epoch: int, seed: int, batch: int) -> Tensor | None:
+        """The batch's scored columns (the same on every rank: drawn from the seed, epoch and batch number)."""
+        return drawn_columns(
+            self.columns, self.targets.shape[1], self.draw, (seed * 100_003 + epoch) * 1_000_003 + batch
+        )
 
     def __len__(self) -> int:
         return int(self.rows.sum())
@@ -104,8 +126,8 @@ class Source:
             if shuffle:
                 generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
                 index = index[torch.randperm(index.numel(), generator=generator)]
-            for idx in index.split(batch_size):
-                yield {k: v[idx].float() for k, v in features.items()}, self.targets[idx], self.columns
+            for b, idx in enumerate(index.split(batch_size)):
+                yield {k: v[idx].float() for k, v in features.items()}, self.targets[idx], self._columns(epoch, seed, b)
             return
         yield from self._stream(epoch, batch_size, seed, shuffle)
 
@@ -116,9 +138,12 @@ class Source:
         capacity = batch_size * SHUFFLE_BATCHES if shuffle else batch_size
         transform = AugmentedView(self.augment, epoch) if self.augment is not None else self.preprocess
 
+        emitted = [0]
+
         def emit(items: list[tuple[int, bytes]]) -> Batch:
             pixels = torch.stack([transform(Image.open(io.BytesIO(b)).convert("RGB")) for _, b in items])
-            return pixels, self.targets[[i for i, _ in items]], self.columns
+            emitted[0] += 1
+            return pixels, self.targets[[i for i, _ in items]], self._columns(epoch, seed, emitted[0] - 1)
 
         for i, image in enumerate(self.images()):
             if not self.rows[i]:

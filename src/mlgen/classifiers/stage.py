@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mlgen.classifiers.benchmarks import data_exists, split_classes
 from mlgen.classifiers.cache import FeatureCache
 from mlgen.classifiers.data import AugmentedView, squash_transform, train_transform
 from mlgen.classifiers.features import label_embeddings
@@ -45,6 +46,12 @@ def held_out(groups: list[int], fraction: float) -> torch.Tensor:
     return torch.tensor([g in chosen for g in groups], dtype=torch.bool)
 
 
+def seen_rows(labels: list[tuple[str, ...]], unseen: list[str]) -> list[bool]:
+    """Which real images have a seen label (one that is not among the generated ``unseen``)."""
+    generated = set(unseen)
+    return [any(label not in generated for label in row) for row in labels]
+
+
 class ClassifierStage(Stage):
     """One unit of work: train on the kept images (and real seen-label images), optionally score a hold-out."""
 
@@ -56,9 +63,9 @@ class ClassifierStage(Stage):
         super().__init__(run, config)
         self.classes = run.classes()
         self.requires = (config.source,)  # "raw": the same classifier without the filter (an ablation)
-        if config.seen_data and not Path(config.seen_data).exists():
+        if config.seen_data and not data_exists(config.seen_data):
             raise MlgenError(f"--seen-data not found: {config.seen_data}")
-        if config.val_data and not Path(config.val_data).exists():
+        if config.val_data and not data_exists(config.val_data):
             raise MlgenError(f"--val-data not found: {config.val_data}")
 
     def settings(self) -> dict[str, Any]:
@@ -76,20 +83,24 @@ class ClassifierStage(Stage):
         self.clip_model, self.preprocess, self.tokenizer = load_clip(self.config.clip, ranks.device)
         self.squash = squash_transform(self.preprocess)  # the official evaluation view (and training's base)
 
-    def _source(self, model: MultiLabelClassifier, cache, targets, rows, images, columns, augment: bool) -> Source:
+    def _source(
+        self, model: MultiLabelClassifier, cache, targets, rows, images, columns, augment: bool, draw=None
+    ) -> Source:
         """Cached features (or K cached augmented views) when the encoder is frozen, else streamed pixels."""
         c = self.config
         train_view = train_transform(self.preprocess) if augment else None
         if cache is None:
-            return Source(targets, rows, images=images, preprocess=self.squash, columns=columns, augment=train_view)
+            return Source(
+                targets, rows, images=images, preprocess=self.squash, columns=columns, augment=train_view, draw=draw
+            )
         if not augment:
             features = cache.features(images(), self.squash, c.batch_size, tag="squash")
-            return Source(targets, rows, features=features, columns=columns)
+            return Source(targets, rows, features=features, columns=columns, draw=draw)
         views = [
             cache.features(images(), AugmentedView(train_view, v), c.batch_size, tag=f"aug{v}")
             for v in range(c.augment_views)
         ]
-        return Source(targets, rows, views=views, columns=columns)
+        return Source(targets, rows, views=views, columns=columns, draw=draw)
 
     def _synthetic_rows(self, groups: list[int]) -> torch.Tensor:
         """The hold-out mask (all False without ``holdout``)."""
@@ -110,8 +121,9 @@ class ClassifierStage(Stage):
             return [synthetic_pass]
         labels, images = seen
         columns = None if synthetic.columns is None else ~synthetic.columns
-        rows = torch.ones(len(labels), dtype=torch.bool)
-        real = self._source(model, cache, multi_hot(labels, classes), rows, images, columns, c.augment)
+        rows = torch.tensor(seen_rows(labels, self.classes))  # official: only images with a seen label
+        draw = c.seen_classes_per_batch or None
+        real = self._source(model, cache, multi_hot(labels, classes), rows, images, columns, c.augment, draw)
         real_pass = Pass(lambda epoch: real.batches(epoch, c.batch_size, c.seed + 1), columns, "real")
         if c.schedule == "official":
             return [real_pass, synthetic_pass]
@@ -153,7 +165,10 @@ class ClassifierStage(Stage):
             )
         test = self._synthetic_rows([meta["set_id"] for meta in metas])
         seen_labels, seen_images, seen_skipped = labelled_samples(Path(c.seen_data)) if c.seen_data else ([], None, 0)
-        extra = sorted({label for labels in seen_labels for label in labels} - set(self.classes))
+        if c.seen_data and not any(seen_rows(seen_labels, self.classes)):
+            raise MlgenError(f"--seen-data {c.seen_data}: no image has a label outside the run's (generated) labels")
+        found = {label for labels in seen_labels for label in labels} | set(split_classes(c.seen_data or ""))
+        extra = sorted(found - set(self.classes))
         classes = self.classes + extra  # GZSL: the seen labels of the real data beside the generated ones
         unseen = torch.tensor([label in self.classes for label in classes]) if c.label_masks and extra else None
         targets = multi_hot([meta["labels"] for meta in metas], classes)
@@ -194,10 +209,13 @@ class ClassifierStage(Stage):
             select_every=c.select_every,
         )
         self.model, self.fit_result = model, result  # for callers that drive the stage themselves (tests)
+        used = sum(seen_rows(seen_labels, self.classes))
         metrics = {
             "train_images": len(synthetic),
-            "seen_images": len(seen_labels),
+            "seen_images": used,
             "seen_images_skipped": seen_skipped,
+            "seen_images_without_a_seen_label": len(seen_labels) - used,  # dropped, as the official loader
+            "seen_classes_per_batch": c.seen_classes_per_batch or "all",
             "optimizer_steps": result.optimizer_steps,
             "steps_by_pass": result.steps_by_pass,
             "validation": [{"epoch": e, "mAP": round(v, 4)} for e, v in result.validation] or None,

@@ -255,7 +255,10 @@ def train_classifier(
     loss: Annotated[str | None, typer.Option(help="asl, mlcd or bce.")] = None,
     seen_data: Annotated[
         str | None,
-        typer.Option(help="Real images of seen labels to train on too: a labels CSV, COCO JSON or WebDataset tars."),
+        typer.Option(
+            help="Real images of seen labels to train on too: a labels CSV, COCO JSON, WebDataset tars, "
+            "or a benchmark split (coco-zsl:ROOT:seen-train, nus-zsl:ROOT:seen-train)."
+        ),
     ] = None,
     schedule: Annotated[
         str | None,
@@ -275,6 +278,13 @@ def train_classifier(
     label_masks: Annotated[
         bool | None,
         typer.Option("--label-masks/--no-label-masks", help="Real batches on seen columns, synthetic on unseen."),
+    ] = None,
+    seen_classes_per_batch: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="With --seen-data: each real batch scored on N seen labels drawn at random (official 100; 0: all).",
+        ),
     ] = None,
     class_specific_context: Annotated[
         bool | None,
@@ -305,7 +315,8 @@ def train_classifier(
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Train the classifier (backbone, fusion, head, loss) on the kept images; scored on held-out label sets."""
+    """Train the classifier (backbone, fusion, head, loss) on the kept images (and --seen-data); score it with
+    `mlgen evaluate --data` (--holdout adds a synthetic held-out score)."""
     settings = _settings(
         config,
         "classifier",
@@ -324,6 +335,7 @@ def train_classifier(
         holdout=holdout,
         augment=augment,
         label_masks=label_masks,
+        seen_classes_per_batch=seen_classes_per_batch,
         class_specific_context=class_specific_context,
         dualcoop_scoring=dualcoop_scoring,
         prompt_context=prompt_context,
@@ -341,10 +353,18 @@ def evaluate(
     run: RunOpt = DEFAULT_RUN,
     data: Annotated[
         Path | None,
-        typer.Option("--data", help="Real labelled images: a labels CSV, a COCO-style JSON, or WebDataset tars."),
+        typer.Option(
+            "--data",
+            help="Real labelled images: a labels CSV, a COCO-style JSON, WebDataset tars, or a benchmark "
+            "(coco-zsl:ROOT, nus-zsl:ROOT: the papers' ZSL and GZSL test splits; :SPLIT for one split).",
+        ),
     ] = None,
     labels: Annotated[
-        Path | None, typer.Option("--labels", help="The unseen labels scored in the ZSL setting (default: all).")
+        Path | None,
+        typer.Option(
+            "--labels",
+            help="The unseen labels scored in the ZSL setting (default: those the classifier saw no real image of).",
+        ),
     ] = None,
     zero_shot: Annotated[
         str | None,
@@ -365,7 +385,8 @@ def evaluate(
         metrics = workflow.evaluate_zero_shot(run_dir, data, zero_shot, clip, _labels(labels))
         for name in ("zsl", "gzsl"):
             title = f"{zero_shot} zero-shot, real images, {name.upper()}"
-            typer.echo(f"{title:<40} mAP {metrics[name]['mAP']:.3f}  f1@3 {metrics[name]['f1@3']:.3f}")
+            shown = "  ".join(f"{k} {metrics[name][k]:.3f}" for k in ("mAP", "f1@3", "f1@5") if k in metrics[name])
+            typer.echo(f"{title:<40} {shown}  ({metrics[name]['images']} images)")
         typer.echo(f"metrics: {run_dir.root / 'zero-shot' / zero_shot / 'metrics.json'}")
         return
     run_dir.require("classifier")
@@ -374,6 +395,7 @@ def evaluate(
     _print_metrics(run)
 
 
+SHOWN = ("mAP", "precision@3", "recall@3", "f1@3", "precision@5", "recall@5", "f1@5")
 METRIC_TITLES = {
     "zsl": "real images, ZSL (unseen labels)",
     "gzsl": "real images, GZSL (all labels)",
@@ -389,7 +411,7 @@ def _print_metrics(run: Path) -> None:
         rows = {"zsl": rows.pop("zsl"), "zero_shot_clip": metrics["zero_shot_clip"]["zsl"], **rows}
     titles = {**METRIC_TITLES, "zero_shot_clip": "CLIP zero-shot, real images, ZSL"}
     for name, values in rows.items():
-        shown = "  ".join(f"{k} {values[k]:.3f}" for k in ("mAP", "precision@3", "recall@3", "f1@3") if k in values)
+        shown = "  ".join(f"{k} {values[k]:.3f}" for k in SHOWN if k in values)
         typer.echo(f"{titles[name]:<40} {shown}  ({values['images']} images)")
     if metrics.get("corrupt_images_skipped"):
         typer.echo(f"skipped {metrics['corrupt_images_skipped']} unreadable images")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlgen.classifiers.benchmarks import data_exists
 from mlgen.classifiers.data import decodable, read_labelled
 from mlgen.config import ExperimentConfig
 from mlgen.errors import MlgenError
@@ -78,7 +79,7 @@ def _user_setup(config: ExperimentConfig, unseen: list[str]) -> Setup:
     if not (config.data and config.seen_data and config.clip and config.model):
         raise MlgenError("without --world, pass --data, --seen-data, --clip and --model (your own data and models)")
     for path in (config.data, config.seen_data, config.oracle_data, config.val_data):
-        if path and not Path(path).exists():
+        if path and not data_exists(path):
             raise MlgenError(f"not found: {path}")
     seen = _labels(config.seen, "--seen") or sorted(
         {x for item in read_labelled(Path(config.seen_data)) for x in item.labels}
