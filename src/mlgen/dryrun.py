@@ -24,6 +24,7 @@ from mlgen.config import (
     build_config,
 )
 from mlgen.errors import MlgenError
+from mlgen.generate.draw import draw_shares
 from mlgen.generate.presets import apply_preset
 from mlgen.pipeline.rundir import RunDir
 from mlgen.prompts.composer import compose_sets
@@ -78,12 +79,16 @@ def plan_job(data: dict[str, Any], classes: list[str], quota: int | None) -> Job
     per_set = 1 if p.llm == "template" else p.prompts_per_set  # the template writes one prompt per set
     if quota is not None:
         images_of = _first_round(classes, sets, quota, g.seed)
+    elif method == "pairs":  # the generate stage draws each image's set (mlgen.generate.stage): expected counts
+        total = len(sets) * per_set * g.images_per_prompt
+        images_of = {i: total * share for i, share in enumerate(draw_shares(classes, sets))}
     else:
         images_of = {i: per_set * g.images_per_prompt for i in range(len(sets))}
     per_label: Counter = Counter()
     for i, count in images_of.items():
         per_label.update({label: count for label in set(sets[i])})
-    images = sum(images_of.values())
+    per_label = Counter({label: round(count) for label, count in per_label.items()})
+    images = round(sum(images_of.values()))
     shards = math.ceil(images / g.shard_size)
     return Job(classes, sets, method, per_set, images, per_label, shards, g, sections, finetune, quota)
 
