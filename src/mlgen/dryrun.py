@@ -146,7 +146,11 @@ def describe(job: Job, bench: dict[str, Any] | None, bench_path: Path | None) ->
         f"({job.prompts_per_set} per set, llm {s['prompts'].llm})",
     ]
     if job.quota is None:
-        lines.append(f"images      {job.images} ({g.images_per_prompt} per prompt); per label: {per_label}")
+        if job.method == "pairs":  # each image draws its label set: the counts per label are expected values
+            lines.append(f"images      {job.images} ({g.images_per_prompt} per prompt, each image's label set drawn);")
+            lines.append(f"            per label about: {per_label}")
+        else:
+            lines.append(f"images      {job.images} ({g.images_per_prompt} per prompt); per label: {per_label}")
     else:
         lines.append(f"images      round 1: {job.images} (quota {job.quota} kept per label; later rounds make up")
         lines.append(f"            what the filter drops); round 1 per label: {per_label}")
