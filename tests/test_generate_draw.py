@@ -11,7 +11,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from mlgen.config import GenerateConfig, PromptsConfig
+from mlgen import workflow
+from mlgen.config import FilterConfig, GenerateConfig, PromptsConfig
 from mlgen.errors import MlgenError
 from mlgen.generate.draw import draw_known_set, draw_label_set, draw_shares, image_rng
 from mlgen.generate.stage import GenerateStage
@@ -19,6 +20,7 @@ from mlgen.pipeline.rundir import RunDir
 from mlgen.pipeline.runner import run_stage, settings_hash
 from mlgen.prompts.composer import label_pairs
 from mlgen.prompts.stage import PromptStage
+from mlgen.report import build_report
 
 LABELS = ["circle", "triangle", "star", "heart"]
 FAST = dict(steps=2, size=64, shard_size=4, batch_size=4, images_per_prompt=2)
@@ -107,6 +109,9 @@ def test_marker_counts_single_label_images_and_an_old_plan_is_refused(tmp_path: 
     assert marker["counts"]["images"] == len(rows) == 20
     assert marker["counts"]["single_label"] == single
     assert marker["counts"]["single_label_share"] == round(single / 20, 4)
+    workflow.filter_images(run, FilterConfig())
+    page = build_report(run).read_text(encoding="utf-8")
+    assert f"<p>20 images generated; {single} single-label ({single / 20:.1%})" in page
 
     # a run planned before the draw (per prompt, no label_draw in its settings) with a shard done: refused
     plan = json.loads((raw / "plan.json").read_text())
