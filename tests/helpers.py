@@ -28,3 +28,11 @@ def images_by_key(stage_dir: Path) -> dict[str, bytes]:
         assert sample["__key__"] not in images, f"duplicate key {sample['__key__']}"
         images[sample["__key__"]] = sample["jpg"]
     return images
+
+
+def manifest_rows(stage_dir: Path) -> list[dict]:
+    """Every planned sample's manifest row (key, prompt, labels, seed), in plan order."""
+    rows: list[dict] = []
+    for shard in planned_shards(stage_dir):
+        rows += pq.read_table(stage_dir / f"{shard:05d}.parquet").to_pylist()
+    return rows

@@ -74,7 +74,8 @@ def test_dry_run_reads_the_config_and_bench_without_loading(bench_json: Path, tm
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "label sets  6 (pairs)" in out and "prompts     30 (5 per set" in out
-    assert "images      120 (4 per prompt); per label: zebra 60, kite 60, surfboard 60" in out  # 2 pairs + self
+    assert "images      120 (4 per prompt, each image's label set drawn)" in out
+    assert "per label about: zebra 76, kite 76, surfboard 76" in out  # 120 x 17/27: alone 1/27, in a pair 16/27
     assert "shards      raw 3 x 50 images" in out and "preset sd2: 128 px, 50 steps" in out
     figures = json.loads(bench_json.read_text())
     seconds = 120 * (128 / 64) ** 2 * (50 / 2) / figures["generate"]["images_per_s"]

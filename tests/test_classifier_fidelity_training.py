@@ -6,7 +6,6 @@ quota's two-label draw."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ from mlgen.classifiers.evaluate import _setting, evaluate_on_data, load_eval_set
 from mlgen.classifiers.model import build_classifier, load_clip, save_classifier
 from mlgen.classifiers.predict import predict_logits
 from mlgen.classifiers.train import Pass, _Trainer, fit, make_optimizer
-from mlgen.generate.rounds import draw_label_set
 from mlgen.models.registry import open_clip_name
 from mlgen.pipeline.rundir import RunDir
 
@@ -133,17 +131,6 @@ def test_metrics_rank_by_logits_not_saturated_probabilities() -> None:
     targets = np.array([[1], [0]])
     assert torch.sigmoid(torch.tensor(logits, dtype=torch.float32)).unique().tolist() == [1.0]
     assert _setting(logits, targets, ["circle"], logits=True)["mAP"] == pytest.approx(0.5)
-
-
-def test_label_set_draw_is_two_labels_with_repeats_collapsing() -> None:
-    """Official: two labels drawn with replacement; a repeat is a one-label image, about 1/n of draws."""
-    labels = [f"l{i}" for i in range(8)]
-    rng = np.random.default_rng(0)
-    draws = [draw_label_set(rng, labels) for _ in range(4000)]
-    sizes = Counter(len(d) for d in draws)
-    assert set(sizes) == {1, 2}
-    assert sizes[1] / len(draws) == pytest.approx(1 / 8, abs=0.02)
-    assert Counter(label for d in draws for label in d)["l0"] / len(draws) == pytest.approx(2 / 8 - 1 / 64, abs=0.03)
 
 
 def _cprfl_official():

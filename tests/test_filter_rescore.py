@@ -77,7 +77,7 @@ def kept_per_set_and_shard(run: Path) -> Counter:
 
 
 def test_dedup_drops_near_duplicates_within_a_label_set(tmp_path: Path) -> None:
-    """The toy models (the tiny CLIP keeps too few images for two of one set): 6 images of each of 3 sets."""
+    """The toy models (the tiny CLIP keeps too few images for two of one set): 18 images drawn over 3 sets."""
     (tmp_path / "classes.txt").write_text("circle\nsquare\n", encoding="utf-8")
     run = tmp_path / "run"
     generate = ["generate", "--classes", tmp_path / "classes.txt", "--model", "toy", "--llm", "template"]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import mlgen
-from helpers import images_by_key, manifest_keys
+from helpers import images_by_key, manifest_keys, manifest_rows
 
 ARGS = ["--classes", None, "--llm", "template", "--steps", "3", "--size", "64", "--shard-size", "3",
         "--batch-size", "3", "--images-per-prompt", "2"]  # fmt: skip
@@ -38,6 +38,8 @@ def test_torchrun_two_ranks_equals_one_process(tmp_path: Path, classes_file: Pat
     assert len(shards) == 4  # 6 label sets x 2 images / 3 per shard
     assert all((raw / f"{s['shard']:05d}_stats.json").exists() for s in shards)
     assert manifest_keys(raw) == manifest_keys(one / "raw")
+    assert manifest_rows(raw) == manifest_rows(one / "raw")  # each image drew the same label set and prompt
+    assert json.loads((raw / "plan.json").read_text())["settings"]["label_draw"]
     assert images_by_key(raw) == images_by_key(one / "raw")
     marker = json.loads((raw / "_SUCCESS.json").read_text())
     assert marker["counts"]["images"] == 12

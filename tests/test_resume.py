@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import mlgen
-from helpers import images_by_key, manifest_keys
+from helpers import images_by_key, manifest_keys, manifest_rows
 
 # 3 labels -> 6 label sets -> 6 prompts x 4 images = 24 samples in 6 shards.
 ARGS = ["--llm", "template", "--steps", "6", "--size", "64", "--shard-size", "4", "--batch-size", "2",
@@ -67,6 +68,8 @@ def test_kill_9_then_resume_gives_the_uninterrupted_result(tmp_path, uninterrupt
     keys = manifest_keys(raw)
     assert len(keys) == len(set(keys)) == 24  # every planned key exactly once
     assert keys == manifest_keys(uninterrupted / "raw")
+    assert manifest_rows(raw) == manifest_rows(uninterrupted / "raw")  # the same drawn label sets and prompts
+    assert json.loads((raw / "plan.json").read_text())["settings"]["label_draw"]  # pairs: each image draws its set
     assert images_by_key(raw) == images_by_key(uninterrupted / "raw")  # byte-identical, every tar read to its end
     assert not list(raw.glob(".*tmp*")), "temporary files left behind"
     assert (raw / "_SUCCESS.json").exists()

@@ -24,6 +24,7 @@ from mlgen.config import (
     build_config,
 )
 from mlgen.errors import MlgenError
+from mlgen.generate.draw import draw_shares
 from mlgen.generate.presets import apply_preset
 from mlgen.pipeline.rundir import RunDir
 from mlgen.prompts.composer import compose_sets
@@ -78,12 +79,16 @@ def plan_job(data: dict[str, Any], classes: list[str], quota: int | None) -> Job
     per_set = 1 if p.llm == "template" else p.prompts_per_set  # the template writes one prompt per set
     if quota is not None:
         images_of = _first_round(classes, sets, quota, g.seed)
+    elif method == "pairs":  # the generate stage draws each image's set (mlgen.generate.stage): expected counts
+        total = len(sets) * per_set * g.images_per_prompt
+        images_of = {i: total * share for i, share in enumerate(draw_shares(classes, sets))}
     else:
         images_of = {i: per_set * g.images_per_prompt for i in range(len(sets))}
     per_label: Counter = Counter()
     for i, count in images_of.items():
         per_label.update({label: count for label in set(sets[i])})
-    images = sum(images_of.values())
+    per_label = Counter({label: round(count) for label, count in per_label.items()})
+    images = round(sum(images_of.values()))
     shards = math.ceil(images / g.shard_size)
     return Job(classes, sets, method, per_set, images, per_label, shards, g, sections, finetune, quota)
 
@@ -141,7 +146,11 @@ def describe(job: Job, bench: dict[str, Any] | None, bench_path: Path | None) ->
         f"({job.prompts_per_set} per set, llm {s['prompts'].llm})",
     ]
     if job.quota is None:
-        lines.append(f"images      {job.images} ({g.images_per_prompt} per prompt); per label: {per_label}")
+        if job.method == "pairs":  # each image draws its label set: the counts per label are expected values
+            lines.append(f"images      {job.images} ({g.images_per_prompt} per prompt, each image's label set drawn);")
+            lines.append(f"            per label about: {per_label}")
+        else:
+            lines.append(f"images      {job.images} ({g.images_per_prompt} per prompt); per label: {per_label}")
     else:
         lines.append(f"images      round 1: {job.images} (quota {job.quota} kept per label; later rounds make up")
         lines.append(f"            what the filter drops); round 1 per label: {per_label}")

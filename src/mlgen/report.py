@@ -211,6 +211,17 @@ STYLE = (
 )
 
 
+def _generated(run: RunDir) -> list[str]:
+    """A line on the generated images: how many, and the share with a single label (the draw's about 1/n²)."""
+    counts = (run.success("raw") or {}).get("counts", {})
+    if "single_label" not in counts:
+        return []
+    return [
+        f"<p>{counts['images']} images generated; {counts['single_label']} single-label "
+        f"({counts['single_label_share']:.1%}).</p>"
+    ]
+
+
 def build_report(run: RunDir) -> Path:
     """Write ``RUN/report/`` (built beside it and renamed into place); returns index.html."""
     classes = run.classes()
@@ -225,6 +236,7 @@ def build_report(run: RunDir) -> Path:
     wanted = {row["key"] for side in sheets.values() for rows in side.values() for row in rows}
     thumbnails = _thumbnails(run, wanted, build)
     parts = [f"<h1>mlgen run {html.escape(run.root.name)}</h1>"]
+    parts += _generated(run)
     for index, label in enumerate(classes):
         asked = [row for row in decisions if label in row["labels"]]
         kept = [row["scores"][index] for row in asked if row["kept"]]

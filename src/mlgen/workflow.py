@@ -53,7 +53,8 @@ def generate(
     labels: list[str] | None = None,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Render every prompt; runs the prompt stage first when the run has none (or labels are given)."""
+    """Render the images (each drawing its label set, or every prompt alike: see GenerateStage); runs the prompt stage
+    first when the run has none (or labels are given)."""
     config = apply_preset(config)  # an unknown preset, model, scheduler or a bad size fails now, not after the prompts
     check_text_to_image(config.model)
     check_scheduler(config.scheduler)

@@ -171,7 +171,12 @@ def generate(
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Render every prompt with Stable Diffusion into WebDataset shards (runs `prompts` first if needed)."""
+    """Render images-per-prompt x prompts images into WebDataset shards (runs `prompts` first if needed).
+
+    Paper's label pairs: each image draws its set as the official loop (two picks, one redraw: ~1/n² single-label).
+
+    Sets you chose (--label-sets, --set-size): every prompt is rendered images-per-prompt times.
+    """
     settings = _settings(
         config,
         "generate",

@@ -34,7 +34,7 @@ from mlgen.finetune.model import (
 from mlgen.finetune.model import render as render_images
 from mlgen.finetune.output import remove_stale_output, save_text_encoder
 from mlgen.generate.diffusion import sample_seed
-from mlgen.generate.rounds import draw_label_set
+from mlgen.generate.draw import LABEL_DRAW, draw_label_set
 from mlgen.models.registry import open_clip_name
 from mlgen.paths import write_atomic, write_text_atomic
 from mlgen.pipeline.ranks import Ranks, current_ranks
@@ -78,6 +78,10 @@ class FinetuneStage(Stage):
         super().__init__(run, config)
         self.classes = run.classes()
         self.checkpoints = self.folder / "checkpoints"
+
+    def settings(self) -> dict[str, Any]:
+        # the draw rule shapes every batch: a checkpoint trained under another rule is not resumed
+        return {**super().settings(), "label_draw": LABEL_DRAW}
 
     def plan(self) -> list[dict[str, Any]]:
         return [{"shard": 0, "kind": "train", "steps": self.config.max_train_steps}]
@@ -128,8 +132,8 @@ class FinetuneStage(Stage):
         return [(i, row) for i, row in enumerate(picks) if i % self.ranks.world_size == self.ranks.rank]
 
     def _draw(self, rng: np.random.Generator) -> dict[str, Any]:
-        """The official draw: two labels with replacement (a repeat is a one-label image), then one of that
-        set's prompts; a draw with no prompts (an excluded pair) is redrawn, then any prompt is taken."""
+        """The official draw (two picks, a repeat dropped, one redraw: a one-label image is about 1/n²), then one
+        of that set's prompts; a draw with no prompts (an excluded pair) is redrawn, then any prompt is taken."""
         by_set = getattr(self, "_by_set", None)
         if by_set is None:
             by_set = self._by_set = {}

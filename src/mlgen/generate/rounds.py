@@ -26,6 +26,7 @@ from mlgen.config import FilterConfig, GenerateConfig
 from mlgen.errors import MlgenError
 from mlgen.filters.stage import FilterStage
 from mlgen.generate.diffusion import sample_seed
+from mlgen.generate.draw import draw_label_set
 from mlgen.generate.stage import GenerateStage
 from mlgen.paths import temp_sibling, write_json_atomic
 from mlgen.pipeline.rundir import RunDir
@@ -90,13 +91,6 @@ class RoundGenerateStage(GenerateStage):
             choices = by_set[set_id]
             out.append({**choices[seed % len(choices)], "image_index": j, "seed": seed})  # the prompt drawn by seed
         return out
-
-
-def draw_label_set(rng: np.random.Generator, labels: list[str]) -> tuple[str, ...]:
-    """The official per-image draw: two labels with replacement; a repeat collapses to one label (about
-    1/n of the draws are single-label images). In ``labels`` order."""
-    a, b = (int(i) for i in rng.integers(len(labels), size=2))
-    return (labels[a],) if a == b else tuple(labels[i] for i in sorted((a, b)))
 
 
 def draw_sets(rng: np.random.Generator, pool: list[str], known: dict[frozenset, int], need: dict[str, int]) -> Counter:

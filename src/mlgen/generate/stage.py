@@ -1,8 +1,20 @@
-"""The generation stage: every prompt rendered ``images_per_prompt`` times into WebDataset shards."""
+"""The generation stage: ``images_per_prompt`` x prompts images into WebDataset shards.
+
+Which prompt each image renders follows one of two rules, chosen from the prompt stage's label sets:
+
+- ``draw`` when they are the paper's (``method`` pairs: every pair of the class list, a label with itself as a
+  one-label set): each image draws its label set as the official generation loop does (two picks, a repeat
+  dropped, one redraw: :mod:`mlgen.generate.draw`; about 1/n² of the images are single-label), then one of that
+  set's prompts. Rendering every prompt alike would make the n self pairs n of the n(n+1)/2 sets: 40% of the
+  images single-label for 4 labels.
+- ``per-prompt`` otherwise (``--label-sets``, ``--set-size``): the user chose the sets and their mix, so every
+  prompt is rendered ``images_per_prompt`` times, as listed.
+"""
 
 from __future__ import annotations
 
 import errno
+import functools
 import queue
 import threading
 from pathlib import Path
@@ -24,11 +36,13 @@ from mlgen.generate.diffusion import (
     render_checked,
     sample_seed,
 )
+from mlgen.generate.draw import LABEL_DRAW, draw_known_set, image_rng
 from mlgen.generate.presets import apply_preset
 from mlgen.models.registry import torch_dtype
 from mlgen.pipeline.ranks import Ranks
 from mlgen.pipeline.rundir import RunDir
 from mlgen.pipeline.runner import Stage
+from mlgen.shards.reader import finished_shards, read_manifest
 from mlgen.shards.writer import MANIFEST_FIELDS, ShardWriter
 
 # ``failed``: why a sample has no image (nan, black); null for the samples in the tar.
@@ -59,6 +73,7 @@ class GenerateStage(Stage):
         self.size = config.size
         self.device = None
         self._prompts: list[dict[str, Any]] | None = None
+        self._draw: tuple[list[str], dict[frozenset, int], dict[int, list[dict[str, Any]]]] | None = None
         self.text_encoder = text_encoder_folder(run, config)
         self.text_encoder_hash = None
         self.overlap = True  # False: encode and write in the rendering thread (the reference for tests)
@@ -68,7 +83,17 @@ class GenerateStage(Stage):
             self.text_encoder_hash = text_encoder_hash(self.text_encoder)
 
     def settings(self) -> dict[str, Any]:
-        return {**super().settings(), "text_encoder_hash": self.text_encoder_hash}
+        settings = {**super().settings(), "text_encoder_hash": self.text_encoder_hash}
+        if self.draws:  # only then: a per-prompt run planned before the draw existed keeps its hash and resumes
+            settings["label_draw"] = LABEL_DRAW
+        return settings
+
+    @functools.cached_property
+    def draws(self) -> bool:
+        """Whether images draw their label sets (the prompt stage made the paper's pairs) or render every prompt
+        alike (sets the user chose: ``--label-sets``, ``--set-size``; see the module docstring)."""
+        sets = pq.read_table(self.run.stage_dir("prompts") / "label_sets.parquet")
+        return "method" in sets.column_names and set(sets.column("method").to_pylist()) == {"pairs"}
 
     @property
     def prompts(self) -> list[dict[str, Any]]:
@@ -93,7 +118,10 @@ class GenerateStage(Stage):
         configure_memory(self.pipe, ranks.device, self.size, self.batch_size)
 
     def samples(self, start: int, end: int) -> list[dict[str, Any]]:
-        """Sample ``i`` is image ``i % images_per_prompt`` of prompt ``i // images_per_prompt``."""
+        """Samples ``start:end``: drawn (:meth:`drawn_sample`) or, per prompt, sample ``i`` is image
+        ``i % images_per_prompt`` of prompt ``i // images_per_prompt``."""
+        if self.draws:
+            return [self.drawn_sample(i) for i in range(start, end)]
         per_prompt = self.config.images_per_prompt
         out = []
         for i in range(start, end):
@@ -106,6 +134,22 @@ class GenerateStage(Stage):
                 }
             )
         return out
+
+    def drawn_sample(self, index: int) -> dict[str, Any]:
+        """Image ``index``: a label set by the official draw, then one of its prompts, both from the run seed and
+        ``index`` alone; its ``image_index`` is ``index`` (so its seed is unique even when a prompt repeats)."""
+        if self._draw is None:
+            by_set: dict[int, list[dict[str, Any]]] = {}
+            for prompt in self.prompts:
+                by_set.setdefault(prompt["set_id"], []).append(prompt)
+            sets = pq.read_table(self.run.stage_dir("prompts") / "label_sets.parquet").to_pylist()
+            known = {frozenset(s["labels"]): s["set_id"] for s in sets if s["set_id"] in by_set}
+            self._draw = self.run.classes(), known, by_set
+        classes, known, by_set = self._draw
+        rng = image_rng(self.config.seed, index)
+        choices = by_set[draw_known_set(rng, classes, known)]
+        prompt = choices[int(rng.integers(len(choices)))]
+        return {**prompt, "image_index": index, "seed": sample_seed(self.config.seed, prompt["prompt_id"], index)}
 
     def meta(self, sample: dict[str, Any]) -> dict[str, Any]:
         """The sample's json: what made the image."""
@@ -165,7 +209,15 @@ class GenerateStage(Stage):
         from mlgen.generate.export import write_sizes
 
         write_sizes(self.folder)  # open_clip's loader reads the sample count from here
-        return super().finish(stats)
+        totals = super().finish(stats)
+        sizes = [
+            len(row["labels"])
+            for shard in finished_shards(self.folder)
+            for row in read_manifest(self.folder, shard).select(["labels", "failed"]).to_pylist()
+            if row["failed"] is None
+        ]
+        single = sum(size == 1 for size in sizes)  # read from the manifests: right for shards of any mlgen version
+        return {**totals, "single_label": single, "single_label_share": round(single / len(sizes), 4) if sizes else 0.0}
 
     def write_batch(
         self, writer: ShardWriter, shard: int, begin: int, batch: list[dict], images: np.ndarray, reasons: list
