@@ -80,8 +80,7 @@ def test_the_judge_reads_shape_not_the_colour_it_shares_with_a_partner(tmp_path:
     config = ExperimentConfig(world="toy", unseen="circle,triangle,star,heart", test_images=400)
     setup = data.resolve(config)
     root = tmp_path / "experiment"
-    test = cells.TestSet.load(data.test_set(config, setup, root), setup)
-    ctx = cells.Context(root, config, setup, ClassifierConfig(), test)
+    ctx = cells.Context(root, config, setup, ClassifierConfig()).for_seed(0)
     judge, labels, features = train_judge(ctx, 0)
     assert labels[:4] == setup.unseen and sorted(labels) == sorted(setup.classes)  # all eight shapes
     logits = judge(features(ctx.test.images))
