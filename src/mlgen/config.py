@@ -169,7 +169,7 @@ class ExperimentConfig:
     generate_steps: int | None = 10  # denoising steps; None: the model's preset
     epochs: int = 20  # epochs of every trained arm (a real pass then a synthetic pass each)
     pass_steps: int = 5  # optimizer steps of EVERY pass: equal real and synthetic steps in every trained arm
-    paper_lr: float = 0.002  # the paper arm's SGD learning rate (the official 0.002; bench/tune_experiment.py)
+    paper_lr: float | None = None  # the paper arm's SGD lr; None: the world's, chosen on validation (else 0.002)
     finetune_steps: int = 30  # +finetune: text-encoder fine-tuning steps
     test_images: int = 400  # toy world: rendered test scenes, drawn anew for every seed
     val_images: int = 200  # toy world: rendered validation scenes per seed (checkpoints and settings chosen there)
