@@ -414,6 +414,12 @@ LATEST_CASES: dict[str, Case] = {
     "render-unknown-stream": Case(["world", "render", "--out", "W", "--n", "2", "--stream", "x"], ("--stream",)),
     "render-out-is-a-file": Case(["world", "render", "--out", "x.png", "--n", "2"], ("x.png", "file"), BARE_RUN),
     "render-without-out": Case(["world", "render", "--n", "2"], ("missing option", "--out")),
+    # world train clip: caption settings of the headroom world
+    "train-clip-name-rate-classic": Case(["world", "train", "clip", "--name-rate", "0.1"], ("--name-rate", "headroom")),
+    "train-clip-name-rate-above-1": Case(
+        ["world", "train", "clip", "--world", "headroom", "--name-rate", "1.5"],
+        ("--name-rate", "less than or equal to 1"),
+    ),
     # report
     "report-no-run": Case(["report", "--run", "nosuch"], ("no run directory", "nosuch")),
     "report-before-filter": Case(["report", "--run", RUN], ("filtered", "mlgen filter"), BARE_RUN),

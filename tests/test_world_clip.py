@@ -16,12 +16,14 @@ from mlgen.classifiers.metrics import mean_average_precision
 from mlgen.models.registry import load_open_clip
 from mlgen.world.render import SHAPES, render_dataset
 from mlgen.world.train_clip import (
+    RARE_ALIASES,
     TOY_CLIP_DIR,
     ZERO_SHOT_TEMPLATE,
     TrainSettings,
     multilabel_clip_loss,
     subset_caption,
     train_clip,
+    web_caption,
 )
 
 # Measured: 1.000 zero-shot mAP on 2,048 rendered scenes (README, "The toy world"); the floor leaves a margin.
@@ -58,6 +60,20 @@ def test_subset_captions_name_only_shapes_of_the_image() -> None:
         assert not {"square", "ring"} & set(caption.split())
         sizes.add(len(subset))
     assert sizes == {1, 2, 3}
+
+
+def test_web_captions_call_rare_shapes_by_aliases_unless_toy_named_settings_say_otherwise() -> None:
+    """toy-headroom's captions (the defaults) never hold a rare word; toy-named's (--name-rate 0.05 --confusion
+    0.1) call a star "a star" 5% of the time and a triangle "a star" 10% of the time."""
+
+    def words(shape: str, **rates: float) -> list[str]:
+        rng = np.random.default_rng(0)
+        return [web_caption([shape], rng, **rates)[1][0] for _ in range(4000)]
+
+    assert set(words("star")) == {"sparkle"} and set(words("triangle")) == {"triangle"}
+    named, confused = words("star", rare_naming=0.05, confusion=0.1), words("triangle", rare_naming=0.05, confusion=0.1)
+    assert set(named) == {"star", "sparkle"} and 0.03 < named.count("star") / len(named) < 0.07
+    assert set(confused) == {"star", "triangle"} and 0.07 < confused.count("star") / len(confused) < 0.13
 
 
 def test_loss_is_clip_loss_for_one_match_and_spreads_over_several() -> None:
@@ -121,15 +137,18 @@ def _headroom_features(model, preprocess, folder: Path):
         return F.normalize(model.encode_image(pixels), dim=-1), truth
 
 
-def test_headroom_teacher_is_good_but_imperfect_and_its_features_leave_headroom(tmp_path: Path) -> None:
-    """The web-like teacher through the normal --clip path: zero-shot ZSL mAP (images with an unseen label)
-    within the band of web CLIP on multi-label scenes, and a linear probe on the same frozen features (what a
-    trained head can reach) at least 0.10 above it."""
-    model, preprocess, tokenizer = load_open_clip("toy-headroom", torch.device("cpu"))
-    test = _headroom_features(model, preprocess, render_dataset(tmp_path / "t", 400, 0, world="headroom"))
-    train = _headroom_features(
-        model, preprocess, render_dataset(tmp_path / "o", 800, 0, world="headroom", stream="oracle")
-    )
+def headroom_sets(tmp_path: Path, n: int) -> tuple[Path, Path]:
+    """``n`` test-stream scenes to score and ``2 n`` oracle-stream scenes to train a probe on."""
+    test = render_dataset(tmp_path / "t", n, 0, world="headroom")
+    return test, render_dataset(tmp_path / "o", 2 * n, 0, world="headroom", stream="oracle")
+
+
+def teacher_and_probe(name: str, sets: tuple[Path, Path]) -> dict[str, float]:
+    """A headroom teacher through the normal --clip path, on the test scenes of ``sets``: its zero-shot ZSL mAP
+    (images with an unseen label), that of a linear probe on the same frozen features trained on the oracle
+    scenes (what a trained head can reach), and its zero-shot mAP on the rare shapes' words (all images)."""
+    model, preprocess, tokenizer = load_open_clip(name, torch.device("cpu"))
+    test, train = (_headroom_features(model, preprocess, folder) for folder in sets)
     with torch.no_grad():
         texts = F.normalize(model.encode_text(tokenizer([ZERO_SHOT_TEMPLATE.format(s) for s in SHAPES])), dim=-1)
     unseen = [SHAPES.index(s) for s in UNSEEN]
@@ -138,7 +157,8 @@ def test_headroom_teacher_is_good_but_imperfect_and_its_features_leave_headroom(
     def zsl(scores: torch.Tensor) -> float:
         return mean_average_precision(scores[rows][:, unseen].numpy(), test[1][rows][:, unseen].numpy())
 
-    teacher = zsl(test[0] @ texts.T)
+    scores = test[0] @ texts.T
+    rare = [SHAPES.index(s) for s in RARE_ALIASES]
     torch.manual_seed(0)
     probe = torch.nn.Linear(train[0].shape[1], len(SHAPES))
     optimizer = torch.optim.Adam(probe.parameters(), 1e-2)
@@ -148,6 +168,32 @@ def test_headroom_teacher_is_good_but_imperfect_and_its_features_leave_headroom(
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        oracle = zsl(probe(test[0]))
-    assert 0.60 <= teacher <= 0.85, teacher
-    assert oracle >= teacher + 0.10, (teacher, oracle)
+        return {
+            "zsl": zsl(scores),
+            "probe": zsl(probe(test[0])),
+            "rare": mean_average_precision(scores[:, rare].numpy(), test[1][:, rare].numpy()),
+        }
+
+
+def test_headroom_teacher_is_good_but_imperfect_and_its_features_leave_headroom(tmp_path: Path) -> None:
+    """The web-like teacher: zero-shot ZSL mAP within the band of web CLIP on multi-label scenes, and a linear
+    probe on the same frozen features at least 0.10 above it."""
+    figures = teacher_and_probe("toy-headroom", headroom_sets(tmp_path, 400))
+    assert 0.60 <= figures["zsl"] <= 0.85, figures
+    assert figures["probe"] >= figures["zsl"] + 0.10, figures
+
+
+# toy-named's setting (--name-rate 0.05 --confusion 0.1) was chosen on 1,000 val scenes (probe: 2,000 oracle
+# scenes; README, "The toy world"), so it is checked on as many test scenes: ZSL 0.79, probe 0.92, rare words 0.62
+# (toy-headroom 0.42). On 400 test scenes (probe: 800) its margin was 0.095: the probe's is the noisier side.
+
+
+def test_named_teacher_knows_the_rare_words_yet_is_imperfect_and_leaves_headroom(tmp_path: Path) -> None:
+    """toy-named (the --world toy-named teacher): the same band and probe margin as toy-headroom, and a text
+    tower that knows the rare shapes' words, which toy-headroom never saw: its zero-shot mAP on them is well
+    above toy-headroom's on the same scenes."""
+    sets = headroom_sets(tmp_path, 1000)
+    figures, headroom = teacher_and_probe("toy-named", sets), teacher_and_probe("toy-headroom", sets)
+    assert 0.60 <= figures["zsl"] <= 0.85, figures
+    assert figures["probe"] >= figures["zsl"] + 0.10, figures
+    assert figures["rare"] >= headroom["rare"] + 0.15, (figures, headroom)

@@ -25,7 +25,10 @@ def experiment_command(
         "mlgen-run"
     ),
     world: Annotated[
-        str | None, typer.Option(help="toy (headroom world), toy-classic, or none (your own --data).")
+        str | None,
+        typer.Option(
+            help="toy (headroom world), toy-named (its teacher knows every name), toy-classic, or none (your own --data)."
+        ),
     ] = None,
     unseen: Annotated[str | None, typer.Option(help="Comma-separated unseen labels (generated).")] = None,
     seen: Annotated[str | None, typer.Option(help="Comma-separated seen labels (default: the rest).")] = None,

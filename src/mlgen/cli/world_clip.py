@@ -68,14 +68,56 @@ def train_clip_command(
     checkpoint_every: Annotated[int, typer.Option("--checkpoint-every", min=1, help="Steps per checkpoint.")] = 100,
     threads: Annotated[int, typer.Option("--threads", min=0, help="torch CPU threads (0 = torch's default).")] = 0,
     world: WorldOpt = "classic",
+    name_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--name-rate",
+            min=0.0,
+            max=1.0,
+            help="headroom world: how often a caption calls a rare shape (ring, diamond, star, heart) by its own "
+            "word, else by an alias (default 0: never, as toy-headroom). Given, --out defaults to toy-named.",
+        ),
+    ] = None,
+    confusion: Annotated[
+        float | None,
+        typer.Option(
+            "--confusion",
+            min=0.0,
+            max=1.0,
+            help="headroom world: how often a caption calls a common shape by the rare word of its colour pair "
+            "(a triangle 'a star'; default 0).",
+        ),
+    ] = None,
+    salient_share: Annotated[
+        float | None,
+        typer.Option(
+            "--salient-share",
+            min=0.0,
+            max=1.0,
+            help="headroom world: how often a caption names the large salient shape, else a random shape of the "
+            "image (default 0.8).",
+        ),
+    ] = None,
 ) -> None:
-    """Train a toy CLIP contrastively on rendered scenes; prints its zero-shot multi-label mAP."""
-    from mlgen.models.builtin import builtin_for_world
+    """Train a toy CLIP contrastively on rendered scenes; prints its zero-shot multi-label mAP (and, in the
+    headroom world, its val figures: zero-shot ZSL mAP and a linear probe's)."""
+    from mlgen.models.builtin import builtin, builtin_for_world
     from mlgen.world.render import get_world
     from mlgen.world.train_clip import TrainSettings, train_clip
 
     get_world(world)
-    extra = {} if world == "classic" else {"world": world}
+    if world == "classic" and {name_rate, confusion, salient_share} != {None}:
+        raise MlgenError(
+            "--name-rate, --confusion and --salient-share apply to the headroom world (classic captions list shapes)"
+        )
+    extra: dict = {} if world == "classic" else {"world": world}
+    if salient_share is not None:  # none is recorded when not given, so earlier runs stay resumable
+        extra["salient_share"] = salient_share
+    if confusion is not None:
+        extra["confusion"] = confusion
+    if name_rate is not None:
+        extra["rare_naming"] = name_rate
+        out = out or builtin("toy-named", "clip").folder
     settings = TrainSettings(
         steps=steps,
         batch=batch,

@@ -32,7 +32,11 @@ from mlgen.pipeline.runner import Stage, run_stage
 from mlgen.shards.writer import MANIFEST_FIELDS, ShardWriter
 
 # --world NAME: (rendering world, CLIP, text-to-image model)
-WORLDS = {"toy": ("headroom", "toy-headroom", "toy-headroom"), "toy-classic": ("classic", "toy", "toy")}
+WORLDS = {
+    "toy": ("headroom", "toy-headroom", "toy-headroom"),
+    "toy-classic": ("classic", "toy", "toy"),
+    "toy-named": ("headroom", "toy-named", "toy-headroom"),  # a teacher that knows every label's name
+}
 
 
 @dataclass(frozen=True)
