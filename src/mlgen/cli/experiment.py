@@ -27,7 +27,7 @@ def experiment_command(
     world: Annotated[
         str | None,
         typer.Option(
-            help="toy (headroom world), toy-named (its teacher knows every name), toy-classic, or none (your own --data)."
+            help="toy (headroom world), toy-named (its teacher knows every name), toy-classic, none (your --data)."
         ),
     ] = None,
     unseen: Annotated[str | None, typer.Option(help="Comma-separated unseen labels (generated).")] = None,
