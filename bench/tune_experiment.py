@@ -9,6 +9,7 @@ rendered or read here. Prints one table per question and the candidate each choo
 - the paper arm's SGD learning rate (arm ``paper``: DualCoOp shared context + fusion).
 
 Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--llm template] [--out DIR]
+       [--questions head,paper]
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--llm", default="template", help="template (fast) or smollm2 (the experiment's)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--questions", default="head,paper", help="head (the shared head), paper (its SGD lr)")
     args = parser.parse_args()
     import torch
 
@@ -76,8 +78,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = (args.out or Path(tmp)) / "experiment"
         ctx = Context(root, config, resolve(config), DEFAULT_CLASSIFIER)  # no test set: nothing here scores on it
-        choose(ctx, args.seeds, "mlgen", HEAD)
-        choose(ctx, args.seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR})
+        if "head" in args.questions:
+            choose(ctx, args.seeds, "mlgen", HEAD)
+        if "paper" in args.questions:
+            choose(ctx, args.seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR})
 
 
 if __name__ == "__main__":
