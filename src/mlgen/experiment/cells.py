@@ -115,7 +115,7 @@ def prompt_head_config(ctx: Context) -> ClassifierConfig:
 
 # The paper arm's SGD learning rate per world, chosen on validation scenes for this budget by
 # bench/tune_experiment.py (README gives the figures); the official 0.002 elsewhere.
-PAPER_LR = {"toy": 0.2}
+PAPER_LR = {"toy": 0.2, "toy-named": 0.002}
 
 
 def paper_config(ctx: Context) -> ClassifierConfig:
