@@ -1,6 +1,6 @@
 """The paper's ablations on the toy world: a thin caller of ``mlgen experiment`` (mlgen.experiment).
 
-Runs the arms (default: zero-shot, mlgen, no-filter, +finetune, +fusion, oracle) for ``--seeds`` seeds in
+Runs the arms (default: zero-shot, mlgen, no-filter, no-filter-matched, +finetune, mlgen-uncached, +fusion, oracle) for ``--seeds`` seeds in
 ``--out`` (resumable) and prints ``table.md``: each arm's mean mAP with its 95% interval and its paired
 difference to mlgen. A failed (seed, arm) is printed as failed, never dropped: its seed is listed.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from mlgen.config import ExperimentConfig
 from mlgen.experiment import run_experiment
 
-ABLATIONS = "zero-shot,mlgen,no-filter,+finetune,+fusion,oracle"
+ABLATIONS = "zero-shot,mlgen,no-filter,no-filter-matched,+finetune,mlgen-uncached,+fusion,oracle"
 
 
 def main() -> None:
