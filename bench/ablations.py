@@ -1,8 +1,8 @@
 """The paper's ablations on the toy world: a thin caller of ``mlgen experiment`` (mlgen.experiment).
 
-Runs the arms (default: zero-shot, mlgen, no-filter, no-filter-matched, +finetune, mlgen-uncached, +fusion, oracle) for ``--seeds`` seeds in
-``--out`` (resumable) and prints ``table.md``: each arm's mean mAP with its 95% interval and its paired
-difference to mlgen. A failed (seed, arm) is printed as failed, never dropped: its seed is listed.
+Runs the arms (default: zero-shot, mlgen, no-filter, no-filter-matched, +finetune, mlgen-uncached, +fusion,
+oracle) for ``--seeds`` seeds in ``--out`` (resumable) and prints ``table.md``: each arm's mean mAP with its 95%
+interval and its paired difference to its reference arm. A failed (seed, arm) is printed as failed, never dropped: its seed is listed.
 
 Usage: python bench/ablations.py [--seeds 3] [--llm template] [--world toy] [--arms ...] [--out DIR]
 """
