@@ -2,7 +2,8 @@
 
 Runs the arms (default: zero-shot, mlgen, no-filter, no-filter-matched, +finetune, mlgen-uncached, +fusion,
 oracle) for ``--seeds`` seeds in ``--out`` (resumable) and prints ``table.md``: each arm's mean mAP with its 95%
-interval and its paired difference to its reference arm. A failed (seed, arm) is printed as failed, never dropped: its seed is listed.
+interval and its paired difference to its reference arm. A failed (seed, arm) is printed as failed, never
+dropped: its seed is listed.
 
 Usage: python bench/ablations.py [--seeds 3] [--llm template] [--world toy] [--arms ...] [--out DIR]
 """
