@@ -77,7 +77,8 @@ def run_demo(run: RunDir, llm: str = "smollm2", model: str = TOY) -> list[str]:
     return [
         *_stage_lines(mlgen_run, mlgen_run.require("raw"), mlgen_run.require("filtered")),
         f"real test: {settings.test_images} rendered scenes of all 8 shapes ({settings.world} world), unseen: "
-        f"{', '.join(TOY_DEMO_CLASSES)}; seed 0, every classifier {settings.steps} optimizer steps",
+        f"{', '.join(TOY_DEMO_CLASSES)}; seed 0, every classifier {settings.epochs} epochs of "
+        f"{settings.pass_steps} real + {settings.pass_steps} synthetic steps, best epoch on validation scenes",
         *headline(summary),
         f"table: {folder / 'table.md'}  (mlgen experiment --seeds 10 --arms ALL for every arm with intervals)",
     ]
