@@ -163,7 +163,7 @@ def export_clip(model, out: Path) -> None:
 TEACHER_UNSEEN = ("circle", "triangle", "star", "heart")  # the unseen labels the README's teacher figures use
 
 
-def _probe_map(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], score) -> float:
+def probe_map(train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], score) -> float:
     """ZSL mAP of a linear probe (Adam 1e-2, 300 full-batch BCE steps) trained on ``train`` features."""
     torch.manual_seed(0)
     probe = torch.nn.Linear(train[0].shape[1], train[1].shape[1])
@@ -211,7 +211,7 @@ def teacher_report(
     with torch.no_grad():
         words = tokenizer([ZERO_SHOT_TEMPLATE.format(s) for s in SHAPES]).to(device)
         teacher = zsl(test[0] @ F.normalize(model.encode_text(words), dim=-1).float().cpu().T)
-    return {"zsl_map": round(teacher, 4), "probe_zsl_map": round(_probe_map(train, test, zsl), 4)}
+    return {"zsl_map": round(teacher, 4), "probe_zsl_map": round(probe_map(train, test, zsl), 4)}
 
 
 @torch.no_grad()
