@@ -51,8 +51,9 @@ def test_four_commands_in_a_fresh_folder_then_stale_status(tmp_path: Path) -> No
 def test_ctrl_c_keeps_finished_shards_and_a_rerun_resumes(tmp_path: Path) -> None:
     (tmp_path / "unseen.txt").write_text("zebra\nkite\nbench\n", encoding="utf-8")
     _ok(mlgen("prompts", "--classes", "unseen.txt", "--llm", "template", cwd=tmp_path))
-    # enough shards that a loaded machine cannot finish them all between the first stats file and the signal
-    args = ["generate", *FAST, "--shard-size", "2", "--steps", "4", "--images-per-prompt", "16"]
+    # slow enough shards (25 denoising steps) that a loaded machine cannot finish them all between the first stats
+    # file and the signal (at 4 steps the whole run once finished in that gap under the suite's load)
+    args = ["generate", *FAST, "--shard-size", "2", "--steps", "25", "--images-per-prompt", "8"]
     process = subprocess.Popen(
         [sys.executable, "-m", "mlgen", *args],
         cwd=tmp_path,
