@@ -47,13 +47,20 @@ def test_four_commands_in_a_fresh_folder_then_stale_status(tmp_path: Path) -> No
     assert "STALE" not in lines["filtered"] and "'filtered'" in lines["classifier"], lines
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child: SIGINT unblocked and handled by default, as in an interactive shell. A suite started as a
+    background job (`make test &`, as non-interactive bash starts it) runs with SIGINT ignored, every child inherits
+    that, and the run then finishes with status 0 whatever the test sends."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.mark.slow
 def test_ctrl_c_keeps_finished_shards_and_a_rerun_resumes(tmp_path: Path) -> None:
     (tmp_path / "unseen.txt").write_text("zebra\nkite\nbench\n", encoding="utf-8")
     _ok(mlgen("prompts", "--classes", "unseen.txt", "--llm", "template", cwd=tmp_path))
-    # slow enough shards (25 denoising steps) that a loaded machine cannot finish them all between the first stats
-    # file and the signal (at 4 steps the whole run once finished in that gap under the suite's load)
-    args = ["generate", *FAST, "--shard-size", "2", "--steps", "25", "--images-per-prompt", "8"]
+    # enough shards that a loaded machine cannot finish them all between the first stats file and the signal
+    args = ["generate", *FAST, "--shard-size", "2", "--steps", "4", "--images-per-prompt", "8"]
     process = subprocess.Popen(
         [sys.executable, "-m", "mlgen", *args],
         cwd=tmp_path,
@@ -61,6 +68,7 @@ def test_ctrl_c_keeps_finished_shards_and_a_rerun_resumes(tmp_path: Path) -> Non
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ},
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     raw = tmp_path / "mlgen-run" / "raw"
     deadline = time.time() + 240
