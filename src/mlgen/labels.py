@@ -5,6 +5,8 @@ from __future__ import annotations
 import unicodedata
 from pathlib import Path
 
+import yaml
+
 from mlgen.errors import MlgenError
 
 
@@ -42,3 +44,61 @@ def read_labels(path: Path) -> list[str]:
     except UnicodeDecodeError as err:
         raise MlgenError(f"{path} is not UTF-8 text (byte {err.start})") from None
     return parse_labels(text, str(path))
+
+
+def parse_aliases(text: str, source: str, classes: list[str]) -> dict[str, list[str]]:
+    """Each label's user aliases from ``label: alias, alias`` lines or a YAML mapping of lists.
+
+    Every label of ``classes`` is a key of the result (an empty list when it has no alias). An
+    unknown label, an alias that is another label, or a malformed line is one :class:`MlgenError`.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise MlgenError(f"{source}{where}: not 'label: alias, alias' lines or a YAML mapping") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise MlgenError(f"{source}: expected 'label: alias, alias' lines or a YAML mapping, got {type(data).__name__}")
+    aliases: dict[str, list[str]] = {label: [] for label in classes}
+    for key, value in data.items():
+        label = normalise_label(str(key))
+        if label not in aliases:
+            raise MlgenError(f"{source}: '{label}' is not one of the labels ({', '.join(classes)})")
+        if isinstance(value, str):
+            items = value.split(",")
+        elif isinstance(value, list) and all(isinstance(item, (str, int, float)) for item in value):
+            items = [str(item) for item in value]
+        else:
+            raise MlgenError(f"{source}: the aliases of '{label}' must be a comma-separated line or a list of names")
+        for alias in (normalise_label(item) for item in items):
+            if not alias:
+                raise MlgenError(f"{source}: '{label}' has an empty alias")
+            if alias in aliases and alias != label:
+                raise MlgenError(f"{source}: alias '{alias}' of '{label}' is another label")
+            if alias != label and alias not in aliases[label]:
+                aliases[label].append(alias)
+    return aliases
+
+
+def read_aliases(path: Path, classes: list[str]) -> dict[str, list[str]]:
+    """User aliases (``--label-aliases FILE``) of ``classes``; any problem is one :class:`MlgenError`."""
+    if not path.is_file():
+        raise MlgenError(f"aliases file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise MlgenError(f"{path} is not UTF-8 text (byte {err.start})") from None
+    return parse_aliases(text, str(path), classes)
+
+
+def names_of(label: str, *extra: dict[str, list[str]] | None) -> list[str]:
+    """A label's name followed by its other names (synonyms, aliases), each once, in order."""
+    names = [label]
+    for mapping in extra:
+        for name in (mapping or {}).get(label, []):
+            if name not in names:
+                names.append(name)
+    return names
