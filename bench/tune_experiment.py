@@ -6,10 +6,11 @@ mAP (the unseen labels on the seed's ``val`` scenes: what checkpoint selection r
 rendered or read here. Prints one table per question and the candidate each chooses.
 
 - the shared head's optimizer and learning rate, and augmentation (arm ``mlgen``; ``oracle`` as a check);
-- the paper arm's SGD learning rate (arm ``paper``: DualCoOp shared context + fusion).
+- the paper arm's SGD learning rate (arm ``paper``: DualCoOp shared context + fusion);
+- soft targets (arm ``mlgen`` with ``--soft-targets W``: its non-training labels on W x the teacher's probability).
 
 Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--llm template] [--out DIR]
-       [--questions head,paper]
+       [--questions head,paper,soft]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ HEAD = {  # name -> changes to the shared head (mlgen's linear head started from
     "sgd 0.02, no augment": dict(optimizer="sgd", lr=0.02, augment=False),
 }
 PAPER_LR = (0.002, 0.02, 0.2)
+SOFT_TARGETS = (0.0, 0.25, 0.5)  # 0: hard targets (the default); 0.5: He et al. 2023's mix
 
 
 def val_score(ctx: Context, seed: int, arm: str, changes: dict, tag: str) -> float:
@@ -50,10 +52,10 @@ def val_score(ctx: Context, seed: int, arm: str, changes: dict, tag: str) -> flo
     return max(entry["mAP"] for entry in metrics["validation"])
 
 
-def choose(ctx: Context, seeds: int, arm: str, candidates: dict[str, dict]) -> str:
+def choose(ctx: Context, seeds: int, arm: str, candidates: dict[str, dict], question: str) -> str:
     rows = {}
-    for index, (name, changes) in enumerate(candidates.items()):
-        rows[name] = [val_score(ctx, seed, arm, changes, str(index)) for seed in range(seeds)]
+    for index, (name, changes) in enumerate(candidates.items()):  # a folder per question and candidate
+        rows[name] = [val_score(ctx, seed, arm, changes, f"{question}{index}") for seed in range(seeds)]
     print(f"\n| {arm}: candidate | val mAP (mean over {seeds} seeds) | per seed |\n|---|---|---|")
     for name, scores in rows.items():
         print(f"| {name} | {statistics.fmean(scores):.3f} | {', '.join(f'{s:.3f}' for s in scores)} |")
@@ -69,7 +71,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--llm", default="template", help="template (fast) or smollm2 (the experiment's)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
-    parser.add_argument("--questions", default="head,paper", help="head (the shared head), paper (its SGD lr)")
+    parser.add_argument("--questions", default="head,paper", help="head (the shared head), paper (its SGD lr), soft")
     args = parser.parse_args()
     import torch
 
@@ -79,9 +81,11 @@ def main() -> None:
         root = (args.out or Path(tmp)) / "experiment"
         ctx = Context(root, config, resolve(config), DEFAULT_CLASSIFIER)  # no test set: nothing here scores on it
         if "head" in args.questions:
-            choose(ctx, args.seeds, "mlgen", HEAD)
+            choose(ctx, args.seeds, "mlgen", HEAD, "head")
         if "paper" in args.questions:
-            choose(ctx, args.seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR})
+            choose(ctx, args.seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR}, "paper")
+        if "soft" in args.questions:
+            choose(ctx, args.seeds, "mlgen", {f"soft targets {w}": dict(soft_targets=w) for w in SOFT_TARGETS}, "soft")
 
 
 if __name__ == "__main__":

@@ -432,6 +432,19 @@ LATEST_CASES: dict[str, Case] = {
     "train-prompt-context-0": Case(
         ["train-classifier", "--run", RUN, "--prompt-context", "0"], ("prompt_context",), BARE_RUN
     ),
+    "train-soft-targets-1.5": Case(
+        ["train-classifier", "--run", RUN, "--soft-targets", "1.5"], ("soft_targets", "1.5"), BARE_RUN
+    ),
+    "train-soft-targets-raw": Case(  # raw images have no teacher scores
+        ["train-classifier", "--run", RUN, "--source", "raw", "--soft-targets", "0.5"],
+        ("--soft-targets", "--source raw"),
+        BARE_RUN,
+    ),
+    "train-soft-targets-mlcd": Case(
+        ["train-classifier", "--run", RUN, "--loss", "mlcd", "--soft-targets", "0.5"],
+        ("--soft-targets", "mlcd"),
+        BARE_RUN,
+    ),
     # prompts: a dead server, a template that is missing or not a template, a negative timeout
     "prompts-dead-server": Case(
         [

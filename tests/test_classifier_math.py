@@ -14,6 +14,8 @@ from mlgen.classifiers.losses import (
     AsymmetricLoss,
     asymmetric_loss,
     asymmetric_loss_probs,
+    make_loss,
+    mlcd_logit_loss,
     mlcd_loss,
 )
 from mlgen.classifiers.metrics import (
@@ -104,6 +106,33 @@ def test_asl_probs_equals_logits_version_and_rejects_bad_reduction() -> None:
         assert via_probs.item() == pytest.approx(via_logits.item(), rel=1e-12)
     with pytest.raises(ValueError, match="reduction"):
         asymmetric_loss(logits, targets, reduction="none")
+
+
+def _pull(loss, target: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(p, d loss / d logit) on a grid of probabilities p, every entry trained on the soft ``target``."""
+    p = torch.linspace(0.001, 0.999, 999, dtype=torch.float64)[None]
+    logits = torch.logit(p).requires_grad_(True)
+    loss(logits, torch.full_like(p, target)).backward()
+    return p[0], logits.grad[0]
+
+
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5, 0.9])
+def test_asl_and_bce_pull_a_soft_target_to_its_value(target: float) -> None:
+    """--soft-targets: the gradient pushes p up below one point and down above it, below the clip margin too
+    (where ASL's negative part is flat): ASL settles at y(1 + clip) (the official probability shift), BCE at y."""
+    asl, dualcoop = make_loss("asl"), make_loss("asl", "dualcoop")  # gamma- 4, gamma+ 0; gamma- 2, gamma+ 1
+    for loss, settles in ((asl, target * 1.05), (dualcoop, target * 1.05), (make_loss("bce"), target)):
+        p, grad = _pull(loss, target)
+        assert (grad[p < settles - 2e-3] < 0).all() and (grad[p > settles + 2e-3] > 0).all(), (loss, settles)
+
+
+def test_mlcd_counts_only_targets_at_one_as_positives() -> None:
+    """A soft target is a negative to MLCD (it has no soft form; --soft-targets refuses it): the loss with soft
+    targets is the loss with those entries at 0."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0], [0.2, 1.5, -2.0, 0.7]])
+    hard = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    soft = hard + torch.tensor([[0.0, 0.4, 0.0, 0.9], [0.3, 0.0, 0.2, 0.0]])
+    assert mlcd_logit_loss(logits, soft, negative_fraction=1.0) == mlcd_logit_loss(logits, hard, negative_fraction=1.0)
 
 
 def test_mlcd_loss_decreases_towards_positive_centres() -> None:

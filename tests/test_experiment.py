@@ -108,6 +108,20 @@ def test_matched_control_draws_as_many_raw_images_per_label_set_as_the_filter_ke
     assert all(raw[seed] == image for seed, image in matched)  # each one a raw image, unchanged
 
 
+def test_soft_arm_is_mlgen_on_soft_targets(tmp_path: Path, data) -> None:
+    """``soft`` trains the seed's mlgen run (the same images and steps) with --soft-targets 0.5; mlgen stays hard."""
+    run_experiment(tmp_path, tiny(data, seeds=1, arms="mlgen,soft"), TINY_CLASSIFIER, log=lambda _: None)
+    done = {c["arm"]: c for c in cells(tmp_path)}
+    assert {arm: c["status"] for arm, c in done.items()} == {"mlgen": "ok", "soft": "ok"}, done
+    run = tmp_path / "experiment" / "runs" / "0" / "mlgen"
+    metrics = {
+        name: json.loads((run / name / "metrics.json").read_text()) for name in ("classifier", "classifier-soft")
+    }
+    assert (metrics["classifier"]["soft_targets"], metrics["classifier-soft"]["soft_targets"]) == ("off", 0.5)
+    same = ("images", "real_steps", "synthetic_steps", "images_per_label")
+    assert [done["soft"][k] for k in same] == [done["mlgen"][k] for k in same]
+
+
 def test_seeds_in_two_worker_processes_give_the_one_process_figures(tmp_path: Path, data) -> None:
     arms = "zero-shot,mlgen,oracle"
     scores = {}

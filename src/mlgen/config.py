@@ -110,6 +110,8 @@ class ClassifierConfig:
     head: str = "linear"  # linear, dualcoop (learned prompt contexts) or cprfl (category-prompt refinement)
     fusion: bool = False  # train the paper's feature fusion modules inside the frozen image encoder
     loss: str = "asl"  # asl, mlcd or bce
+    soft_targets: float = 0.0  # W > 0: a generated image's labels other than its training labels are trained on
+    # W x the teacher's filter probability instead of 0 (He et al. 2023); needs the filter's scores (filtered)
     seen_data: str | None = None  # real images of seen labels (CSV, COCO JSON or WebDataset) beside the synthetic
     schedule: str = "official"  # with seen_data: official (a real pass then a synthetic pass), mixed, alternating
     label_masks: bool = True  # real batches scored on the seen columns only, synthetic on the unseen (official)
@@ -259,6 +261,7 @@ def validate(config: Any) -> None:
         "rule": lambda v: v in ("exact", "topk"),
         "text": lambda v: v in ("bare", "ensemble", "s3", "best"),
         "holdout": lambda v: 0 <= v < 1,
+        "soft_targets": lambda v: 0 <= v <= 1,
         "temperature": lambda v: v >= 0,
         "top_p": lambda v: 0 < v <= 1,
         "lr": lambda v: v > 0,
@@ -282,6 +285,22 @@ def validate(config: Any) -> None:
     for name, ok in checks.items():
         if hasattr(config, name) and getattr(config, name) is not None and not ok(getattr(config, name)):
             raise MlgenError(f"setting '{name}' has an invalid value: {getattr(config, name)!r}")
+    if isinstance(config, ClassifierConfig):
+        check_soft_targets(config)
+
+
+def check_soft_targets(config: ClassifierConfig) -> None:
+    """Soft targets read the teacher probabilities the filter stores with each kept image, and need a loss that
+    takes a target between 0 and 1 (MLCD discriminates sets of positives: a soft target would be a negative)."""
+    if not config.soft_targets:
+        return
+    if config.source != "filtered":
+        raise MlgenError(
+            f"--soft-targets needs the filter's teacher scores, which --source {config.source} images do not have: "
+            "use --source filtered or --soft-targets 0"
+        )
+    if config.loss == "mlcd":
+        raise MlgenError("--soft-targets needs --loss asl or bce: mlcd trains on sets of positive labels only")
 
 
 def output_settings(config: Any) -> dict[str, Any]:

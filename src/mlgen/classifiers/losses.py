@@ -21,7 +21,15 @@ def _asymmetric_loss_from_probs(
     reduction: str,
     focal_weight_grad: bool,
 ) -> Tensor:
-    """ASL on probabilities, following Alibaba-MIIL/ASL `AsymmetricLoss.forward`."""
+    """ASL on probabilities, following Alibaba-MIIL/ASL `AsymmetricLoss.forward`.
+
+    Soft targets (``--soft-targets``): the official code assumes a binary y ("pt = p if t > 0 else 1-p") but its
+    formula is kept as it is for y in (0, 1): the cross-entropy is linear in y and the focusing interpolates (pt
+    and gamma), with the focusing weight one factor on both parts, so gradient descent settles at p = y(1 + clip)
+    (above clip): a soft target is matched, and a small one learns slowly, much as a negative. Reading y as a
+    Bernoulli label instead (y x ASL(1) + (1 - y) x ASL(0)) would push a 0.3 target to p = 0.72, the negative
+    focusing discounting its negative half; focusing on the hard label (0) would freeze p below clip.
+    """
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if probs.shape != targets.shape:
@@ -193,8 +201,9 @@ def mlcd_cosine_loss(
 def mlcd_logit_loss(logits: Tensor, targets: Tensor, negative_fraction: float = 0.1) -> Tensor:
     """MLCD Eq. 5 on logits with negative sampling but no margin: for heads whose score is not one cosine
     between a normalised feature and a class weight (DualCoOp: a difference of two aggregated cosines; CPRFL: a
-    raw dot product), where an angular margin has no angle to act on."""
-    pos = targets.bool()
+    raw dot product), where an angular margin has no angle to act on. Positives are the targets at 1: a soft
+    target (between 0 and 1) is a negative, MLCD having no soft form (``--soft-targets`` refuses mlcd)."""
+    pos = targets >= 1
     neg = _sample_negatives(~pos, negative_fraction, None)
     return (_log1p_sum_exp(-logits, pos) + _log1p_sum_exp(logits, neg)).mean()
 
@@ -223,7 +232,7 @@ def make_loss(name: str, head: str = "linear", model: nn.Module | None = None):
         return lambda logits, targets: asymmetric_loss(logits, targets, 4.0, 0.0, 0.05, reduction="mean")
     if name == "mlcd":
         if head == "linear" and model is not None:
-            return lambda logits, targets: mlcd_cosine_loss(model.head.last_cosines, targets.bool())
+            return lambda logits, targets: mlcd_cosine_loss(model.head.last_cosines, targets >= 1)
         return mlcd_logit_loss
     if name == "bce":
         return lambda logits, targets: F.binary_cross_entropy_with_logits(logits, targets.float())

@@ -74,6 +74,22 @@ def multi_hot(rows: list[list[str] | tuple[str, ...]], classes: list[str]) -> Te
     return targets
 
 
+def synthetic_targets(metas: list[dict], classes: list[str], soft: float = 0.0) -> Tensor:
+    """Training targets of generated images from their sample json: 1 on each image's training ``labels`` (never
+    its ``requested`` ones: under the filter's topk rule the training labels add those the teacher found).
+
+    With ``soft`` W > 0 (He et al. 2023), every other label is trained on W x the teacher's grouping-softmax
+    probability the filter stored in ``scores`` (+ (1 - W) x 0); a label the teacher did not score stays 0.
+    """
+    hard = multi_hot([meta["labels"] for meta in metas], classes)
+    if not soft:
+        return hard
+    if any(not isinstance(meta.get("scores"), dict) for meta in metas):
+        raise MlgenError("--soft-targets: the kept images carry no teacher scores (filter again, or --soft-targets 0)")
+    probs = torch.tensor([[float(meta["scores"].get(label, 0.0)) for label in classes] for meta in metas])
+    return torch.where(hard > 0, hard, soft * probs)
+
+
 def drawn_columns(columns: Tensor | None, count: int, draw: int | None, seed: int) -> Tensor | None:
     """At most ``draw`` of ``columns`` (None: all ``count``), drawn at random by ``seed`` for one batch: the
     official trainer scores each real batch on 100 randomly drawn seen classes when it has more."""

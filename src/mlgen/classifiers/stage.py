@@ -23,9 +23,9 @@ from mlgen.classifiers.data import AugmentedView, squash_transform, train_transf
 from mlgen.classifiers.features import label_embeddings
 from mlgen.classifiers.metrics import evaluate_scores
 from mlgen.classifiers.model import MultiLabelClassifier, build_classifier, head_options, load_clip, save_classifier
-from mlgen.classifiers.source import Source, labelled_samples, mixed, multi_hot, shard_samples
+from mlgen.classifiers.source import Source, labelled_samples, mixed, multi_hot, shard_samples, synthetic_targets
 from mlgen.classifiers.train import Pass, alternating, fit, fixed_length, idle_pass
-from mlgen.config import ClassifierConfig
+from mlgen.config import ClassifierConfig, check_soft_targets
 from mlgen.errors import MlgenError
 from mlgen.paths import write_json_atomic
 from mlgen.pipeline.ranks import Ranks, current_ranks
@@ -63,6 +63,7 @@ class ClassifierStage(Stage):
         super().__init__(run, config)
         self.classes = run.classes()
         self.requires = (config.source,)  # "raw": the same classifier without the filter (an ablation)
+        check_soft_targets(config)  # also for configs built in code (the experiment's arms)
         if config.seen_data and not data_exists(config.seen_data):
             raise MlgenError(f"--seen-data not found: {config.seen_data}")
         if config.val_data and not data_exists(config.val_data):
@@ -171,7 +172,8 @@ class ClassifierStage(Stage):
         extra = sorted(found - set(self.classes))
         classes = self.classes + extra  # GZSL: the seen labels of the real data beside the generated ones
         unseen = torch.tensor([label in self.classes for label in classes]) if c.label_masks and extra else None
-        targets = multi_hot([meta["labels"] for meta in metas], classes)
+        truth = multi_hot([meta["labels"] for meta in metas], classes)  # what a held-out image is scored on
+        targets = synthetic_targets(metas, classes, c.soft_targets)  # what it trains on
         model = build_classifier(
             self.clip_model,
             self.tokenizer,
@@ -190,7 +192,7 @@ class ClassifierStage(Stage):
 
         started = time.perf_counter()
         synthetic = self._source(model, cache, targets, ~test, images, unseen, c.augment)
-        heldout = self._source(model, cache, targets, test, images, None, False) if test.any() else None
+        heldout = self._source(model, cache, truth, test, images, None, False) if test.any() else None
         # before training: the fused encoder is still the frozen one, so this is CLIP's own zero-shot score
         zero_shot = self._zero_shot(model, heldout, classes) if heldout is not None else None
         passes = self._passes(model, cache, classes, synthetic, (seen_labels, seen_images) if seen_images else None)
@@ -222,6 +224,7 @@ class ClassifierStage(Stage):
             "selected_epoch": result.selected_epoch,
             "epochs": len(result.history),
             "schedule": c.schedule if seen_images else "synthetic only",
+            "soft_targets": c.soft_targets or "off",
             "label_masks": "real batches on seen columns, synthetic on unseen" if unseen is not None else "all columns",
             "augment": (f"{c.augment_views} cached views" if cache else "fresh per epoch") if c.augment else "off",
             "final_loss": result.history[-1] if result.history else None,
@@ -229,8 +232,8 @@ class ClassifierStage(Stage):
             "feature_cache": None if cache is None else {"hits": cache.hits, "misses": cache.misses},
         }
         if heldout is not None:
-            metrics["synthetic_heldout"] = evaluate_scores(self._logits(model, heldout), targets[test].numpy())
-            metrics["zero_shot_clip_heldout"] = evaluate_scores(zero_shot, targets[test].numpy())
+            metrics["synthetic_heldout"] = evaluate_scores(self._logits(model, heldout), truth[test].numpy())
+            metrics["zero_shot_clip_heldout"] = evaluate_scores(zero_shot, truth[test].numpy())
             metrics["synthetic_heldout_split"] = "by label set: no prompt's images on both sides"
         if shard["shard"] != 0:  # the other ranks trained the same model; rank 0 writes it
             return {}

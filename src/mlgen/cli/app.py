@@ -306,6 +306,13 @@ def train_classifier(
         bool | None, typer.Option("--fusion/--no-fusion", help="Train feature fusion inside the frozen encoder.")
     ] = None,
     loss: Annotated[str | None, typer.Option(help="asl, mlcd or bce.")] = None,
+    soft_targets: Annotated[
+        float | None,
+        typer.Option(
+            help="W in [0, 1]: a generated image's other labels train on W x the filter's teacher probability "
+            "instead of 0 (its labels stay 1); 0: off (the default)."
+        ),
+    ] = None,
     seen_data: Annotated[
         str | None,
         typer.Option(
@@ -381,6 +388,7 @@ def train_classifier(
         head=head,
         fusion=fusion,
         loss=loss,
+        soft_targets=soft_targets,
         seen_data=seen_data,
         schedule=schedule,
         steps=steps,

@@ -1,7 +1,7 @@
 """The arms of ``mlgen experiment``: what each trains on (or that it trains nothing), and what it shares.
 
 Arms that differ only in training share one generation (``run``): ``mlgen``, ``no-filter`` (its raw images),
-``no-filter-matched`` (as many raw images per label set as the filter kept), ``+fusion`` and
+``no-filter-matched`` (as many raw images per label set as the filter kept), ``soft`` (soft targets), ``+fusion`` and
 ``text-embedding-head`` (its prompts) all read the seed's ``mlgen`` run.
 
 Like for like: every trained arm runs the same epochs of a real pass then a synthetic pass, each pass exactly
@@ -33,6 +33,7 @@ class Arm:
     reference: str = "mlgen"  # the arm it is compared with in the main table
     paper: bool = False  # the paper's classifier: DualCoOp (shared context) + fusion, ASL, SGD
     cache: bool = True  # False: pixels through the encoder every step (as a fusion model must)
+    soft_targets: float = 0.0  # --soft-targets: non-training labels on W x the teacher's filter probability
 
 
 ARMS: tuple[Arm, ...] = (
@@ -71,6 +72,14 @@ ARMS: tuple[Arm, ...] = (
         "mlgen",
         "a seeded random subset of the raw images, as many per label set as the filter kept",
         source="matched",
+    ),
+    Arm(
+        "soft",
+        "stage",
+        "mlgen",
+        "mlgen with soft targets (He et al. 2023): labels an image was not made for train on 0.5 x the teacher's "
+        "filter probability instead of 0",
+        soft_targets=0.5,
     ),
     Arm("+finetune", "stage", "finetune", "mlgen with the text encoder fine-tuned first"),
     Arm(

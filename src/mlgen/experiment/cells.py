@@ -99,6 +99,7 @@ def classifier_config(ctx: Context, seed: int, arm: Arm) -> ClassifierConfig:
         val_data=str(val) if val else None,
         seed=SeedSeeds.of(seed).classifier,
         source=arm.source,
+        soft_targets=arm.soft_targets,
         fusion=arm.fusion,
         cache=arm.cache,
         seen_data=seen,
