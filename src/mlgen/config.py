@@ -139,6 +139,7 @@ class FinetuneConfig:
     size: int = 560  # image side in pixels
     guidance: float = 7.5
     grad_steps: int | None = None  # backpropagate through the last K denoising steps only; None = all
+    label_aliases: dict[str, list[str]] | None = None  # user aliases: the CLIP loss's text side reads them too
     lora_rank: int | None = None  # None: the whole text encoder learns; else LoRA adapters of this rank
     lora_alpha: float | None = None  # None: the rank
     seed: int = 0
