@@ -48,6 +48,7 @@ class PromptsConfig:
     max_words: int = 60  # CLIP's text encoder reads 77 tokens
     dedup_threshold: float = 0.9  # a prompt this close (MiniLM cosine) to one its set has is a near duplicate
     synonym_threshold: float = 0.6  # a synonym's MiniLM cosine to its label is at least this (README: prompts)
+    label_aliases: dict[str, list[str]] | None = None  # user aliases (--label-aliases FILE): a prompt may name them
     max_attempts: int = 3  # requests per set (new seeds each) before the template fills the rest
     sets_per_shard: int = 32
     batch_size: int = runtime(16)
@@ -149,6 +150,7 @@ class FinetuneConfig:
     size: int = 560  # image side in pixels
     guidance: float = 7.5
     grad_steps: int | None = None  # backpropagate through the last K denoising steps only; None = all
+    label_aliases: dict[str, list[str]] | None = None  # user aliases: the CLIP loss's text side reads them too
     lora_rank: int | None = None  # None: the whole text encoder learns; else LoRA adapters of this rank
     lora_alpha: float | None = None  # None: the rank
     seed: int = 0
@@ -307,6 +309,8 @@ def output_settings(config: Any) -> dict[str, Any]:
     """The settings that shape a stage's output (recorded in its plan)."""
     settings = {}
     for f in dataclasses.fields(config):
+        if f.name == "label_aliases" and getattr(config, f.name) is None:
+            continue  # a run without aliases keeps the settings (and hash) it had before aliases existed
         if f.metadata.get("shapes_output", True):
             value = getattr(config, f.name)
             settings[f.name] = (

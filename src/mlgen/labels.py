@@ -58,6 +58,11 @@ def parse_aliases(text: str, source: str, classes: list[str]) -> dict[str, list[
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
         raise MlgenError(f"{source}{where}: not 'label: alias, alias' lines or a YAML mapping") from None
+    return aliases_from_mapping(data, source, classes)
+
+
+def aliases_from_mapping(data: object, source: str, classes: list[str]) -> dict[str, list[str]]:
+    """:func:`parse_aliases` of an already loaded mapping (a ``label_aliases`` setting of a config file)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -78,6 +83,9 @@ def parse_aliases(text: str, source: str, classes: list[str]) -> dict[str, list[
                 raise MlgenError(f"{source}: '{label}' has an empty alias")
             if alias in aliases and alias != label:
                 raise MlgenError(f"{source}: alias '{alias}' of '{label}' is another label")
+            other = next((o for o, names in aliases.items() if o != label and alias in names), None)
+            if other is not None:  # a name of two labels names neither: prompts and scores could not tell them apart
+                raise MlgenError(f"{source}: alias '{alias}' is given for both '{other}' and '{label}'")
             if alias != label and alias not in aliases[label]:
                 aliases[label].append(alias)
     return aliases
@@ -102,3 +110,10 @@ def names_of(label: str, *extra: dict[str, list[str]] | None) -> list[str]:
             if name not in names:
                 names.append(name)
     return names
+
+
+def alias_setting(aliases: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+    """The aliases as a stage setting: only the labels that have some, in label order; None when none has
+    (so a run without aliases keeps the settings, and the hash, it had before aliases existed)."""
+    compact = {label: list(names) for label, names in (aliases or {}).items() if names}
+    return compact or None

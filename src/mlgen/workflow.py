@@ -120,12 +120,20 @@ def evaluate(run: RunDir, data: Path, labels: list[str] | None = None) -> dict[s
     return metrics
 
 
-def evaluate_zero_shot(run: RunDir, data: Path, method: str, clip: str, labels: list[str] | None = None):
-    """A training-free baseline (clip or s3) on real labelled images: RUN/zero-shot/METHOD/metrics.json."""
+def evaluate_zero_shot(
+    run: RunDir,
+    data: Path,
+    method: str,
+    clip: str,
+    labels: list[str] | None = None,
+    aliases: dict[str, list[str]] | None = None,
+):
+    """A training-free baseline (clip or s3) on real labelled images: RUN/zero-shot/METHOD/metrics.json;
+    ``aliases`` (``--label-aliases``) join each label's names."""
     from mlgen.classifiers.evaluate import zero_shot_on_data
 
     open_clip_name(clip)
-    metrics = zero_shot_on_data(run, data, method, clip, labels)
+    metrics = zero_shot_on_data(run, data, method, clip, labels, aliases)
     write_json_atomic(run.root / "zero-shot" / method / "metrics.json", metrics)
     return metrics
 

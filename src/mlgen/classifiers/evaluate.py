@@ -23,6 +23,7 @@ from mlgen.classifiers.inputs import check_zero_shot_inputs, synonyms_table
 from mlgen.classifiers.metrics import evaluate_scores, per_class_average_precision, threshold_metrics
 from mlgen.classifiers.predict import load_run_classifier, predict_logits
 from mlgen.errors import MlgenError
+from mlgen.labels import alias_setting, aliases_from_mapping, names_of
 from mlgen.models.registry import load_open_clip
 from mlgen.paths import write_atomic
 from mlgen.pipeline.rundir import RunDir
@@ -94,13 +95,29 @@ def _setting(
     return metrics
 
 
-def zero_shot_scores(clip: str, images: list[bytes], classes: list[str], device: torch.device) -> np.ndarray:
-    """CLIP zero-shot with the prompt ensemble: cosine of each image to each class's mean text embedding
-    (the images squash-resized, as the classifier sees them)."""
+def zero_shot_text(model, tokenizer, names: list[list[str]], device: torch.device) -> torch.Tensor:
+    """[C, D] zero-shot text embeddings: each name's prompt ensemble (the normalised mean over the templates),
+    then the normalised mean over a class's names (its label, then its aliases; the label alone without)."""
+    flat = [name for group in names for name in group]
+    per_template = torch.stack([label_embeddings(model, tokenizer, flat, device, t) for t in ZERO_SHOT_TEMPLATES])
+    per_name = torch.nn.functional.normalize(per_template.mean(0), dim=-1)
+    groups = per_name.split([len(group) for group in names])
+    return torch.nn.functional.normalize(torch.stack([group.mean(0) for group in groups]), dim=-1)
+
+
+def zero_shot_scores(
+    clip: str,
+    images: list[bytes],
+    classes: list[str],
+    device: torch.device,
+    aliases: dict[str, list[str]] | None = None,
+) -> np.ndarray:
+    """CLIP zero-shot with the prompt ensemble: cosine of each image to each class's text embedding
+    (:func:`zero_shot_text` over the class's names; the images squash-resized, as the classifier sees them)."""
     model, preprocess, tokenizer = load_open_clip(clip, device)
     features = image_features(model, squash_transform(preprocess), images, device)
-    text = torch.stack([label_embeddings(model, tokenizer, classes, device, t) for t in ZERO_SHOT_TEMPLATES])
-    return (features @ torch.nn.functional.normalize(text.mean(0), dim=-1).T).numpy()
+    text = zero_shot_text(model, tokenizer, [names_of(label, aliases) for label in classes], device)
+    return (features @ text.T).numpy()
 
 
 def default_unseen(classes: list[str], seen_labels: list[str]) -> list[str]:
@@ -185,22 +202,30 @@ def read_synonyms(run: RunDir, classes: list[str]) -> list[list[str]]:
 
 
 def zero_shot_on_data(
-    run: RunDir, data: Path, method: str, clip: str, unseen: list[str] | None = None
+    run: RunDir,
+    data: Path,
+    method: str,
+    clip: str,
+    unseen: list[str] | None = None,
+    aliases: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """A training-free baseline on real labelled images: ``clip`` (prompt ensemble) or ``s3`` (synonym spaces,
-    point-to-local-center score), over the run's labels; ZSL on ``unseen`` (default all), GZSL on all."""
+    point-to-local-center score), over the run's labels; ZSL on ``unseen`` (default all), GZSL on all.
+    ``aliases`` (``--label-aliases``): the user's other names of labels, which join each label's names
+    (clip: the mean of the names' embeddings; s3: its point set)."""
     check_zero_shot_inputs(run, data, method)
     spec = parse_spec(data)
     if spec is not None and spec.split is None:
-        return _zero_shot_benchmark(run, spec, method, clip, unseen)
+        return _zero_shot_benchmark(run, spec, method, clip, unseen, aliases)
     classes = run.classes()  # the generated labels: unseen ones (a benchmark above scores its own)
+    aliases = aliases_from_mapping(aliases, "--label-aliases", classes)
     unseen = unseen or default_unseen(classes, _trained_seen_labels(run))
     missing = [label for label in unseen if label not in classes]
     if missing:
         raise MlgenError(f"--labels names '{missing[0]}', which is not a label of the run")
-    synonyms = read_synonyms(run, classes) if method == "s3" else None
+    synonyms = _with_aliases(read_synonyms(run, classes), classes, aliases) if method == "s3" else None
     images, targets, report = load_eval_set(data, classes)
-    scores = _training_free_scores(clip, images, classes, synonyms)
+    scores = _training_free_scores(clip, images, classes, synonyms, aliases)
     pick = [classes.index(label) for label in unseen]
     rows = subsets(targets, pick)
     zsl, gzsl = (np.ix_(rows["zsl"], pick), rows["gzsl"])
@@ -218,7 +243,19 @@ def zero_shot_on_data(
             if method == "clip"
             else {"synonyms": dict(zip(classes, synonyms, strict=True))}
         ),
+        **_aliases_entry(aliases),
     }
+
+
+def _with_aliases(synonyms: list[list[str]], classes: list[str], aliases: dict[str, list[str]] | None) -> list:
+    """Each class's S^3 point set (its name and synonyms) followed by its aliases, each name once."""
+    return [names_of(label, {label: words[1:]}, aliases) for label, words in zip(classes, synonyms, strict=True)]
+
+
+def _aliases_entry(aliases: dict[str, list[str]] | None) -> dict[str, Any]:
+    """metrics.json's ``aliases`` (only the labels that have some), when any was given."""
+    setting = alias_setting(aliases)
+    return {"aliases": setting} if setting else {}
 
 
 def _trained_seen_labels(run: RunDir) -> list[str]:
@@ -229,13 +266,20 @@ def _trained_seen_labels(run: RunDir) -> list[str]:
     return list(read_config(folder).get("seen_labels", [])) if (folder / "config.json").is_file() else []
 
 
-def _training_free_scores(clip: str, images, classes: list[str], synonyms: list[list[str]] | None) -> np.ndarray:
-    """CLIP zero-shot (prompt ensemble) scores, or S^3 scores over each class's synonym space."""
+def _training_free_scores(
+    clip: str,
+    images,
+    classes: list[str],
+    synonyms: list[list[str]] | None,
+    aliases: dict[str, list[str]] | None = None,
+) -> np.ndarray:
+    """CLIP zero-shot (prompt ensemble over each class's names) scores, or S^3 scores over each class's
+    synonym space (``synonyms``: the point sets, aliases included)."""
     from mlgen.filters.s3 import s3_scores
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if synonyms is None:
-        return zero_shot_scores(clip, images, classes, device)
+        return zero_shot_scores(clip, images, classes, device, aliases)
     model, preprocess, tokenizer = load_open_clip(clip, device)
     features = image_features(model, squash_transform(preprocess), images, device)
     with torch.inference_mode():
@@ -330,14 +374,17 @@ def _evaluate_benchmark(run: RunDir, spec: Spec, unseen: list[str] | None) -> di
     }
 
 
-def _zero_shot_benchmark(run: RunDir, spec: Spec, method: str, clip: str, unseen: list[str] | None) -> dict:
+def _zero_shot_benchmark(
+    run: RunDir, spec: Spec, method: str, clip: str, unseen: list[str] | None, aliases: dict[str, list[str]] | None
+) -> dict:
     """A training-free baseline on a benchmark's ZSL and GZSL test splits (its own labels, not the run's)."""
     splits = _benchmark_splits(spec, unseen)
     labels = splits["gzsl"].classes
-    synonyms = read_synonyms(run, labels) if method == "s3" else None
+    aliases = aliases_from_mapping(aliases, "--label-aliases", labels)
+    synonyms = _with_aliases(read_synonyms(run, labels), labels, aliases) if method == "s3" else None
 
     def scores_of(images, names: list[str]) -> np.ndarray:
-        return _training_free_scores(clip, images, names, synonyms)
+        return _training_free_scores(clip, images, names, synonyms, aliases)
 
     extra = {"templates": list(ZERO_SHOT_TEMPLATES)} if method == "clip" else {"synonyms_from": "the run's prompts"}
     return {
@@ -346,4 +393,5 @@ def _zero_shot_benchmark(run: RunDir, spec: Spec, method: str, clip: str, unseen
         "clip": clip,
         **_benchmark_metrics(spec, splits, scores_of, logits=False),
         **extra,
+        **_aliases_entry(aliases),
     }

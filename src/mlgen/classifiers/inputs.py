@@ -28,3 +28,14 @@ def check_zero_shot_inputs(run: RunDir, data: Path, method: str) -> None:
         raise MlgenError(f"evaluation data not found: {data}")
     if method == "s3":
         synonyms_table(run)
+
+
+def zero_shot_aliases(run: RunDir, data: Path, path: Path) -> dict[str, list[str]]:
+    """``--label-aliases FILE`` of a zero-shot evaluation, checked against the labels it scores: the run's, or a
+    whole benchmark's own (``coco-zsl:ROOT``)."""
+    from mlgen.classifiers.benchmarks import open_split, parse_spec
+    from mlgen.labels import read_aliases
+
+    spec = parse_spec(data)
+    classes = open_split(spec, "gzsl-test").classes if spec is not None and spec.split is None else run.classes()
+    return read_aliases(path, classes)

@@ -434,16 +434,27 @@ def evaluate(
         ),
     ] = None,
     clip: Annotated[str, typer.Option(help="The CLIP model of --zero-shot.")] = "tiny",
+    label_aliases: Annotated[
+        Path | None,
+        typer.Option(
+            "--label-aliases",
+            help="With --zero-shot: your names of labels ('label: alias, alias' lines or YAML); clip averages a "
+            "label's names, s3 adds them to its point set.",
+        ),
+    ] = None,
 ) -> None:
     """Score the classifier on real labelled images (ZSL, GZSL, beside CLIP zero-shot); no --data: print metrics."""
     run_dir = _existing_run(run)
+    if label_aliases is not None and zero_shot is None:
+        raise MlgenError("--label-aliases is read by --zero-shot clip|s3 only (the classifier learned its labels)")
     if zero_shot is not None:
         if data is None:
             raise MlgenError("--zero-shot needs --data (the real labelled images to score)")
-        from mlgen.classifiers.inputs import check_zero_shot_inputs
+        from mlgen.classifiers.inputs import check_zero_shot_inputs, zero_shot_aliases
 
         check_zero_shot_inputs(run_dir, data, zero_shot)  # before torch loads
-        metrics = workflow.evaluate_zero_shot(run_dir, data, zero_shot, clip, _labels(labels))
+        aliases = zero_shot_aliases(run_dir, data, label_aliases) if label_aliases else None
+        metrics = workflow.evaluate_zero_shot(run_dir, data, zero_shot, clip, _labels(labels), aliases)
         for name in ("zsl", "gzsl"):
             title = f"{zero_shot} zero-shot, real images, {name.upper()}"
             shown = "  ".join(f"{k} {metrics[name][k]:.3f}" for k in ("mAP", "f1@3", "f1@5") if k in metrics[name])

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from mlgen.config import FinetuneConfig, build_config, read_config_file
+from mlgen.labels import alias_setting, read_aliases
 from mlgen.pipeline.rundir import RunDir
 
 
@@ -58,11 +59,21 @@ def finetune_command(
         int | None, _opt("--checkpoints-total-limit", help="Checkpoints kept (the newest).")
     ] = None,
     log_every: Annotated[int | None, _opt("--log-every", help="A log.csv row every N steps.")] = None,
+    label_aliases: Annotated[
+        Path | None,
+        _opt(
+            "--label-aliases", help="Your names of labels ('label: alias, alias' lines or YAML); the loss reads them."
+        ),
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", envvar="MLGEN_CONFIG", help="YAML config file.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again, dropping checkpoints.")] = False,
 ) -> None:
     """Fine-tune the diffusion model's text encoder with the CLIP-score loss (writes RUN/text_encoder/)."""
-    flags = {k: v for k, v in locals().items() if k not in ("run", "config", "overwrite")}
+    flags = {k: v for k, v in locals().items() if k not in ("run", "config", "overwrite", "label_aliases")}
+    if label_aliases is not None:  # parsed against the run's labels: the prompt stage wrote them
+        run_dir = RunDir(run)
+        run_dir.require("prompts")
+        flags["label_aliases"] = alias_setting(read_aliases(label_aliases, run_dir.classes()))
     from mlgen.finetune.stage import finetune
 
     settings = build_config(FinetuneConfig, read_config_file(config).get("finetune"), flags)

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from mlgen.config import PromptsConfig, build_config, read_config_file
-from mlgen.labels import read_labels
+from mlgen.labels import alias_setting, read_aliases, read_labels
 from mlgen.lazy import LazyModule
 from mlgen.pipeline.rundir import RunDir
 from mlgen.prompts.composer import read_exclude_pairs, read_label_lines
@@ -40,6 +40,12 @@ def prompts_command(
     concurrency: Annotated[int | None, _opt("--concurrency", help="openai: requests in flight.")] = None,
     prompts_per_set: Annotated[int | None, _opt("--prompts-per-set", help="Scene prompts per label set.")] = None,
     synonyms: Annotated[int | None, _opt("--synonyms", help="Synonyms per label (S^3 uses them).")] = None,
+    label_aliases: Annotated[
+        Path | None,
+        _opt(
+            "--label-aliases", help="Your names of labels ('label: alias, alias' lines or YAML); prompts may use them."
+        ),
+    ] = None,
     prompt_style: Annotated[
         str | None, _opt("--prompt-style", help="mlgen (few-shot, default), paper (Diff-ZS-MLC's dialog), plain.")
     ] = None,
@@ -69,12 +75,15 @@ def prompts_command(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo this stage if its settings changed.")] = False,
 ) -> None:
     """Compose label sets and have an LLM write validated scene prompts and synonyms."""
+    labels = read_labels(classes) if classes else None
+    aliases = read_aliases(label_aliases, labels or RunDir(run).classes()) if label_aliases else None
     flags = dict(
         llm=llm,
         llm_base_url=llm_base_url,
         concurrency=concurrency,
         prompts_per_set=prompts_per_set,
         synonyms_per_label=synonyms,
+        label_aliases=alias_setting(aliases),
         prompt_style=prompt_style,
         prompt_template=str(prompt_template) if prompt_template else None,
         set_size=set_size,
@@ -89,7 +98,7 @@ def prompts_command(
     )
     settings = build_config(PromptsConfig, read_config_file(config).get("prompts"), flags)
     load_instruction(settings.prompt_style, settings.prompt_template)  # a bad template fails before torch loads
-    marker = workflow.make_prompts(RunDir(run), settings, read_labels(classes) if classes else None, overwrite)
+    marker = workflow.make_prompts(RunDir(run), settings, labels, overwrite)
     if marker:
         counts = ", ".join(f"{k} {v}" for k, v in marker["counts"].items())
         typer.echo(f"prompts: done ({counts}) in {run / 'prompts'}")

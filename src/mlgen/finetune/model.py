@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mlgen.classifiers.losses import asymmetric_loss_probs
 from mlgen.errors import MlgenError
+from mlgen.labels import names_of
 from mlgen.models.registry import diffusers_folder, hub_file, load_open_clip
 
 # LoRA on the attention projections of the CLIP text encoder (as diffusers' LoRA training scripts).
@@ -65,7 +66,7 @@ class Parts:
     clip_size: tuple[int, int]
     clip_mean: Tensor  # [1, 3, 1, 1]
     clip_std: Tensor
-    class_features: Tensor  # [C, D], normalised CLIP text features of the bare class names
+    class_features: Tensor  # [C, D], normalised CLIP text features of the bare class names (and their aliases)
     logit_scale: Tensor
     device: torch.device
     amp: torch.dtype | None  # autocast dtype, None = full precision
@@ -75,6 +76,16 @@ class Parts:
         return {"unet": self.unet, "vae": self.vae, "clip": self.clip}
 
 
+def class_text_features(clip_model, tokenizer, names: list[list[str]], device: torch.device) -> Tensor:
+    """[C, D] the discriminator's text side: each name's bare CLIP text feature (normalised), then the normalised
+    mean over a class's names (its label, then its aliases: ``evaluate --zero-shot clip``'s mean, bare names)."""
+    flat = [name for group in names for name in group]
+    with torch.no_grad():  # the paper scores bare class names, like the filter
+        per_name = F.normalize(clip_model.encode_text(tokenizer(flat).to(device)).float(), dim=-1)
+    groups = per_name.split([len(group) for group in names])
+    return F.normalize(torch.stack([group.mean(0) for group in groups]), dim=-1)
+
+
 def load_parts(
     model: str,
     clip: str,
@@ -82,8 +93,12 @@ def load_parts(
     device: torch.device,
     mixed_precision: str,
     gradient_checkpointing: bool,
+    aliases: dict[str, list[str]] | None = None,
 ) -> Parts:
-    """Load the diffusion model (text encoder in fp32) and the CLIP discriminator, all but the text encoder frozen."""
+    """Load the diffusion model (text encoder in fp32) and the CLIP discriminator, all but the text encoder frozen.
+
+    A class's text feature is :func:`class_text_features` of its name and its ``aliases`` (the user's names, so
+    a label the discriminator knows only by another name is still scored by what it knows)."""
     from diffusers import DiffusionPipeline
 
     folder = check_text_encoder(model)
@@ -104,8 +119,7 @@ def load_parts(
 
     cfg = open_clip.get_model_preprocess_cfg(clip_model)
     size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
-    with torch.no_grad():  # the paper scores bare class names, like the filter
-        text = clip_model.encode_text(clip_tokenizer(classes).to(device)).float()
+    class_features = class_text_features(clip_model, clip_tokenizer, [names_of(c, aliases) for c in classes], device)
     return Parts(
         tokenizer=pipe.tokenizer,
         text_encoder=text_encoder,
@@ -116,7 +130,7 @@ def load_parts(
         clip_size=tuple(size),
         clip_mean=torch.tensor(cfg["mean"], device=device).view(1, 3, 1, 1),
         clip_std=torch.tensor(cfg["std"], device=device).view(1, 3, 1, 1),
-        class_features=F.normalize(text, dim=-1),
+        class_features=class_features,
         logit_scale=clip_model.logit_scale.exp().float().detach(),
         device=device,
         amp=amp,

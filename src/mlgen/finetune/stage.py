@@ -35,6 +35,7 @@ from mlgen.finetune.model import render as render_images
 from mlgen.finetune.output import remove_stale_output, save_text_encoder
 from mlgen.generate.diffusion import sample_seed
 from mlgen.generate.draw import LABEL_DRAW, draw_label_set
+from mlgen.labels import alias_setting, aliases_from_mapping
 from mlgen.models.registry import open_clip_name
 from mlgen.paths import write_atomic, write_text_atomic
 from mlgen.pipeline.ranks import Ranks, current_ranks
@@ -75,8 +76,10 @@ class FinetuneStage(Stage):
     requires = ("prompts",)
 
     def __init__(self, run: RunDir, config: FinetuneConfig) -> None:
-        super().__init__(run, config)
         self.classes = run.classes()
+        # The aliases are checked against the labels (a config file's setting too) and recorded normalised.
+        self.aliases = aliases_from_mapping(config.label_aliases, "setting 'label_aliases'", self.classes)
+        super().__init__(run, dataclasses.replace(config, label_aliases=alias_setting(self.aliases)))
         self.checkpoints = self.folder / "checkpoints"
 
     def settings(self) -> dict[str, Any]:
@@ -101,7 +104,7 @@ class FinetuneStage(Stage):
             )
         self.rows = self.prompts()
         self.parts = load_parts(
-            c.model, c.clip, self.classes, ranks.device, c.mixed_precision, c.gradient_checkpointing
+            c.model, c.clip, self.classes, ranks.device, c.mixed_precision, c.gradient_checkpointing, self.aliases
         )
         if c.lora_rank:
             self.parts.text_encoder = add_lora(self.parts.text_encoder, c.lora_rank, c.lora_alpha, c.seed)

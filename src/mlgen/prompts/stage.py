@@ -1,14 +1,15 @@
 """The prompt stage: label sets, validated LLM scene prompts and synonyms, written as Parquet tables.
 
 Synonyms come first (in ``setup``, once, through the request cache): the prompt checks accept a
-label's synonyms and refuse other labels' ones. Each shard then asks for the prompts of its label
-sets: up to ``max_attempts`` rounds, each with new seeds for the sets still short, then the
-template sentence fills a set left short (``source=template``). ``finish`` merges the shards and
-writes ``report.json`` (see :mod:`mlgen.prompts.report`).
+label's synonyms and the user's aliases (``--label-aliases``), and refuse other labels' ones. Each
+shard then asks for the prompts of its label sets: up to ``max_attempts`` rounds, each with new seeds
+for the sets still short, then the template sentence fills a set left short (``source=template``).
+``finish`` merges the shards and writes ``report.json`` (see :mod:`mlgen.prompts.report`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter
@@ -18,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mlgen.config import PromptsConfig
+from mlgen.labels import alias_setting, aliases_from_mapping
 from mlgen.paths import write_json_atomic
 from mlgen.pipeline.ranks import Ranks
 from mlgen.pipeline.rundir import RunDir
@@ -66,7 +68,9 @@ class PromptStage(Stage):
     config_section = "prompts"
 
     def __init__(self, run: RunDir, config: PromptsConfig, classes: list[str]) -> None:
-        super().__init__(run, config)
+        # The aliases are checked against the labels (a config file's setting too) and recorded normalised.
+        self.aliases = aliases_from_mapping(config.label_aliases, "setting 'label_aliases'", classes)
+        super().__init__(run, dataclasses.replace(config, label_aliases=alias_setting(self.aliases)))
         self.classes = classes
         self.label_sets, self.method = compose_sets(
             classes, config.exclude_pairs, config.set_size, config.sets_per_label, config.label_sets, config.seed
@@ -134,7 +138,8 @@ class PromptStage(Stage):
                     if answer:
                         raw[label].append(answer)
                 rejected = Counter()  # the counts of the last validation, over every answer so far
-                synonyms = validate_synonyms(raw, n, self.embedder, self.config.synonym_threshold, rejected)
+                threshold = self.config.synonym_threshold
+                synonyms = validate_synonyms(raw, n, self.embedder, threshold, rejected, self.aliases)
                 short = [label for label in self.classes if len(synonyms[label]) < n]
                 if not short:
                     break
@@ -173,6 +178,7 @@ class PromptStage(Stage):
             self.config.min_words,
             self.config.max_words,
             self.config.dedup_threshold,
+            self.aliases,
         )
         n = self.config.prompts_per_set
         accepted: list[list[tuple[str, int]]] = [[] for _ in sets]

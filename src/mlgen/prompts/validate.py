@@ -1,7 +1,7 @@
 """Checks on LLM output: scene prompts and synonyms, every rejection counted by its reason.
 
-A prompt must name every label of its set (the label or one of its synonyms, whole words, plurals
-allowed), name no other label of the class list (nor its synonyms), have ``min_words`` to
+A prompt must name every label of its set (the label, one of its synonyms or one of the user's aliases, whole
+words, plurals allowed), name no other label of the class list (nor its synonyms or aliases), have ``min_words`` to
 ``max_words`` words, and be neither an exact nor a near duplicate (cosine similarity of
 all-MiniLM-L6-v2 sentence embeddings at or above ``dedup_threshold``) of a prompt its set already has.
 """
@@ -15,6 +15,8 @@ from functools import cache
 
 import numpy as np
 import torch
+
+from mlgen.labels import names_of
 
 REASONS = (
     "request_failed",  # the backend gave no answer (server error after retries)
@@ -85,9 +87,10 @@ class PromptValidator:
         min_words: int,
         max_words: int,
         dedup_threshold: float,
+        aliases: dict[str, list[str]] | None = None,
     ) -> None:
         self.classes = classes
-        self.terms = {label: [label, *synonyms.get(label, [])] for label in classes}
+        self.terms = {label: names_of(label, synonyms, aliases) for label in classes}
         self.embedder = embedder
         self.min_words = min_words
         self.max_words = max_words
@@ -190,14 +193,20 @@ def clean_synonym(item: str) -> str:
 
 
 def validate_synonyms(
-    answers: dict[str, list[str]], n: int, embedder: Embedder | None, threshold: float, rejected: Counter
+    answers: dict[str, list[str]],
+    n: int,
+    embedder: Embedder | None,
+    threshold: float,
+    rejected: Counter,
+    aliases: dict[str, list[str]] | None = None,
 ) -> dict[str, list[str]]:
     """Up to ``n`` synonyms per label from the raw comma-separated answers.
 
     A synonym is kept when it is not empty, at most four words, neither the label (nor its plural) nor the
     label with more words, real words (no repetition, no label glued to more letters, every word in
     wordfreq's English list, no rare near-spelling of the label's words: :func:`word_problem`),
-    not another label nor another label's synonym, not a repeat, and close in meaning: its
+    not another label, another label's user alias (``aliases``) nor another label's synonym, not a repeat, and
+    close in meaning: its
     embedding's cosine to the label's is at least ``threshold`` and higher than to any other label.
     """
     labels = list(answers)
@@ -217,7 +226,12 @@ def validate_synonyms(
                 why = "contains_label"
             elif why := word_problem(word, label):
                 pass
-            elif any(_term_pattern(other).fullmatch(word) for other in labels if other != label):
+            elif any(
+                _term_pattern(name).fullmatch(word)
+                for other in labels
+                if other != label
+                for name in names_of(other, aliases)
+            ):
                 why = "other_label"
             elif word in seen:
                 why = "duplicate"
