@@ -18,7 +18,7 @@ from mlgen.filters.decide import auto_topk, fallback, topk_keep
 from mlgen.filters.discriminator import detected, grouping_softmax, requested_mask
 from mlgen.filters.loader import decoded_batches, image_of
 from mlgen.filters.text import TextSide
-from mlgen.labels import parse_labels, read_aliases
+from mlgen.labels import alias_setting, parse_labels, read_aliases
 from mlgen.models.registry import load_open_clip
 from mlgen.paths import write_atomic, write_json_atomic
 from mlgen.pipeline.ranks import Ranks
@@ -126,7 +126,7 @@ class FilterStage(Stage):
     def settings(self) -> dict[str, Any]:
         settings = super().settings()
         # what the files say, not where they are: an edited file is a changed setting
-        settings["label_aliases"] = {k: v for k, v in self.aliases.items() if v} or None
+        settings["label_aliases"] = alias_setting(self.aliases)
         settings["competitors"] = self.competitors or None
         return settings
 
