@@ -204,10 +204,103 @@ def _synonym_words(root: Path) -> dict[str, list[str]]:
     return words
 
 
+RELIABILITY_KEYS = {
+    "label",
+    "generated",
+    "kept",
+    "kept_share",
+    "fallback",
+    "names",
+    "best_name",
+    "reliability",
+    "gated",
+}
+NO_RELIABILITY = "reliability: none (no filtered/reliability.json: filtered by an older mlgen; filter again to see it)"
+
+
+def gated_note(cutoff: Any) -> str:
+    """What a gated label means, in one line."""
+    return (
+        f"gated: not filtered on, the teacher cannot read this name (AUROC below the cutoff {_cell(cutoff)}); "
+        "its images are kept on the other labels' evidence"
+    )
+
+
+def read_reliability(root: Path) -> dict[str, Any] | None:
+    """RUN/filtered/reliability.json, or None for a run filtered before it was written; a bad file is one line."""
+    path = root / "filtered" / "reliability.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MlgenError(f"{path}: not JSON ({err})") from None
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not (
+        isinstance(labels, list)
+        and {"rule", "cutoff"} <= data.keys()
+        and all(isinstance(row, dict) and row.keys() >= RELIABILITY_KEYS for row in labels)
+        and all(isinstance(row["names"], list) for row in labels)
+        and all(isinstance(n, dict) and "name" in n for row in labels for n in row["names"])
+    ):
+        raise MlgenError(f"{path}: not a reliability file (rule, cutoff and labels with {sorted(RELIABILITY_KEYS)})")
+    return data
+
+
+def _kept(row: dict[str, Any]) -> str:
+    return f"{row['kept']}/{row['generated']} ({row['kept_share']:.0%})"
+
+
+def _settings_line(data: dict[str, Any]) -> str:
+    return (
+        f"rule {data['rule']}, cutoff {_cell(data['cutoff'])}, min_keep {_cell(data.get('min_keep'))}, "
+        f"CLIP {data.get('clip', '-')}, text {data.get('text', '-')}"
+    )
+
+
+def _reliability_section(data: dict[str, Any] | None) -> str:
+    """The teacher's reliability per label: AUROC of every name, the best one, the kept share, fallback, gate."""
+    if data is None:
+        return f"<h2>Teacher reliability</h2><p>{html.escape(NO_RELIABILITY)}</p>"
+    header = ["label", "reliability (AUROC)", "best name", "names (AUROC, source)", "kept", "fallback", "gated"]
+    rows = []
+    for row in data["labels"]:
+        names = "; ".join(f"{n['name']} {_cell(n.get('auroc'))} ({n.get('source', '-')})" for n in row["names"])
+        cells = [row["label"], row["reliability"], row["best_name"], names, _kept(row), row["fallback"]]
+        cells.append(gated_note(data["cutoff"]) if row["gated"] else "no")
+        flag = " class='gated'" if row["gated"] else ""
+        rows.append(f"<tr{flag}>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in header)
+    return (
+        f"<h2>Teacher reliability</h2><p>{html.escape(_settings_line(data))}. Reliability: the AUROC of the "
+        "teacher's score of the label's best name, between the images generated for the label and the others "
+        "(0.5 is chance); fallback: kept images added back so that no label is emptied.</p>"
+        f"<table id='reliability'><tr>{head}</tr>{''.join(rows)}</table>"
+    )
+
+
+def reliability_summary(data: dict[str, Any] | None) -> list[Any]:
+    """The terminal's view (rich renderables): one line when there is no file, else settings and a table."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if data is None:
+        return [Text(NO_RELIABILITY)]
+    table = Table("label", "AUROC", "best name", "kept", "fallback", "gated")
+    for row in data["labels"]:  # Text(): label names are user text, never rich markup
+        gated = Text("GATED", style="bold red") if row["gated"] else Text("no")
+        cells = [row["label"], _cell(row["reliability"]), row["best_name"], _kept(row), str(row["fallback"])]
+        table.add_row(*(Text(c) for c in cells), gated)
+    lines = [Text(f"reliability: {_settings_line(data)}"), table]
+    if any(row["gated"] for row in data["labels"]):
+        lines.append(Text(gated_note(data["cutoff"]).replace("gated", "GATED", 1)))
+    return lines
+
+
 STYLE = (
     "body{font-family:sans-serif;margin:1em}figure{display:inline-block;margin:2px;font-size:11px;text-align:center}"
     "figcaption{max-width:96px;overflow-wrap:anywhere}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-    "padding:2px 6px}.sheet{margin:4px 0 12px}"
+    "padding:2px 6px}.sheet{margin:4px 0 12px}tr.gated td,p.gated{background:#fdd;color:#900}"
 )
 
 
@@ -228,6 +321,7 @@ def build_report(run: RunDir) -> Path:
     decisions = _decisions(run)
     if not decisions:
         raise MlgenError(f"{run.root}: the filter has no decisions to show yet")
+    reliability = read_reliability(run.root)  # a bad file stops here, before anything is written
     sheets = _chosen(decisions, classes)
     final = run.root / "report"
     build = run.root / f".report.tmp-{os.getpid()}"
@@ -237,6 +331,8 @@ def build_report(run: RunDir) -> Path:
     thumbnails = _thumbnails(run, wanted, build)
     parts = [f"<h1>mlgen run {html.escape(run.root.name)}</h1>"]
     parts += _generated(run)
+    parts.append(_reliability_section(reliability))
+    gated = {row["label"] for row in reliability["labels"] if row["gated"]} if reliability else set()
     for index, label in enumerate(classes):
         asked = [row for row in decisions if label in row["labels"]]
         kept = [row["scores"][index] for row in asked if row["kept"]]
@@ -246,6 +342,8 @@ def build_report(run: RunDir) -> Path:
             f"<h2>{html.escape(label)}</h2><p>{len(asked)} images asked for it: {len(kept)} kept, "
             f"{len(dropped)} dropped</p><img src='hist_{index:03d}.png' alt='scores'>"
         )
+        if label in gated:
+            parts.append(f"<p class='gated'>{html.escape(gated_note(reliability['cutoff']))}</p>")
         for side in ("kept", "dropped"):
             figures = "".join(_figure(row, index, thumbnails) for row in sheets[label][side])
             parts.append(f"<div class='sheet'><b>{side}</b><br>{figures or '(none)'}</div>")
