@@ -48,13 +48,13 @@ def test_every_dropped_image_says_why(filtered_run: Path) -> None:
 def test_rescore_decides_again_without_the_image_encoder(filtered_run: Path, monkeypatch) -> None:
     before = decisions(filtered_run)
 
-    def no_encoder(self, images):  # a spy: rescoring must never reach the image encoder
+    def no_encoder(self, shard):  # a spy: rescoring must never reach the image encoder
         raise AssertionError("the image encoder ran during --rescore")
 
     def no_clip(*_):  # the text side was cached by the full run: rescoring needs no CLIP weights at all
         raise AssertionError("CLIP was loaded during --rescore with a cached text side")
 
-    monkeypatch.setattr(FilterStage, "encode", no_encoder)
+    monkeypatch.setattr(FilterStage, "embed_shard", no_encoder)
     monkeypatch.setattr("mlgen.filters.stage.load_open_clip", no_clip)
     run = RunDir(filtered_run)
     workflow.filter_images(run, FilterConfig(clip="tiny"), rescore=True)  # same settings: same decisions
@@ -95,7 +95,7 @@ def test_dedup_drops_near_duplicates_within_a_label_set(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("text", ["ensemble", "s3"])
 def test_rescore_with_another_text_side(filtered_run: Path, text: str, monkeypatch) -> None:
-    monkeypatch.setattr(FilterStage, "encode", lambda self, images: pytest.fail("image encoder ran"))
+    monkeypatch.setattr(FilterStage, "embed_shard", lambda self, shard: pytest.fail("image encoder ran"))
     run = RunDir(filtered_run)
     before = decisions(filtered_run)
     synonyms = pq.read_table(filtered_run / "prompts" / "synonyms.parquet").to_pylist()  # generate ran prompts
@@ -112,16 +112,20 @@ def test_rescore_with_another_text_side(filtered_run: Path, text: str, monkeypat
     workflow.filter_images(run, FilterConfig(clip="tiny"), rescore=True)
 
 
-def test_dedup_rule_compares_within_a_label_set_only() -> None:
+def test_dedup_rule_compares_within_a_label_set_and_shard_only() -> None:
     stage = FilterStage.__new__(FilterStage)  # only the dedup rule: no run, no model
-    stage.config, stage.seen = FilterConfig(dedup=0.95), {}
-    a, near, far = torch.tensor([1.0, 0.0]), torch.tensor([0.99, 0.05]), torch.tensor([0.0, 1.0])
-    assert not stage.duplicate(["cat"], a)
-    assert stage.duplicate(["cat"], near)
-    assert not stage.duplicate(["cat"], far)
-    assert not stage.duplicate(["cat", "dog"], near)  # another label set
+    stage.config = FilterConfig(dedup=0.95)
+    a, near, far = [1.0, 0.0], [0.99, 0.05], [0.0, 1.0]
+    features = torch.nn.functional.normalize(torch.tensor([a, near, far, near, near, near]), dim=-1)
+    requested = torch.tensor([[1, 0], [1, 0], [1, 0], [1, 1], [1, 0], [1, 0]], dtype=torch.bool)
+    keys = [f"k{i}" for i in range(6)]
+    stage.shard_of = dict(zip(keys, [0, 0, 0, 0, 1, 0], strict=True))
+    kept = torch.tensor([True, True, True, True, True, False])
+    duplicate = stage.duplicates(keys, features, kept, requested)
+    # near repeats a (same set, shard); far does not; another label set, another shard and a dropped image never are
+    assert duplicate.tolist() == [False, True, False, False, False, False]
     stage.config = FilterConfig()  # off by default
-    assert not stage.duplicate(["cat"], a)
+    assert not stage.duplicates(keys, features, kept, requested).any()
 
 
 def test_rescore_without_cached_embeddings_is_one_line(filtered_run: Path, tmp_path: Path) -> None:

@@ -81,6 +81,15 @@ class FilterConfig:
     clip: str = "tiny"  # open_clip ARCH/PRETRAINED (e.g. ViT-B-32/openai), hf-hub:ID, folder, or tiny
     threshold: float = 0.5
     text: str = "bare"  # bare (paper: class names) | ensemble (prompt templates averaged) | s3 (synonym spaces)
+    # | best (each label's most reliable name: label, synonyms or aliases)
+    rule: str = "exact"  # exact (COCO: the detected set is the requested set) | topk (NUS-WIDE: see --topk)
+    topk: int | None = None  # topk rule: requested labels within the top-k; None: 7-of-81 share, >= requested + 1
+    extra_threshold: float = 0.1  # topk rule: another top-k label above this probability is added as a label
+    gate: float = 0.0  # >0: a label whose AUROC is below this is not filtered on (0: judge every label)
+    min_keep: float = 0.0  # >0: each label keeps at least this share of its images (its most confident first)
+    competitors: str | None = None  # a labels file scored beside the classes, never kept as labels (seen labels)
+    background: str | None = None  # a neutral prompt scored as one more competitor (e.g. "a photo")
+    label_aliases: str | None = None  # `label: alias, alias` file: more names for the text side
     dedup: float = 0.0  # >0: drop a kept image with cosine > dedup to an earlier kept one of its label set
     batch_size: int = runtime(64)
     workers: int = runtime(2)  # DataLoader processes decoding images while CLIP runs (0: inline)
@@ -244,6 +253,11 @@ def validate(config: Any) -> None:
             raise MlgenError(f"setting '{f.name}' must be a positive number, got {value}")
     checks = {
         "threshold": lambda v: 0 <= v <= 1,
+        "extra_threshold": lambda v: 0 <= v <= 1,
+        "gate": lambda v: 0 <= v <= 1,
+        "min_keep": lambda v: 0 <= v <= 1,
+        "rule": lambda v: v in ("exact", "topk"),
+        "text": lambda v: v in ("bare", "ensemble", "s3", "best"),
         "holdout": lambda v: 0 <= v < 1,
         "temperature": lambda v: v >= 0,
         "top_p": lambda v: 0 < v <= 1,

@@ -76,6 +76,10 @@ ConfigOpt = Annotated[
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Redo this stage from scratch if its settings changed.")
 ]
+AliasesOpt = Annotated[
+    Path | None,
+    typer.Option("--label-aliases", help="More names per label: 'label: alias, alias' lines or a YAML mapping."),
+]
 ClassesOpt = Annotated[Path | None, typer.Option("--classes", help="Labels file: one label per line, # comments.")]
 LlmOpt = Annotated[
     str | None,
@@ -216,8 +220,36 @@ def filter_(
     ] = False,
     text: Annotated[
         str | None,
-        typer.Option(help="Text side: bare (class names, paper), ensemble (prompt templates), s3 (synonym spaces)."),
+        typer.Option(
+            help="Text side: bare (class names, paper), ensemble (prompt templates), s3 (synonym spaces), "
+            "best (each label's most reliable name among label, synonyms and aliases)."
+        ),
     ] = None,
+    rule: Annotated[
+        str | None,
+        typer.Option(help="exact (COCO: detected labels = requested) or topk (NUS-WIDE: requested in the top-k)."),
+    ] = None,
+    topk: Annotated[
+        int | None, typer.Option(help="topk rule: k (default: 7-of-81 share of the labels, >= requested + 1).")
+    ] = None,
+    extra_threshold: Annotated[
+        float | None, typer.Option(help="topk rule: another top-k label above this probability becomes a label.")
+    ] = None,
+    gate: Annotated[
+        float | None,
+        typer.Option(help="Do not filter on a label whose teacher AUROC (reliability.json) is below this; 0: off."),
+    ] = None,
+    min_keep: Annotated[
+        float | None,
+        typer.Option(help="Each label keeps at least this share of its images, its most confident first; 0: off."),
+    ] = None,
+    competitors: Annotated[
+        Path | None, typer.Option(help="Labels file scored as competitors, never kept as labels (e.g. seen labels).")
+    ] = None,
+    background: Annotated[
+        str | None, typer.Option(help='A neutral prompt scored as one more competitor (e.g. "a photo").')
+    ] = None,
+    label_aliases: AliasesOpt = None,
     dedup: Annotated[
         float | None,
         typer.Option(help="Drop near-duplicates: image cosine above this to a kept image of the same label set."),
@@ -225,8 +257,24 @@ def filter_(
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
-    """Keep an image only when CLIP detects exactly the labels that were asked for."""
-    settings = _settings(config, "filter", FilterConfig, clip=clip, threshold=threshold, dedup=dedup, text=text)
+    """Keep an image only when CLIP detects the labels that were asked for."""
+    settings = _settings(
+        config,
+        "filter",
+        FilterConfig,
+        clip=clip,
+        threshold=threshold,
+        dedup=dedup,
+        text=text,
+        rule=rule,
+        topk=topk,
+        extra_threshold=extra_threshold,
+        gate=gate,
+        min_keep=min_keep,
+        competitors=str(competitors) if competitors else None,
+        background=background,
+        label_aliases=str(label_aliases) if label_aliases else None,
+    )
     _say(workflow.filter_images(RunDir(run), settings, overwrite, rescore), run)
 
 

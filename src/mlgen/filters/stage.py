@@ -1,39 +1,44 @@
-"""The filter stage: score every generated image with CLIP, keep the exact-set matches."""
+"""The filter stage: score every generated image with CLIP, keep those that show what was asked for."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from mlgen.config import FilterConfig
-from mlgen.errors import MlgenError
-from mlgen.filters.discriminator import detected, exact_set_keep, grouping_softmax, requested_mask
-from mlgen.filters.loader import Batch, batches, decoded_batches, image_of
-from mlgen.filters.s3 import s3_scores
+from mlgen.errors import MlgenError, ShardFailed
+from mlgen.filters.decide import auto_topk, fallback, topk_keep
+from mlgen.filters.discriminator import detected, grouping_softmax, requested_mask
+from mlgen.filters.loader import decoded_batches, image_of
+from mlgen.filters.text import TextSide
+from mlgen.labels import parse_labels, read_aliases
 from mlgen.models.registry import load_open_clip
-from mlgen.paths import write_atomic
+from mlgen.paths import write_atomic, write_json_atomic
 from mlgen.pipeline.ranks import Ranks
 from mlgen.pipeline.runner import Stage
-from mlgen.shards.reader import iter_shard
+from mlgen.shards.reader import iter_shard, read_manifest
 from mlgen.shards.writer import MANIFEST_FIELDS, ShardWriter, write_parquet_atomic
 
-TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.", "a close-up photo of a {}.", "{}")
-FILTERED_SCHEMA = pa.schema([*MANIFEST_FIELDS, pa.field("scores", pa.list_(pa.float32()))])
+RELIABILITY = "reliability.json"  # per label: how well the teacher reads each of its names
+FILTERED_SCHEMA = pa.schema(
+    [*MANIFEST_FIELDS, pa.field("requested", pa.list_(pa.string())), pa.field("scores", pa.list_(pa.float32()))]
+)
 DECISIONS_SCHEMA = pa.schema(
     [
         pa.field("key", pa.string()),
         pa.field("labels", pa.list_(pa.string())),
         pa.field("detected", pa.list_(pa.string())),
         pa.field("kept", pa.bool_()),
-        pa.field("reason", pa.string()),  # "" when kept; else missing:<label> / extra:<label>, comma-joined
+        # comma-joined: missing:<label> / extra:<label> (dropped), duplicate, fallback (kept: added back so the
+        # label is not emptied), gated:<label> (that label was not judged: the teacher cannot read it)
+        pa.field("reason", pa.string()),
         pa.field("scores", pa.list_(pa.float32())),
     ]
 )
@@ -97,7 +102,12 @@ class EmbeddingCache:
 
 
 class FilterStage(Stage):
-    """Filtered shard ``i`` holds the kept samples of raw shard ``i``; scores are for every class."""
+    """Filtered shard ``i`` holds the kept samples of raw shard ``i``; scores are for every class.
+
+    Decisions are made for the whole run at once (in :meth:`prepare`), because the teacher's
+    reliability per label, the gate and the fallback need every image: first every raw shard's
+    image embeddings are cached, then each shard writes the samples that were decided kept.
+    """
 
     name = "filtered"
     config_section = "filter"
@@ -109,166 +119,215 @@ class FilterStage(Stage):
         self.class_index = {label: i for i, label in enumerate(self.classes)}
         self.rescore = rescore  # decide from cached embeddings only; never run the image encoder
         self.cache = EmbeddingCache(run.root, config.clip, run.require("raw")["config_hash"])
+        self.aliases = read_aliases(Path(config.label_aliases), self.classes) if config.label_aliases else {}
+        self.competitors = self.read_competitors()
+        self.model: Any = None
+
+    def settings(self) -> dict[str, Any]:
+        settings = super().settings()
+        # what the files say, not where they are: an edited file is a changed setting
+        settings["label_aliases"] = {k: v for k, v in self.aliases.items() if v} or None
+        settings["competitors"] = self.competitors or None
+        return settings
+
+    def read_competitors(self) -> list[str]:
+        """Labels scored beside the run's classes but never requested nor kept as labels (e.g. seen labels)."""
+        if not self.config.competitors:
+            return []
+        path = Path(self.config.competitors)
+        names = parse_labels(path.read_text(encoding="utf-8"), str(path)) if path.is_file() else None
+        if names is None:
+            raise MlgenError(f"competitors file not found: {path}")
+        shared = [name for name in names if name in self.class_index]
+        if shared:
+            raise MlgenError(f"{path}: competitor '{shared[0]}' is one of the run's labels")
+        return names
 
     def plan(self) -> list[dict[str, Any]]:
         raw_plan = json.loads((self.run.stage_dir("raw") / "plan.json").read_text(encoding="utf-8"))
         return [{"shard": s["shard"]} for s in raw_plan["shards"]]
 
-    def setup(self, ranks: Ranks) -> None:
+    # --- the whole run's decisions ------------------------------------------------------------
+
+    def prepare(self, ranks: Ranks) -> None:
+        """Cache every raw shard's image embeddings (each rank its own shards), then decide every image."""
         self.device = ranks.device
-        if self.config.text not in ("bare", "ensemble", "s3"):
-            raise MlgenError(f"filter text side '{self.config.text}' is not one of bare, ensemble, s3")
-        words = self.synonyms() if self.config.text == "s3" else None
-        key = json.dumps([self.config.clip, self.config.text, self.classes, words, TEMPLATES])
-        # --rescore with a text side used before needs no CLIP at all: its text features are cached too
-        cached = self.cache.load_text(key) if self.rescore else None
-        if cached is None:
-            self.model, self.preprocess, tokenizer = load_open_clip(self.config.clip, ranks.device)
-            scale = self.model.logit_scale.exp().float().detach()
+        numbers = [s["shard"] for s in self.plan()]
+        self.failed: dict[int, ShardFailed] = {}
+        for number in numbers:
+            if ranks.owns(number) and not self.rescore and not self.cache.path(number).is_file():
+                try:
+                    self.embed_shard(number)
+                except ShardFailed as err:  # a corrupt raw shard: its filtered shard fails, the others go on
+                    self.failed[number] = err
+        ranks.wait()
+        keys, features, requested = self.cached_run(numbers)
+        self.decisions = self.decide(keys, features, requested, write=ranks.is_main)
+
+    def clip(self) -> Any:
+        """The CLIP model, loaded on first use (a rescore with cached text features never loads it)."""
+        if self.model is None:
+            self.model, self.preprocess, self.tokenizer = load_open_clip(self.config.clip, self.device)
+        return self.model
+
+    def embed_shard(self, number: int) -> None:
+        model, raw = self.clip(), self.run.stage_dir("raw")
+        keys, computed = [], []
+        for batch, pixels in decoded_batches(raw, number, self.config.batch_size, self.preprocess, self.config.workers):
+            keys += [sample["__key__"] for sample in batch]
             with torch.inference_mode():
-                features = self.text_side(tokenizer, words)
-            self.cache.save_text(key, scale, features)
+                features = model.encode_image(pixels.to(self.device, model.logit_scale.dtype))
+            computed.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        if computed:  # float16 on disk: a rescore reads exactly what this run decided on
+            self.cache.save(number, keys, torch.cat(computed).half().float())
         else:
-            scale, features = cached
-        self.logit_scale = scale.to(self.device)
-        features = [f.to(self.device) for f in features]
-        self.synonym_features: list[torch.Tensor] | None = features if words is not None else None
-        self.text_features = features[0]
+            self.cache.save(number, [], torch.zeros(0, 1))
 
-    def text_side(self, tokenizer: Any, words: list[list[str]] | None) -> list[torch.Tensor]:
-        """[C, D] class embeddings (bare, ensemble), or each class's synonym embeddings (s3)."""
-        if words is not None:
-            return [self.embed_texts(tokenizer, w) for w in words]
-        if self.config.text == "bare":  # the paper: bare class names
-            return [self.embed_texts(tokenizer, self.classes)]
-        # ensemble: one mean embedding per class over the templates
-        per_template = [self.embed_texts(tokenizer, [t.format(c) for c in self.classes]) for t in TEMPLATES]
-        return [torch.nn.functional.normalize(torch.stack(per_template).mean(0), dim=-1)]
-
-    def embed_texts(self, tokenizer: Any, texts: list[str]) -> torch.Tensor:
-        features = self.model.encode_text(tokenizer(texts).to(self.device))
-        return torch.nn.functional.normalize(features.float(), dim=-1)
-
-    def synonyms(self) -> list[list[str]]:
-        """Each class's name and its synonyms from the prompt stage (S^3 point sets)."""
-        path = self.run.stage_dir("prompts") / "synonyms.parquet"
-        if not path.is_file():
-            raise MlgenError(f"--text s3 needs the prompt stage's synonyms: {path} is missing (run `mlgen prompts`)")
-        words = {label: [label] for label in self.classes}
-        for row in pq.read_table(path, columns=["label", "synonym"]).to_pylist():
-            if row["label"] in words and row["synonym"] not in words[row["label"]]:
-                words[row["label"]].append(row["synonym"])
-        return [words[label] for label in self.classes]
-
-    def logits(self, features: torch.Tensor) -> torch.Tensor:
-        """CLIP logits [N, C] of normalised image embeddings under the chosen text side."""
-        features = features.to(self.device)
-        if self.synonym_features is not None:
-            return self.logit_scale * s3_scores(features, self.synonym_features)
-        return self.logit_scale * features @ self.text_features.T
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """L2-normalised image embeddings [N, D] (float32, CPU) of preprocessed images."""
-        with torch.inference_mode():
-            features = self.model.encode_image(pixels.to(self.device, self.model.logit_scale.dtype))
-            return torch.nn.functional.normalize(features.float(), dim=-1).cpu()
-
-    def samples(self, number: int, cached: bool) -> Iterator[Batch | tuple[list[dict[str, Any]], None]]:
-        """The batches of raw shard ``number``: with pixels decoded in DataLoader workers, or none if cached."""
+    def cached_run(self, numbers: list[int]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """Keys, embeddings [N, D] and requested labels [N, C] of every image whose shard was embedded."""
         raw = self.run.stage_dir("raw")
-        if cached:
-            return ((samples, None) for samples in batches(iter_shard(raw, number), self.config.batch_size))
-        return decoded_batches(raw, number, self.config.batch_size, self.preprocess, self.config.workers)
+        keys, features, labels = [], [], []
+        self.shard_of: dict[str, int] = {}
+        for number in numbers:
+            cached = self.cache.load(number)
+            if cached is None or not cached[0]:
+                continue  # failed (corrupt) or empty
+            requested = dict(
+                zip(*(read_manifest(raw, number).column(c).to_pylist() for c in ("key", "labels")), strict=True)
+            )
+            if any(key not in requested for key in cached[0]):
+                raise MlgenError(f"cached embeddings of raw shard {number} do not match it: filter --overwrite")
+            keys += cached[0]
+            features.append(cached[1])
+            labels += [requested[key] for key in cached[0]]
+            self.shard_of.update(dict.fromkeys(cached[0], number))
+        unknown = {label for row in labels for label in row} - self.class_index.keys()
+        if unknown:
+            raise MlgenError(
+                f"raw label '{sorted(unknown)[0]}' is not in {self.run.classes_file}; "
+                "the raw images were made for other classes"
+            )
+        mask = requested_mask([[self.class_index[x] for x in row] for row in labels], len(self.classes))
+        return keys, (torch.cat(features) if features else torch.zeros(0, 1)), mask
 
-    def cached(self, shard: int) -> tuple[list[str], torch.Tensor] | None:
-        cached = self.cache.load(shard)
-        if cached is None and self.rescore:
-            raise MlgenError(f"--rescore: no cached image embeddings for raw shard {shard}: run `mlgen filter` first")
-        return cached
+    def decide(
+        self, keys: list[str], features: torch.Tensor, requested: torch.Tensor, write: bool
+    ) -> dict[str, dict[str, Any]]:
+        """Every image's decision, by key; ``write``: also write reliability.json and warn about gated labels."""
+        if not keys:
+            return {}
+        text = TextSide(self, features.to(self.device), requested.to(self.device))
+        active = ~text.gated
+        logits = torch.cat([text.scores[:, active], text.competitor_scores], dim=1)
+        asked = torch.cat([text.requested[:, active], text.requested.new_zeros(len(keys), text.competitor_count)], 1)
+        probs = grouping_softmax(logits, asked)
+        if self.config.rule == "topk":
+            k = self.config.topk or auto_topk(logits.shape[1], asked)
+            kept, found = topk_keep(probs, asked, k, self.config.extra_threshold)
+        else:
+            found = detected(probs, asked, self.config.threshold)
+            kept = (found == asked).all(-1)
+        scores = text.teacher_probs()  # gated labels: the teacher's say, never used to decide
+        scores[:, active] = probs[:, : int(active.sum())]
+        found = found[:, : int(active.sum())]
+        duplicate = self.duplicates(keys, features, kept, text.requested)
+        kept &= ~duplicate
+        added = fallback(kept, text.requested, scores, self.config.min_keep, ~duplicate)
+        decisions = self.decision_rows(keys, text, active, found, kept, added, duplicate, scores)
+        if write:
+            write_json_atomic(self.folder / RELIABILITY, text.reliability(kept | added, added))
+            if text.gated.any():
+                names = ", ".join(self.classes[i] for i in text.gated.nonzero().flatten().tolist())
+                print(
+                    f"warning: filter: not filtering on {names}: the teacher cannot tell their images from the "
+                    f"others (AUROC below {self.config.gate}; see {self.folder / RELIABILITY})",
+                    file=sys.stderr,
+                )
+        return decisions
+
+    def duplicates(self, keys: list[str], features: torch.Tensor, kept: torch.Tensor, requested: torch.Tensor):
+        """--dedup: a kept image nearly identical (cosine > dedup) to an earlier kept one of its label set and shard."""
+        duplicate = torch.zeros_like(kept)
+        if self.config.dedup <= 0:
+            return duplicate
+        seen: dict[tuple[int, tuple[int, ...]], list[torch.Tensor]] = {}
+        for row in kept.nonzero().flatten().tolist():
+            group = seen.setdefault((self.shard_of[keys[row]], tuple(requested[row].nonzero().flatten().tolist())), [])
+            unit = features[row].float()
+            if group and float((torch.stack(group) @ unit).max()) > self.config.dedup:
+                duplicate[row] = True
+            else:
+                group.append(unit)
+        return duplicate
+
+    def decision_rows(self, keys, text, active, found, kept, added, duplicate, scores) -> dict[str, dict[str, Any]]:
+        active_labels = [label for label, on in zip(self.classes, active.tolist(), strict=True) if on]
+        gated = [label for label, off in zip(self.classes, text.gated.tolist(), strict=True) if off]
+        rows = {}
+        for row, key in enumerate(keys):
+            requested = [self.classes[i] for i in text.requested[row].nonzero().flatten().tolist()]
+            detected_labels = [active_labels[i] for i in found[row].nonzero().flatten().tolist()]
+            training = (
+                requested + [x for x in detected_labels if x not in requested]
+                if self.config.rule == "topk"
+                else requested
+            )
+            reasons = [] if kept[row] or added[row] else [rejection_reason(requested, detected_labels)]
+            if duplicate[row]:
+                reasons = ["duplicate"]
+            if added[row]:
+                reasons.append("fallback")
+            reasons += [f"gated:{label}" for label in requested if label in gated]
+            rows[key] = {
+                "key": key,
+                "labels": requested,
+                "training": training,
+                "detected": detected_labels,
+                "kept": bool(kept[row] or added[row]),
+                "reason": ",".join(r for r in reasons if r),
+                "scores": [round(float(p), 6) for p in scores[row]],
+            }
+        return rows
+
+    # --- one shard: write what was decided ---------------------------------------------------
 
     def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
-        number, decisions = shard["shard"], []
-        self.seen: dict[tuple[str, ...], list[torch.Tensor]] = {}  # kept embeddings per label set (dedup)
-        cached = self.cached(number)
-        keys, computed = [], []
+        number = shard["shard"]
+        if number in self.failed:
+            raise self.failed[number]
+        decisions = []
         with ShardWriter(self.folder, number, FILTERED_SCHEMA) as writer:
-            for batch, pixels in self.samples(number, cached is not None):
-                batch_keys = [sample["__key__"] for sample in batch]
-                if cached is not None:
-                    start = len(keys)
-                    if cached[0][start : start + len(batch)] != batch_keys:
-                        raise MlgenError(f"cached embeddings of raw shard {number} do not match it: filter --overwrite")
-                    features = cached[1][start : start + len(batch)]
-                else:  # rounded as cached, so a rescore with the same settings repeats every decision
-                    features = self.encode(pixels).half().float()
-                    computed.append(features)
-                keys += batch_keys
-                decisions += self.judge(batch, features, writer)
+            for sample in iter_shard(self.run.stage_dir("raw"), number):
+                decision = self.decisions.get(sample["__key__"])
+                if decision is None:
+                    raise MlgenError(f"cached embeddings of raw shard {number} do not match it: filter --overwrite")
+                decisions.append({k: v for k, v in decision.items() if k != "training"})
+                if decision["kept"]:
+                    self.write_kept(writer, sample, decision)
             kept = writer.commit()
-        if computed:
-            self.cache.save(number, keys, torch.cat(computed))
         write_parquet_atomic(self.folder / f"{number:05d}_decisions.parquet", decisions, DECISIONS_SCHEMA)
         return {"images": len(decisions), "kept": kept, "dropped": len(decisions) - kept}
 
-    def duplicate(self, labels: list[str], feature: torch.Tensor) -> bool:
-        """--dedup: a kept image nearly identical (cosine > dedup) to an earlier kept one of the same label set."""
-        if self.config.dedup <= 0:
-            return False
-        seen = self.seen.setdefault(tuple(sorted(labels)), [])
-        unit = torch.nn.functional.normalize(feature.float(), dim=-1)
-        if seen and float((torch.stack(seen) @ unit).max()) > self.config.dedup:
-            return True
-        seen.append(unit)
-        return False
-
-    def judge(self, batch: list[dict[str, Any]], features: torch.Tensor, writer: ShardWriter) -> list[dict[str, Any]]:
-        logits = self.logits(features)
-        metas = [json.loads(sample["json"]) for sample in batch]
-        unknown = {label for meta in metas for label in meta["labels"]} - self.class_index.keys()
-        if unknown:
-            raise MlgenError(
-                f"raw sample {batch[0]['__key__']}...: label '{sorted(unknown)[0]}' is not in "
-                f"{self.run.classes_file}; the raw images were made for other classes"
-            )
-        requested = requested_mask([[self.class_index[x] for x in m["labels"]] for m in metas], len(self.classes))
-        probs = grouping_softmax(logits, requested)  # the whole batch at once
-        found = detected(probs, requested, self.config.threshold)
-        keep = exact_set_keep(probs, requested, self.config.threshold)
-        decisions = []
-        rows = zip(batch, metas, probs, found, keep.tolist(), features, strict=True)
-        for sample, meta, row_probs, row_found, kept, feature in rows:
-            scores = [round(float(p), 6) for p in row_probs]
-            detected_labels = [self.classes[i] for i in row_found.nonzero().flatten().tolist()]
-            reason = "" if kept else rejection_reason(meta["labels"], detected_labels)
-            if kept and self.duplicate(meta["labels"], feature):
-                kept, reason = False, "duplicate"
-            decisions.append(
-                {
-                    "key": sample["__key__"],
-                    "labels": meta["labels"],
-                    "detected": detected_labels,
-                    "kept": kept,
-                    "reason": reason,
-                    "scores": scores,
-                }
-            )
-            if kept:
-                meta.update(
-                    scores=dict(zip(self.classes, scores, strict=True)),
-                    detected=detected_labels,
-                    kept=True,
-                    clip=self.config.clip,
-                )
-                ext, image = image_of(sample)
-                record = {"__key__": sample["__key__"], ext: image, "txt": sample["txt"].decode("utf-8"), "json": meta}
-                row = {
-                    "key": sample["__key__"],
-                    "prompt_id": meta["prompt_id"],
-                    "set_id": meta["set_id"],
-                    "labels": meta["labels"],
-                    "text": record["txt"],
-                    "seed": meta["seed"],
-                    "scores": scores,
-                }
-                writer.write(record, row)
-        return decisions
+    def write_kept(self, writer: ShardWriter, sample: dict[str, Any], decision: dict[str, Any]) -> None:
+        meta = json.loads(sample["json"])
+        meta.update(
+            requested=meta["labels"],
+            labels=decision["training"],
+            scores=dict(zip(self.classes, decision["scores"], strict=True)),
+            detected=decision["detected"],
+            kept=True,
+            clip=self.config.clip,
+        )
+        ext, image = image_of(sample)
+        record = {"__key__": sample["__key__"], ext: image, "txt": sample["txt"].decode("utf-8"), "json": meta}
+        row = {
+            "key": sample["__key__"],
+            "prompt_id": meta["prompt_id"],
+            "set_id": meta["set_id"],
+            "labels": decision["training"],
+            "requested": meta["requested"],
+            "text": record["txt"],
+            "seed": meta["seed"],
+            "scores": decision["scores"],
+        }
+        writer.write(record, row)

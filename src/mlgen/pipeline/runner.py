@@ -56,6 +56,9 @@ class Stage(ABC):
     def plan(self) -> list[dict[str, Any]]:
         """The shards, each a JSON-able dict with at least ``shard`` (its number)."""
 
+    def prepare(self, ranks: Ranks) -> None:  # noqa: B027 - optional hook
+        """Work that needs the whole input; called on EVERY rank (it may wait for the others) while shards remain."""
+
     def setup(self, ranks: Ranks) -> None:  # noqa: B027 - optional hook
         """Load models; called once, and only when this rank has shards to do."""
 
@@ -110,7 +113,10 @@ def _run_stage(stage: Stage, overwrite: bool, ranks: Ranks) -> dict[str, Any]:
             stage.run.record_config(stage.config_section, as_dict(stage.config))
         else:
             plan = json.loads((stage.folder / PLAN).read_text(encoding="utf-8"))
-    todo = [s for s in plan["shards"] if ranks.owns(s["shard"]) and not stats_path(stage.folder, s["shard"]).exists()]
+    pending = [s for s in plan["shards"] if not stats_path(stage.folder, s["shard"]).exists()]
+    if pending:
+        stage.prepare(ranks)
+    todo = [s for s in pending if ranks.owns(s["shard"])]
     failed: list[ShardFailed] = []
     if todo:
         stage.setup(ranks)

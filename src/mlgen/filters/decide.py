@@ -1,0 +1,85 @@
+"""Whole-run filter decisions: the NUS-WIDE top-k rule, the teacher's per-label reliability, and the fallback.
+
+The COCO rule (:func:`mlgen.filters.discriminator.exact_set_keep`) decides each image alone. What this
+module adds needs every image of the run at once: how well the teacher's score for a label separates
+the images generated for it from the others (AUROC, no annotation needed), and which images to add
+back when a rule would leave a label with too few.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from scipy.stats import rankdata
+from torch import Tensor
+
+OFFICIAL_TOPK = 7  # NUS-WIDE's script: the top-7 of its 81 labels
+OFFICIAL_CLASSES = 81
+EXTRA_THRESHOLD = 0.1  # NUS-WIDE's script: another top-k label above this becomes a positive
+
+
+def auto_topk(num_classes: int, requested: Tensor) -> Tensor:
+    """k per image [N] for ``--topk 0``: the official 7-of-81 share of the label list, but at least one more
+    than the image's requested labels (with 4 labels, top-7 would keep everything), and at most every label."""
+    share = math.ceil(OFFICIAL_TOPK * num_classes / OFFICIAL_CLASSES)
+    return (requested.sum(-1) + 1).clamp(min=share).clamp(max=num_classes)
+
+
+def topk_keep(
+    probs: Tensor, requested: Tensor, k: int | Tensor, extra_threshold: float = EXTRA_THRESHOLD
+) -> tuple[Tensor, Tensor]:
+    """The NUS-WIDE rule: (kept [N], training labels [N, C]).
+
+    An image is kept when every requested label is among its top-k classes; every OTHER class of
+    its top-k with probability above ``extra_threshold`` is added to its labels as a positive.
+    """
+    requested = requested.to(device=probs.device, dtype=torch.bool)
+    k = torch.as_tensor(k, device=probs.device).expand(probs.shape[0])
+    order = torch.argsort(probs, dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(probs.shape[-1], device=probs.device).expand_as(order)
+    )
+    in_top = ranks < k[:, None]
+    kept = (in_top | ~requested).all(-1)
+    labels = requested | (in_top & (probs > extra_threshold))
+    return kept, labels
+
+
+def auroc(scores: Tensor, positives: Tensor) -> float | None:
+    """Area under the ROC curve of ``scores`` [N] for the bool ``positives`` [N] (ties count half);
+    None when either side is empty."""
+    positives = positives.bool().cpu()
+    count, others = int(positives.sum()), int((~positives).sum())
+    if count == 0 or others == 0:
+        return None
+    ranks = torch.from_numpy(rankdata(scores.float().cpu().numpy()))
+    return float((ranks[positives].sum() - count * (count + 1) / 2) / (count * others))
+
+
+def column_aurocs(scores: Tensor, requested: Tensor) -> list[float | None]:
+    """The AUROC of each column of ``scores`` [N, C] between the images requested with it and the rest."""
+    return [auroc(scores[:, c], requested[:, c]) for c in range(scores.shape[1])]
+
+
+def fallback(kept: Tensor, requested: Tensor, probs: Tensor, min_keep: float, usable: Tensor) -> Tensor:
+    """bool [N]: images to add back so that every label keeps at least ``min_keep`` of its generated images
+    (He et al. 2023: no class emptied), each label's most confident dropped images first.
+
+    ``usable`` [N] marks the images that may be added (not corrupt, not duplicates). Labels are
+    served from the emptiest up; an image added for one label counts for its other labels too.
+    """
+    added = torch.zeros_like(kept)
+    if min_keep <= 0:
+        return added
+    requested = requested.bool()
+    generated = requested.sum(0)
+    share = (kept[:, None] & requested).sum(0) / generated.clamp(min=1)
+    for label in torch.argsort(share, stable=True).tolist():
+        need = math.ceil(min_keep * int(generated[label])) - int(((kept | added) & requested[:, label]).sum())
+        if need <= 0:
+            continue
+        candidates = (requested[:, label] & ~kept & ~added & usable).nonzero().flatten()
+        best = candidates[torch.argsort(probs[candidates, label], descending=True, stable=True)[:need]]
+        added[best] = True
+    return added
