@@ -204,24 +204,14 @@ def _synonym_words(root: Path) -> dict[str, list[str]]:
     return words
 
 
-RELIABILITY_KEYS = {
-    "label",
-    "generated",
-    "kept",
-    "kept_share",
-    "fallback",
-    "names",
-    "best_name",
-    "reliability",
-    "gated",
-}
-NO_RELIABILITY = "reliability: none (no filtered/reliability.json: filtered by an older mlgen; filter again to see it)"
+RELIABILITY_KEYS = {"label", "generated", "kept", "kept_share", "fallback", "names", "best_name", "reliability"}
+NO_RELIABILITY = "reliability: none (no filtered/reliability.json: an older run; filter again to see it)"
 
 
 def gated_note(cutoff: Any) -> str:
     """What a gated label means, in one line."""
     return (
-        f"gated: not filtered on, the teacher cannot read this name (AUROC below the cutoff {_cell(cutoff)}); "
+        f"gated: not filtered on, the teacher cannot read this name (filter AUROC below the cutoff {_cell(cutoff)}); "
         "its images are kept on the other labels' evidence"
     )
 
@@ -239,11 +229,12 @@ def read_reliability(root: Path) -> dict[str, Any] | None:
     if not (
         isinstance(labels, list)
         and {"rule", "cutoff"} <= data.keys()
-        and all(isinstance(row, dict) and row.keys() >= RELIABILITY_KEYS for row in labels)
+        and all(isinstance(row, dict) and row.keys() >= RELIABILITY_KEYS | {"gated"} for row in labels)
         and all(isinstance(row["names"], list) for row in labels)
         and all(isinstance(n, dict) and "name" in n for row in labels for n in row["names"])
     ):
-        raise MlgenError(f"{path}: not a reliability file (rule, cutoff and labels with {sorted(RELIABILITY_KEYS)})")
+        expected = ", ".join(sorted(RELIABILITY_KEYS | {"gated"}))
+        raise MlgenError(f"{path}: not a reliability file (rule, cutoff, and labels with {expected})")
     return data
 
 
@@ -252,29 +243,37 @@ def _kept(row: dict[str, Any]) -> str:
 
 
 def _settings_line(data: dict[str, Any]) -> str:
-    return (
-        f"rule {data['rule']}, cutoff {_cell(data['cutoff'])}, min_keep {_cell(data.get('min_keep'))}, "
+    """The run's filter settings behind the figures: rule, gate cutoff, fallback share, teacher, text side."""
+    cutoff = "off" if data["cutoff"] is None else _cell(data["cutoff"])
+    line = (
+        f"rule {data['rule']}, cutoff {cutoff}, min_keep {_cell(data.get('min_keep'))}, "
         f"CLIP {data.get('clip', '-')}, text {data.get('text', '-')}"
     )
+    return line + (f", competitors {_cell(data['competitors'])}" if data.get("competitors") else "")
+
+
+RELIABILITY_HELP = (
+    "AUROC: of the teacher's score of the label's best name, between the images generated for the label and the "
+    "others (0.5 is chance); filter AUROC: the same for the text the filter scored with (the gate reads it); "
+    "fallback: kept images added back so that no label is emptied."
+)
 
 
 def _reliability_section(data: dict[str, Any] | None) -> str:
     """The teacher's reliability per label: AUROC of every name, the best one, the kept share, fallback, gate."""
     if data is None:
         return f"<h2>Teacher reliability</h2><p>{html.escape(NO_RELIABILITY)}</p>"
-    header = ["label", "reliability (AUROC)", "best name", "names (AUROC, source)", "kept", "fallback", "gated"]
+    header = ["label", "AUROC", "best name", "names (AUROC, source)", "filter AUROC", "kept", "fallback", "gated"]
     rows = []
     for row in data["labels"]:
         names = "; ".join(f"{n['name']} {_cell(n.get('auroc'))} ({n.get('source', '-')})" for n in row["names"])
-        cells = [row["label"], row["reliability"], row["best_name"], names, _kept(row), row["fallback"]]
-        cells.append(gated_note(data["cutoff"]) if row["gated"] else "no")
+        cells = [row["label"], row["reliability"], row["best_name"], names, row.get("filter_auroc")]
+        cells += [_kept(row), row["fallback"], gated_note(data["cutoff"]) if row["gated"] else "no"]
         flag = " class='gated'" if row["gated"] else ""
         rows.append(f"<tr{flag}>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in header)
     return (
-        f"<h2>Teacher reliability</h2><p>{html.escape(_settings_line(data))}. Reliability: the AUROC of the "
-        "teacher's score of the label's best name, between the images generated for the label and the others "
-        "(0.5 is chance); fallback: kept images added back so that no label is emptied.</p>"
+        f"<h2>Teacher reliability</h2><p>{html.escape(_settings_line(data))}. {RELIABILITY_HELP}</p>"
         f"<table id='reliability'><tr>{head}</tr>{''.join(rows)}</table>"
     )
 
@@ -286,11 +285,11 @@ def reliability_summary(data: dict[str, Any] | None) -> list[Any]:
 
     if data is None:
         return [Text(NO_RELIABILITY)]
-    table = Table("label", "AUROC", "best name", "kept", "fallback", "gated")
+    table = Table("label", "AUROC", "best name", "filter AUROC", "kept", "fallback", "gated")
     for row in data["labels"]:  # Text(): label names are user text, never rich markup
         gated = Text("GATED", style="bold red") if row["gated"] else Text("no")
-        cells = [row["label"], _cell(row["reliability"]), row["best_name"], _kept(row), str(row["fallback"])]
-        table.add_row(*(Text(c) for c in cells), gated)
+        cells = [row["label"], _cell(row["reliability"]), row["best_name"], _cell(row.get("filter_auroc"))]
+        table.add_row(*(Text(c) for c in [*cells, _kept(row), str(row["fallback"])]), gated)
     lines = [Text(f"reliability: {_settings_line(data)}"), table]
     if any(row["gated"] for row in data["labels"]):
         lines.append(Text(gated_note(data["cutoff"]).replace("gated", "GATED", 1)))
@@ -338,12 +337,13 @@ def build_report(run: RunDir) -> Path:
         kept = [row["scores"][index] for row in asked if row["kept"]]
         dropped = [row["scores"][index] for row in asked if not row["kept"]]
         _histogram(kept, dropped, build / f"hist_{index:03d}.png")
-        parts.append(
-            f"<h2>{html.escape(label)}</h2><p>{len(asked)} images asked for it: {len(kept)} kept, "
-            f"{len(dropped)} dropped</p><img src='hist_{index:03d}.png' alt='scores'>"
-        )
+        parts.append(f"<h2>{html.escape(label)}</h2>")
         if label in gated:
             parts.append(f"<p class='gated'>{html.escape(gated_note(reliability['cutoff']))}</p>")
+        parts.append(
+            f"<p>{len(asked)} images asked for it: {len(kept)} kept, "
+            f"{len(dropped)} dropped</p><img src='hist_{index:03d}.png' alt='scores'>"
+        )
         for side in ("kept", "dropped"):
             figures = "".join(_figure(row, index, thumbnails) for row in sheets[label][side])
             parts.append(f"<div class='sheet'><b>{side}</b><br>{figures or '(none)'}</div>")

@@ -289,7 +289,7 @@ def report(run: RunOpt = DEFAULT_RUN) -> None:
     from mlgen.report import build_report, read_reliability, reliability_summary
 
     page = build_report(run_dir)
-    Console(highlight=False).print(*reliability_summary(read_reliability(run_dir.root)), sep="\n")
+    Console(highlight=False, soft_wrap=True).print(*reliability_summary(read_reliability(run_dir.root)), sep="\n")
     typer.echo(f"report: {page}")
 
 
