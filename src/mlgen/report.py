@@ -278,6 +278,11 @@ def _reliability_section(data: dict[str, Any] | None) -> str:
     )
 
 
+def _summary_row(row: dict[str, Any]) -> list[str]:
+    figures = [_cell(row["reliability"]), row["best_name"], _cell(row.get("filter_auroc")), _kept(row)]
+    return [row["label"], *figures, str(row["fallback"]), "GATED" if row["gated"] else "no"]
+
+
 def reliability_summary(data: dict[str, Any] | None) -> list[Any]:
     """The terminal's view (rich renderables): one line when there is no file, else settings and a table."""
     from rich.table import Table
@@ -285,11 +290,14 @@ def reliability_summary(data: dict[str, Any] | None) -> list[Any]:
 
     if data is None:
         return [Text(NO_RELIABILITY)]
-    table = Table("label", "AUROC", "best name", "filter AUROC", "kept", "fallback", "gated")
-    for row in data["labels"]:  # Text(): label names are user text, never rich markup
-        gated = Text("GATED", style="bold red") if row["gated"] else Text("no")
-        cells = [row["label"], _cell(row["reliability"]), row["best_name"], _cell(row.get("filter_auroc"))]
-        table.add_row(*(Text(c) for c in [*cells, _kept(row), str(row["fallback"])]), gated)
+    rows = [_summary_row(row) for row in data["labels"]]
+    table = Table()
+    for i, header in enumerate(("label", "AUROC", "best name", "filter\nAUROC", "kept", "fallback", "gated")):
+        # a narrow terminal folds the names (user text), never cuts a figure
+        figure = 0 if i in (0, 2) else max(len(row[i]) for row in rows)
+        table.add_column(header, overflow="fold", min_width=figure or None)
+    for row in rows:  # Text(): label names are user text, never rich markup
+        table.add_row(*(Text(c, style="bold red" if c == "GATED" and i == 6 else "") for i, c in enumerate(row)))
     lines = [Text(f"reliability: {_settings_line(data)}"), table]
     if any(row["gated"] for row in data["labels"]):
         lines.append(Text(gated_note(data["cutoff"]).replace("gated", "GATED", 1)))
