@@ -20,34 +20,20 @@ CLASSES = ["zebra", "kite", "hair <drier>"]  # a label with HTML in it: the page
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real run filtered twice: the second time (from the cached embeddings) with the gate's cutoff
+    between the labels' filter AUROCs, so that some labels are gated and some are not."""
     root = tmp_path_factory.mktemp("reliability")
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n", encoding="utf-8")
     run = root / "run"
-    for args in (["generate", "--classes", root / "classes.txt", *FAST_GENERATE], ["filter"]):
+    for args in (["generate", "--classes", root / "classes.txt", *FAST_GENERATE], ["filter", "--min-keep", "0.5"]):
         done = mlgen(*args, "--run", run)
         assert done.returncode == 0, done.stderr
-    path = run / "filtered" / "reliability.json"
-    if not path.is_file():  # TODO(issue 24): the filter stage writes it; until then a hand-made file
-        path.write_text(json.dumps(HAND_MADE), encoding="utf-8")
+    aurocs = sorted(row["filter_auroc"] for row in reliability(run)["labels"])
+    assert aurocs[0] < aurocs[-1], aurocs
+    cutoff = round((aurocs[0] + aurocs[1]) / 2 if aurocs[0] < aurocs[1] else (aurocs[1] + aurocs[2]) / 2, 4)
+    done = mlgen("filter", "--run", run, "--rescore", "--min-keep", "0.5", "--gate", str(cutoff))
+    assert done.returncode == 0, done.stderr
     return run
-
-
-HAND_MADE = {
-    "clip": "tiny",
-    "text": "best",
-    "rule": "exact",
-    "cutoff": 0.6,
-    "min_keep": 0.1,
-    "labels": [
-        {"label": "zebra", "generated": 4, "kept": 1, "kept_share": 0.25, "fallback": 1, "best_name": "zebra",
-         "names": [{"name": "zebra", "source": "label", "auroc": 0.41}], "reliability": 0.41, "gated": True},
-        {"label": "kite", "generated": 4, "kept": 2, "kept_share": 0.5, "fallback": 0, "best_name": "kite",
-         "names": [{"name": "kite", "source": "label", "auroc": 0.91}], "reliability": 0.91, "gated": False},
-        {"label": "hair <drier>", "generated": 4, "kept": 1, "kept_share": 0.25, "fallback": 0,
-         "best_name": "hair <drier>", "names": [{"name": "hair <drier>", "source": "label", "auroc": 0.77}],
-         "reliability": 0.77, "gated": False},
-    ],
-}  # fmt: skip
 
 
 def reliability(run: Path) -> dict:
@@ -59,7 +45,7 @@ def terminal_rows(stdout: str) -> dict[str, list[str]]:
     rows = {}
     for line in stdout.splitlines():
         cells = [cell.strip() for cell in re.split(r"[│|]", line)[1:-1]]
-        if len(cells) == 6:
+        if len(cells) == 7:
             rows[cells[0]] = cells
     return rows
 
@@ -68,12 +54,14 @@ def test_terminal_table_shows_every_label_with_its_auroc_and_gate(run: Path) -> 
     done = mlgen("report", "--run", run)
     assert done.returncode == 0, done.stderr
     data = reliability(run)
-    assert f"rule {data['rule']}, cutoff {data['cutoff']:g}" in done.stdout
+    shown = re.search(r"rule (\w+), cutoff ([0-9.]+)", done.stdout)
+    assert shown.group(1) == data["rule"] and float(shown.group(2)) == pytest.approx(data["cutoff"], abs=0.0006)
     rows = terminal_rows(done.stdout)
     assert set(rows) == {row["label"] for row in data["labels"]}
     for row in data["labels"]:
-        _, auroc, best, kept, fallback, gated = rows[row["label"]]
+        _, auroc, best, filter_auroc, kept, fallback, gated = rows[row["label"]]
         assert float(auroc) == pytest.approx(row["reliability"], abs=0.0051)
+        assert float(filter_auroc) == pytest.approx(row["filter_auroc"], abs=0.0051)
         assert best == row["best_name"] and fallback == str(row["fallback"])
         assert kept.startswith(f"{row['kept']}/{row['generated']} ")
         assert gated == ("GATED" if row["gated"] else "no"), row
@@ -117,15 +105,16 @@ def test_page_shows_the_reliability_table_in_chromium(run: Path, tmp_path: Path)
     for row in data["labels"]:
         cells = by_label[row["label"]]["cells"]
         assert float(cells[1]) == pytest.approx(row["reliability"], abs=0.0051)
-        assert cells[2] == row["best_name"] and cells[5] == str(row["fallback"])
+        assert cells[2] == row["best_name"] and cells[6] == str(row["fallback"])
+        assert float(cells[4]) == pytest.approx(row["filter_auroc"], abs=0.0051)
         for name in row["names"]:  # every name with its AUROC
             assert name["name"] in cells[3]
         if row["gated"]:
-            assert cells[6].startswith("gated: not filtered on, the teacher cannot read this name"), cells
+            assert cells[7].startswith("gated: not filtered on, the teacher cannot read this name"), cells
             assert by_label[row["label"]]["gated"] == "gated"
             assert by_label[row["label"]]["colour"] not in ("rgba(0, 0, 0, 0)", "rgb(255, 255, 255)")
         else:
-            assert cells[6] == "no" and by_label[row["label"]]["gated"] == ""
+            assert cells[7] == "no" and by_label[row["label"]]["gated"] == ""
     assert sorted(notes) == sorted(row["label"] for row in data["labels"] if row["gated"])
     assert notes, "the run must exercise the flag"
     screenshot = tmp_path / "report.png"
