@@ -117,6 +117,9 @@ def test_page_shows_the_reliability_table_in_chromium(run: Path, tmp_path: Path)
             assert cells[7] == "no" and by_label[row["label"]]["gated"] == ""
     assert sorted(notes) == sorted(row["label"] for row in data["labels"] if row["gated"])
     assert notes, "the run must exercise the flag"
+    # a kept image says why when it was kept by the fallback, not by the rule
+    assert sum(row["fallback"] for row in data["labels"]) > 0, "the run must exercise the fallback"
+    assert "· kept: fallback" in text
     screenshot = tmp_path / "report.png"
     subprocess.run(
         [*browser, f"--screenshot={screenshot}", "--window-size=1000,1400", page.as_uri()],

@@ -79,7 +79,8 @@ def _histogram(values_kept: list[float], values_dropped: list[float], path: Path
 
 def _figure(row: dict[str, Any], label_index: int, thumbnails: dict[str, str]) -> str:
     score = row["scores"][label_index]
-    why = "kept" if row["kept"] else row.get("reason", "") or "dropped"
+    reason = row.get("reason", "")  # a kept image can have one too: fallback, gated:<label>
+    why = (f"kept: {reason}" if reason else "kept") if row["kept"] else reason or "dropped"
     return (
         f'<figure><img src="{thumbnails[row["key"]]}" alt="{html.escape(row["key"])}">'
         f"<figcaption>{score:.2f} · {html.escape(why)}</figcaption></figure>"
