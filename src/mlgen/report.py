@@ -79,7 +79,8 @@ def _histogram(values_kept: list[float], values_dropped: list[float], path: Path
 
 def _figure(row: dict[str, Any], label_index: int, thumbnails: dict[str, str]) -> str:
     score = row["scores"][label_index]
-    why = "kept" if row["kept"] else row.get("reason", "") or "dropped"
+    reason = row.get("reason", "")  # a kept image can have one too: fallback, gated:<label>
+    why = (f"kept: {reason}" if reason else "kept") if row["kept"] else reason or "dropped"
     return (
         f'<figure><img src="{thumbnails[row["key"]]}" alt="{html.escape(row["key"])}">'
         f"<figcaption>{score:.2f} · {html.escape(why)}</figcaption></figure>"
@@ -204,10 +205,110 @@ def _synonym_words(root: Path) -> dict[str, list[str]]:
     return words
 
 
+RELIABILITY_KEYS = {"label", "generated", "kept", "kept_share", "fallback", "names", "best_name", "reliability"}
+NO_RELIABILITY = "reliability: none (no filtered/reliability.json: an older run; filter again to see it)"
+
+
+def gated_note(cutoff: Any) -> str:
+    """What a gated label means, in one line."""
+    return (
+        f"gated: not filtered on, the teacher cannot read this name (filter AUROC below the cutoff {_cell(cutoff)}); "
+        "its images are kept on the other labels' evidence"
+    )
+
+
+def read_reliability(root: Path) -> dict[str, Any] | None:
+    """RUN/filtered/reliability.json, or None for a run filtered before it was written; a bad file is one line."""
+    path = root / "filtered" / "reliability.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise MlgenError(f"{path}: not JSON ({err})") from None
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not (
+        isinstance(labels, list)
+        and {"rule", "cutoff"} <= data.keys()
+        and all(isinstance(row, dict) and row.keys() >= RELIABILITY_KEYS | {"gated"} for row in labels)
+        and all(isinstance(row["names"], list) for row in labels)
+        and all(isinstance(n, dict) and "name" in n for row in labels for n in row["names"])
+    ):
+        expected = ", ".join(sorted(RELIABILITY_KEYS | {"gated"}))
+        raise MlgenError(f"{path}: not a reliability file (rule, cutoff, and labels with {expected})")
+    return data
+
+
+def _kept(row: dict[str, Any]) -> str:
+    return f"{row['kept']}/{row['generated']} ({row['kept_share']:.0%})"
+
+
+def _settings_line(data: dict[str, Any]) -> str:
+    """The run's filter settings behind the figures: rule, gate cutoff, fallback share, teacher, text side."""
+    cutoff = "off" if data["cutoff"] is None else _cell(data["cutoff"])
+    line = (
+        f"rule {data['rule']}, cutoff {cutoff}, min_keep {_cell(data.get('min_keep'))}, "
+        f"CLIP {data.get('clip', '-')}, text {data.get('text', '-')}"
+    )
+    return line + (f", competitors {_cell(data['competitors'])}" if data.get("competitors") else "")
+
+
+RELIABILITY_HELP = (
+    "AUROC: of the teacher's score of the label's best name, between the images generated for the label and the "
+    "others (0.5 is chance); filter AUROC: the same for the text the filter scored with (the gate reads it); "
+    "fallback: kept images added back so that no label is emptied."
+)
+
+
+def _reliability_section(data: dict[str, Any] | None) -> str:
+    """The teacher's reliability per label: AUROC of every name, the best one, the kept share, fallback, gate."""
+    if data is None:
+        return f"<h2>Teacher reliability</h2><p>{html.escape(NO_RELIABILITY)}</p>"
+    header = ["label", "AUROC", "best name", "names (AUROC, source)", "filter AUROC", "kept", "fallback", "gated"]
+    rows = []
+    for row in data["labels"]:
+        names = "; ".join(f"{n['name']} {_cell(n.get('auroc'))} ({n.get('source', '-')})" for n in row["names"])
+        cells = [row["label"], row["reliability"], row["best_name"], names, row.get("filter_auroc")]
+        cells += [_kept(row), row["fallback"], gated_note(data["cutoff"]) if row["gated"] else "no"]
+        flag = " class='gated'" if row["gated"] else ""
+        rows.append(f"<tr{flag}>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in header)
+    return (
+        f"<h2>Teacher reliability</h2><p>{html.escape(_settings_line(data))}. {RELIABILITY_HELP}</p>"
+        f"<table id='reliability'><tr>{head}</tr>{''.join(rows)}</table>"
+    )
+
+
+def _summary_row(row: dict[str, Any]) -> list[str]:
+    figures = [_cell(row["reliability"]), row["best_name"], _cell(row.get("filter_auroc")), _kept(row)]
+    return [row["label"], *figures, str(row["fallback"]), "GATED" if row["gated"] else "no"]
+
+
+def reliability_summary(data: dict[str, Any] | None) -> list[Any]:
+    """The terminal's view (rich renderables): one line when there is no file, else settings and a table."""
+    from rich.table import Table
+    from rich.text import Text
+
+    if data is None:
+        return [Text(NO_RELIABILITY)]
+    rows = [_summary_row(row) for row in data["labels"]]
+    table = Table()
+    for i, header in enumerate(("label", "AUROC", "best name", "filter\nAUROC", "kept", "fallback", "gated")):
+        # a narrow terminal folds the names (user text), never cuts a figure
+        figure = 0 if i in (0, 2) else max(len(row[i]) for row in rows)
+        table.add_column(header, overflow="fold", min_width=figure or None)
+    for row in rows:  # Text(): label names are user text, never rich markup
+        table.add_row(*(Text(c, style="bold red" if c == "GATED" and i == 6 else "") for i, c in enumerate(row)))
+    lines = [Text(f"reliability: {_settings_line(data)}"), table]
+    if any(row["gated"] for row in data["labels"]):
+        lines.append(Text(gated_note(data["cutoff"]).replace("gated", "GATED", 1)))
+    return lines
+
+
 STYLE = (
     "body{font-family:sans-serif;margin:1em}figure{display:inline-block;margin:2px;font-size:11px;text-align:center}"
     "figcaption{max-width:96px;overflow-wrap:anywhere}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-    "padding:2px 6px}.sheet{margin:4px 0 12px}"
+    "padding:2px 6px}.sheet{margin:4px 0 12px}tr.gated td,p.gated{background:#fdd;color:#900}"
 )
 
 
@@ -228,6 +329,7 @@ def build_report(run: RunDir) -> Path:
     decisions = _decisions(run)
     if not decisions:
         raise MlgenError(f"{run.root}: the filter has no decisions to show yet")
+    reliability = read_reliability(run.root)  # a bad file stops here, before anything is written
     sheets = _chosen(decisions, classes)
     final = run.root / "report"
     build = run.root / f".report.tmp-{os.getpid()}"
@@ -237,13 +339,18 @@ def build_report(run: RunDir) -> Path:
     thumbnails = _thumbnails(run, wanted, build)
     parts = [f"<h1>mlgen run {html.escape(run.root.name)}</h1>"]
     parts += _generated(run)
+    parts.append(_reliability_section(reliability))
+    gated = {row["label"] for row in reliability["labels"] if row["gated"]} if reliability else set()
     for index, label in enumerate(classes):
         asked = [row for row in decisions if label in row["labels"]]
         kept = [row["scores"][index] for row in asked if row["kept"]]
         dropped = [row["scores"][index] for row in asked if not row["kept"]]
         _histogram(kept, dropped, build / f"hist_{index:03d}.png")
+        parts.append(f"<h2>{html.escape(label)}</h2>")
+        if label in gated:
+            parts.append(f"<p class='gated'>{html.escape(gated_note(reliability['cutoff']))}</p>")
         parts.append(
-            f"<h2>{html.escape(label)}</h2><p>{len(asked)} images asked for it: {len(kept)} kept, "
+            f"<p>{len(asked)} images asked for it: {len(kept)} kept, "
             f"{len(dropped)} dropped</p><img src='hist_{index:03d}.png' alt='scores'>"
         )
         for side in ("kept", "dropped"):

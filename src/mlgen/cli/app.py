@@ -280,12 +280,17 @@ def filter_(
 
 @app.command()
 def report(run: RunOpt = DEFAULT_RUN) -> None:
-    """Write RUN/report/index.html: per label, contact sheets of kept and dropped images, scores, counts."""
+    """Write RUN/report/index.html (per label: contact sheets of kept and dropped images, scores, counts, the
+    teacher's reliability) and print the reliability table."""
     run_dir = _existing_run(run)
     run_dir.require("filtered")  # before the report's imports load torch and CLIP
-    from mlgen.report import build_report
+    from rich.console import Console
 
-    typer.echo(f"report: {build_report(run_dir)}")
+    from mlgen.report import build_report, read_reliability, reliability_summary
+
+    page = build_report(run_dir)
+    Console(highlight=False, soft_wrap=True).print(*reliability_summary(read_reliability(run_dir.root)), sep="\n")
+    typer.echo(f"report: {page}")
 
 
 @app.command("train-classifier")
