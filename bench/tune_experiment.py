@@ -7,10 +7,12 @@ rendered or read here. Prints one table per question and the candidate each choo
 
 - the shared head's optimizer and learning rate, and augmentation (arm ``mlgen``; ``oracle`` as a check);
 - the paper arm's SGD learning rate (arm ``paper``: DualCoOp shared context + fusion);
-- soft targets (arm ``mlgen`` with ``--soft-targets W``: its non-training labels on W x the teacher's probability).
+- soft targets (arm ``mlgen`` with ``--soft-targets W``: its non-training labels on W x the teacher's probability);
+- the filter's default (arm ``mlgen`` on the seed's images filtered again with each candidate: rule, gate, best
+  name, fallback, competitors; ``no filter`` as the reference the default must not fall below).
 
 Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--llm template] [--out DIR]
-       [--questions head,paper,soft]
+       [--questions head,paper,soft,filter]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from mlgen.experiment.arms import BY_NAME
 from mlgen.experiment.cells import Context, _stage_class, classifier_config
 from mlgen.experiment.data import resolve
 from mlgen.experiment.runner import DEFAULT_CLASSIFIER
-from mlgen.experiment.runs import prepare
+from mlgen.experiment.runs import filtered_variant, prepare
 from mlgen.pipeline.runner import run_stage
 
 HEAD = {  # name -> changes to the shared head (mlgen's linear head started from random weights)
@@ -38,6 +40,18 @@ HEAD = {  # name -> changes to the shared head (mlgen's linear head started from
     "sgd 0.02, no augment": dict(optimizer="sgd", lr=0.02, augment=False),
 }
 PAPER_LR = (0.002, 0.02, 0.2)
+FILTER = {  # name -> changes to the default filter (the seed's mlgen images filtered again); None: no filter
+    "exact, bare (COCO script)": {"rule": "exact", "text": "bare", "gate": 0.0, "min_keep": 0.0},
+    "topk (NUS-WIDE script)": {"rule": "topk", "gate": 0.0, "min_keep": 0.0},
+    "exact, gate 0.6": {"rule": "exact", "gate": 0.6, "min_keep": 0.0},
+    "exact, gate 0.75": {"rule": "exact", "gate": 0.75, "min_keep": 0.0},
+    "exact, best name": {"rule": "exact", "text": "best", "gate": 0.0, "min_keep": 0.0},
+    "exact, min-keep 0.5": {"rule": "exact", "gate": 0.0, "min_keep": 0.5},
+    "exact, seen labels compete": {"rule": "exact", "gate": 0.0, "min_keep": 0.0, "competitors": "seen"},
+    "topk, gate 0.75": {"rule": "topk", "gate": 0.75, "min_keep": 0.0},
+    "topk, gate 0.75, min-keep 0.5": {"rule": "topk", "gate": 0.75, "min_keep": 0.5},
+    "no filter": None,
+}
 SOFT_TARGETS = (0.0, 0.25, 0.5)  # 0: hard targets (the default); 0.5: He et al. 2023's mix
 
 
@@ -52,10 +66,24 @@ def val_score(ctx: Context, seed: int, arm: str, changes: dict, tag: str) -> flo
     return max(entry["mAP"] for entry in metrics["validation"])
 
 
+def filter_val_score(ctx: Context, seed: int, changes: dict | None, tag: str) -> float:
+    """mlgen's best validation mAP on the seed's images filtered with ``changes`` (None: every raw image)."""
+    if changes is None:
+        return val_score(ctx, seed, "no-filter", {}, tag)
+    run = filtered_variant(ctx.root, ctx.config, ctx.setup, seed, f"tune-{tag}", changes)
+    stage = _stage_class("classifier")(run, classifier_config(ctx, seed, BY_NAME["mlgen"]))
+    run_stage(stage)
+    metrics = json.loads((stage.folder / "metrics.json").read_text(encoding="utf-8"))
+    return max(entry["mAP"] for entry in metrics["validation"])
+
+
 def choose(ctx: Context, seeds: int, arm: str, candidates: dict[str, dict], question: str) -> str:
     rows = {}
     for index, (name, changes) in enumerate(candidates.items()):  # a folder per question and candidate
-        rows[name] = [val_score(ctx, seed, arm, changes, f"{question}{index}") for seed in range(seeds)]
+        if question == "filter":
+            rows[name] = [filter_val_score(ctx, seed, changes, f"{question}{index}") for seed in range(seeds)]
+        else:
+            rows[name] = [val_score(ctx, seed, arm, changes, f"{question}{index}") for seed in range(seeds)]
     print(f"\n| {arm}: candidate | val mAP (mean over {seeds} seeds) | per seed |\n|---|---|---|")
     for name, scores in rows.items():
         print(f"| {name} | {statistics.fmean(scores):.3f} | {', '.join(f'{s:.3f}' for s in scores)} |")
@@ -71,7 +99,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--llm", default="template", help="template (fast) or smollm2 (the experiment's)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
-    parser.add_argument("--questions", default="head,paper", help="head (the shared head), paper (its SGD lr), soft")
+    parser.add_argument("--questions", default="head,paper", help="head, paper, soft, filter")
     args = parser.parse_args()
     import torch
 
@@ -84,6 +112,8 @@ def main() -> None:
             choose(ctx, args.seeds, "mlgen", HEAD, "head")
         if "paper" in args.questions:
             choose(ctx, args.seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR}, "paper")
+        if "filter" in args.questions:
+            choose(ctx, args.seeds, "mlgen", FILTER, "filter")
         if "soft" in args.questions:
             choose(ctx, args.seeds, "mlgen", {f"soft targets {w}": dict(soft_targets=w) for w in SOFT_TARGETS}, "soft")
 

@@ -81,6 +81,18 @@ ARMS: tuple[Arm, ...] = (
         "filter probability instead of 0",
         soft_targets=0.5,
     ),
+    Arm(
+        "paper-filter",
+        "stage",
+        "paper-filter",
+        "mlgen's images under the COCO script's filter: bare names, exact set, no gate, no fallback",
+    ),
+    Arm("filter-topk", "stage", "filter-topk", "the NUS-WIDE rule: requested labels in the top-k, extras added"),
+    Arm("filter-gated", "stage", "filter-gated", "labels whose teacher AUROC is below 0.75 are not filtered on"),
+    Arm("filter-best", "stage", "filter-best", "each label read by its most reliable name (label or synonym)"),
+    Arm("fallback", "stage", "fallback", "every label keeps at least half its images, its most confident first"),
+    Arm("all-labels", "stage", "all-labels", "the seen labels compete in the filter's grouping softmax"),
+    Arm("+aliases", "stage", "aliases", "the default filter given the world's aliases (heart: love symbol, ...)"),
     Arm("+finetune", "stage", "finetune", "mlgen with the text encoder fine-tuned first"),
     Arm(
         "mlgen-uncached",

@@ -9,10 +9,12 @@ The seed's runs share one feature cache (``runs/SEED/cache``): the seen images a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlgen import workflow
 from mlgen.config import (
@@ -122,7 +124,53 @@ def generated_run(root: Path, config: ExperimentConfig, setup: Setup, seed: int,
     workflow.generate(run, generate, prompts_config(config, setup, kind))
     # Inline decoding: a decoding process costs more to start than a few hundred small images take to decode,
     # and a worker process of `--workers` forking its own decoders took 20 s per filter (measured).
-    workflow.filter_images(run, FilterConfig(clip=setup.clip, workers=0))
+    workflow.filter_images(run, filter_config(setup, run))
+    return run
+
+
+# The filter variants: each re-filters the seed's mlgen images (raw shards and cached embeddings linked, never
+# regenerated) with the default filter changed as written; ``files`` options name a file the run writes.
+FILTERS: dict[str, dict[str, Any]] = {
+    "paper-filter": {"rule": "exact", "text": "bare", "gate": 0.0, "min_keep": 0.0},  # the COCO script's filter
+    "filter-topk": {"rule": "topk"},
+    "filter-gated": {"gate": 0.75},
+    "filter-best": {"text": "best"},
+    "fallback": {"min_keep": 0.5},
+    "all-labels": {"competitors": "seen"},  # the seen labels compete in every grouping softmax
+    "aliases": {"label_aliases": "world"},  # the world's aliases, as a user who knows them would give them
+}
+
+
+def filter_config(setup: Setup, run: RunDir, changes: dict[str, Any] | None = None) -> FilterConfig:
+    """The experiment's filter (the user's default) with ``changes``; ``competitors: seen`` and
+    ``label_aliases: world`` become files in ``run`` (the seen labels; the world's aliases of the unseen ones)."""
+    changes = dict(changes or {})
+    if changes.get("competitors") == "seen":
+        path = run.root / "competitors.txt"
+        path.write_text("".join(f"{label}\n" for label in setup.seen), encoding="utf-8")
+        changes["competitors"] = str(path)
+    if changes.get("label_aliases") == "world":
+        from mlgen.world.train_clip import RARE_ALIASES
+
+        path = run.root / "aliases.txt"
+        path.write_text("".join(f"{k}: {v}\n" for k, v in RARE_ALIASES.items() if k in setup.unseen), "utf-8")
+        changes["label_aliases"] = str(path)
+    return dataclasses.replace(FilterConfig(clip=setup.clip, workers=0), **changes)
+
+
+def filtered_variant(
+    root: Path, config: ExperimentConfig, setup: Setup, seed: int, name: str, changes: dict[str, Any]
+) -> RunDir:
+    """``runs/SEED/NAME``: the seed's mlgen images filtered with ``changes`` to the default filter."""
+    base = generated_run(root, config, setup, seed, "mlgen")
+    run = seed_run(root, seed, name)
+    run.write_classes(setup.unseen)
+    for linked in ("prompts", "raw", "cache/clip-embeddings"):
+        link = run.root / linked
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(os.path.relpath(base.root / linked, link.parent), link)
+    workflow.filter_images(run, filter_config(setup, run, changes))
     return run
 
 
@@ -152,6 +200,8 @@ def real_run(root: Path, config: ExperimentConfig, setup: Setup, seed: int, name
 
 
 def prepare(root: Path, config: ExperimentConfig, setup: Setup, seed: int, name: str) -> RunDir:
+    if name in FILTERS:
+        return filtered_variant(root, config, setup, seed, name, FILTERS[name])
     if name in PROMPTS:
         return generated_run(root, config, setup, seed, name)
     return real_run(root, config, setup, seed, name)
