@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import tempfile
 from pathlib import Path
 
 from mlgen.config import ExperimentConfig
+from mlgen.errors import MlgenError
 from mlgen.experiment.arms import BY_NAME
 from mlgen.experiment.cells import Context, _stage_class, classifier_config
 from mlgen.experiment.data import resolve
@@ -72,7 +74,11 @@ def filter_val_score(ctx: Context, seed: int, changes: dict | None, tag: str) ->
         return val_score(ctx, seed, "no-filter", {}, tag)
     run = filtered_variant(ctx.root, ctx.config, ctx.setup, seed, f"tune-{tag}", changes)
     stage = _stage_class("classifier")(run, classifier_config(ctx, seed, BY_NAME["mlgen"]))
-    run_stage(stage)
+    try:
+        run_stage(stage)
+    except MlgenError as err:  # e.g. a filter that kept nothing: the candidate fails, the others go on
+        print(f"{tag}, seed {seed}: {err}")
+        return math.nan
     metrics = json.loads((stage.folder / "metrics.json").read_text(encoding="utf-8"))
     return max(entry["mAP"] for entry in metrics["validation"])
 
@@ -87,7 +93,9 @@ def choose(ctx: Context, seeds: int, arm: str, candidates: dict[str, dict], ques
     print(f"\n| {arm}: candidate | val mAP (mean over {seeds} seeds) | per seed |\n|---|---|---|")
     for name, scores in rows.items():
         print(f"| {name} | {statistics.fmean(scores):.3f} | {', '.join(f'{s:.3f}' for s in scores)} |")
-    best = max(rows, key=lambda name: statistics.fmean(rows[name]))
+    best = max(
+        rows, key=lambda name: -math.inf if math.isnan(statistics.fmean(rows[name])) else statistics.fmean(rows[name])
+    )
     print(f"chosen on validation: {best}")
     return best
 
