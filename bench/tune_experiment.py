@@ -53,6 +53,8 @@ FILTER = {  # name -> changes to the default filter (the seed's mlgen images fil
     "topk, gate 0.75": {"rule": "topk", "gate": 0.75, "min_keep": 0.0},
     "topk, gate 0.75, min-keep 0.5": {"rule": "topk", "gate": 0.75, "min_keep": 0.5},
     "no filter": None,
+    "exact, gate 0.75, min-keep 0.5": {"rule": "exact", "gate": 0.75, "min_keep": 0.5},
+    "exact, gate 0.9": {"rule": "exact", "gate": 0.9, "min_keep": 0.0},
 }
 SOFT_TARGETS = (0.0, 0.25, 0.5)  # 0: hard targets (the default); 0.5: He et al. 2023's mix
 

@@ -133,9 +133,9 @@ def generated_run(root: Path, config: ExperimentConfig, setup: Setup, seed: int,
 FILTERS: dict[str, dict[str, Any]] = {
     "paper-filter": {"rule": "exact", "text": "bare", "gate": 0.0, "min_keep": 0.0},  # the COCO script's filter
     "filter-topk": {"rule": "topk"},
-    "filter-gated": {"gate": 0.75},
+    "no-gate": {"gate": 0.0},
+    "no-fallback": {"min_keep": 0.0},
     "filter-best": {"text": "best"},
-    "fallback": {"min_keep": 0.5},
     "all-labels": {"competitors": "seen"},  # the seen labels compete in every grouping softmax
     "aliases": {"label_aliases": "world"},  # the world's aliases, as a user who knows them would give them
 }
