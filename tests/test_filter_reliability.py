@@ -17,6 +17,7 @@ from mlgen.filters.decide import auroc, auto_topk, fallback, topk_keep
 
 SHAPES = ("circle", "triangle", "star", "heart")  # the toy teacher never read "star" nor "heart" in its captions
 CLIP = "toy-headroom"
+RULE_ONLY = ["--gate", "0", "--min-keep", "0"]  # the COCO rule alone; each test turns on what it tests
 ALIASES = "heart: love symbol\nstar: sparkle\n"  # the names its captions used instead
 
 
@@ -77,7 +78,7 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "aliases.txt").write_text(ALIASES, encoding="utf-8")
     run = root / "run"
     generate = ["generate", "--classes", root / "classes.txt", "--model", "toy-headroom", "--llm", "template"]
-    for args in ([*generate, "--steps", "10", "--images-per-prompt", "12"], ["filter", "--clip", "toy-headroom"]):
+    for args in ([*generate, "--steps", "10", "--images-per-prompt", "12"], ["filter", "--clip", CLIP, *RULE_ONLY]):
         done = mlgen(*args, "--run", run)
         assert done.returncode == 0, done.stderr
     return run
@@ -85,7 +86,7 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def rescore(run: Path, *args):
     """The filter decided again from the cached embeddings, with other options."""
-    return mlgen("filter", "--run", run, "--clip", CLIP, "--rescore", *args)
+    return mlgen("filter", "--run", run, "--clip", CLIP, "--rescore", *RULE_ONLY, *args)  # the last value counts
 
 
 def reliability(run: Path) -> dict[str, dict]:
@@ -108,7 +109,7 @@ def test_reliability_ranks_the_names_the_teacher_never_read_lowest(toy_run: Path
     for entry in labels.values():
         assert entry["generated"] > 0 and 0 <= entry["kept"] <= entry["generated"]
         assert entry["kept_share"] == pytest.approx(entry["kept"] / entry["generated"], abs=1e-4)
-        assert not entry["gated"] and entry["fallback"] == 0  # both off by default
+        assert not entry["gated"] and entry["fallback"] == 0  # both off in this run
 
 
 def test_aliases_raise_the_auroc_of_the_labels_the_teacher_knows_by_another_name(toy_run: Path, tmp_path) -> None:

@@ -16,13 +16,18 @@ from mlgen.config import FilterConfig
 from mlgen.filters.stage import FilterStage
 from mlgen.pipeline.rundir import RunDir
 
+# The rule alone: the tiny CLIP's random weights read no label (AUROC about 0.5), so the default gate would keep
+# every image, and the fallback would refill what dedup drops.
+NO_GATE = {"gate": 0.0, "min_keep": 0.0}
+RULE_ONLY = ["--gate", "0", "--min-keep", "0"]
+
 
 @pytest.fixture(scope="module")
 def filtered_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("rescore")
     (root / "classes.txt").write_text("zebra\nkite\nsurfboard\n", encoding="utf-8")
     run = root / "run"
-    for args in (["generate", "--classes", root / "classes.txt", *FAST_GENERATE], ["filter"]):
+    for args in (["generate", "--classes", root / "classes.txt", *FAST_GENERATE], ["filter", *RULE_ONLY]):
         done = mlgen(*args, "--run", run)
         assert done.returncode == 0, done.stderr
     return run
@@ -57,9 +62,9 @@ def test_rescore_decides_again_without_the_image_encoder(filtered_run: Path, mon
     monkeypatch.setattr(FilterStage, "embed_shard", no_encoder)
     monkeypatch.setattr("mlgen.filters.stage.load_open_clip", no_clip)
     run = RunDir(filtered_run)
-    workflow.filter_images(run, FilterConfig(clip="tiny"), rescore=True)  # same settings: same decisions
+    workflow.filter_images(run, FilterConfig(clip="tiny", **NO_GATE), rescore=True)  # same settings: same decisions
     assert decisions(filtered_run) == before
-    workflow.filter_images(run, FilterConfig(clip="tiny", threshold=0.0), rescore=True)
+    workflow.filter_images(run, FilterConfig(clip="tiny", threshold=0.0, **NO_GATE), rescore=True)
     lenient = decisions(filtered_run)
     assert [r["key"] for r in lenient] == [r["key"] for r in before]
     assert sum(r["kept"] for r in lenient) >= sum(r["kept"] for r in before)
@@ -81,12 +86,12 @@ def test_dedup_drops_near_duplicates_within_a_label_set(tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("circle\nsquare\n", encoding="utf-8")
     run = tmp_path / "run"
     generate = ["generate", "--classes", tmp_path / "classes.txt", "--model", "toy", "--llm", "template"]
-    for args in ([*generate, "--steps", "10", "--images-per-prompt", "6"], ["filter", "--clip", "toy"]):
+    for args in ([*generate, "--steps", "10", "--images-per-prompt", "6"], ["filter", "--clip", "toy", *RULE_ONLY]):
         done = mlgen(*args, "--run", run)
         assert done.returncode == 0, done.stderr
     lenient = kept_per_set_and_shard(run)
     assert max(lenient.values(), default=0) >= 2, lenient  # something for dedup to drop
-    workflow.filter_images(RunDir(run), FilterConfig(clip="toy", dedup=1e-6), rescore=True)
+    workflow.filter_images(RunDir(run), FilterConfig(clip="toy", dedup=1e-6, **NO_GATE), rescore=True)
     deduped = kept_per_set_and_shard(run)  # every positive cosine counts: one image per set and shard stays
     assert deduped == Counter(dict.fromkeys(lenient, 1))
     reasons = {r["reason"] for r in decisions(run) if not r["kept"]}
@@ -100,7 +105,7 @@ def test_rescore_with_another_text_side(filtered_run: Path, text: str, monkeypat
     before = decisions(filtered_run)
     synonyms = pq.read_table(filtered_run / "prompts" / "synonyms.parquet").to_pylist()  # generate ran prompts
     assert [(r["label"], r["synonym"]) for r in synonyms] == [(c, c) for c in ("zebra", "kite", "surfboard")]
-    workflow.filter_images(run, FilterConfig(clip="tiny", text=text), rescore=True)
+    workflow.filter_images(run, FilterConfig(clip="tiny", text=text, **NO_GATE), rescore=True)
     after = decisions(filtered_run)
     assert [r["key"] for r in after] == [r["key"] for r in before]
     if text == "ensemble":
@@ -109,7 +114,7 @@ def test_rescore_with_another_text_side(filtered_run: Path, text: str, monkeypat
         for old, new in zip(before, after, strict=True):
             assert new["scores"] == pytest.approx(old["scores"], abs=1e-4) and new["kept"] == old["kept"]
     assert all(r["kept"] == (r["reason"] == "") for r in after)
-    workflow.filter_images(run, FilterConfig(clip="tiny"), rescore=True)
+    workflow.filter_images(run, FilterConfig(clip="tiny", **NO_GATE), rescore=True)
 
 
 def test_dedup_rule_compares_within_a_label_set_and_shard_only() -> None:
