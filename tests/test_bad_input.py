@@ -318,7 +318,7 @@ def finished_outcomes(
         "classes-changed": Job(
             other_classes, [["prompts", "--run", RUN, "--classes", "other.txt", "--llm", "template"]]
         ),
-        "corrupt-shard": Job(corrupt, [["filter", "--run", RUN]]),
+        "corrupt-shard": Job(corrupt, [["filter", "--run", RUN, "--gate", "0"]]),
     }
     outcomes = run_all(jobs)
     return {name: (job.folder, outcomes[name]) for name, job in jobs.items()}

@@ -35,7 +35,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
     root = tmp_path_factory.mktemp("classifier-stage")
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n", encoding="utf-8")
     run = root / "run"
-    for args in (["generate", "--classes", root / "classes.txt", *FAST_GENERATE], ["filter", "--threshold", "1"]):
+    keep_none = ["filter", "--threshold", "1", "--gate", "0", "--min-keep", "0"]  # no gate nor fallback to refill
+    for args in (["generate", "--classes", root / "classes.txt", *FAST_GENERATE], keep_none):
         done = mlgen(*args, "--run", run)
         assert done.returncode == 0, done.stderr
     return RunDir(run)

@@ -28,7 +28,7 @@ def finished_run(tmp_path_factory) -> Path:
     for command in (
         ["prompts", "--run", run, "--classes", classes, "--llm", "template"],
         ["generate", "--run", run, "--model", "toy", *FAST_GENERATE, "--steps", "10", "--images-per-prompt", "6"],
-        ["filter", "--run", run, "--clip", "toy"],
+        ["filter", "--run", run, "--clip", "toy", "--gate", "0", "--min-keep", "0"],
         ["train-classifier", "--run", run, "--clip", "toy", "--epochs", "5", "--holdout", "0.5"],
     ):
         result = mlgen(*command)
