@@ -40,6 +40,10 @@ def prompts_command(
     concurrency: Annotated[int | None, _opt("--concurrency", help="openai: requests in flight.")] = None,
     prompts_per_set: Annotated[int | None, _opt("--prompts-per-set", help="Scene prompts per label set.")] = None,
     synonyms: Annotated[int | None, _opt("--synonyms", help="Synonyms per label (S^3 uses them).")] = None,
+    synonym_source: Annotated[
+        str | None,
+        _opt("--synonym-source", help="both (WordNet first, the LLM fills up; default), lexicon (WordNet), or llm."),
+    ] = None,
     prompt_style: Annotated[
         str | None, _opt("--prompt-style", help="mlgen (few-shot, default), paper (Diff-ZS-MLC's dialog), plain.")
     ] = None,
@@ -75,6 +79,7 @@ def prompts_command(
         concurrency=concurrency,
         prompts_per_set=prompts_per_set,
         synonyms_per_label=synonyms,
+        synonym_source=synonym_source,
         prompt_style=prompt_style,
         prompt_template=str(prompt_template) if prompt_template else None,
         set_size=set_size,
