@@ -26,8 +26,10 @@ RULE_ONLY = ["--gate", "0", "--min-keep", "0"]
 def filtered_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("rescore")
     (root / "classes.txt").write_text("zebra\nkite\nsurfboard\n", encoding="utf-8")
+    (root / "no-lexicon.yaml").write_text("prompts:\n  synonym_source: llm\n", encoding="utf-8")  # no LLM: no synonym
     run = root / "run"
-    for args in (["generate", "--classes", root / "classes.txt", *FAST_GENERATE], ["filter", *RULE_ONLY]):
+    generate = ["generate", "--classes", root / "classes.txt", "--config", root / "no-lexicon.yaml", *FAST_GENERATE]
+    for args in (generate, ["filter", *RULE_ONLY]):
         done = mlgen(*args, "--run", run)
         assert done.returncode == 0, done.stderr
     return run

@@ -45,7 +45,10 @@ def test_prompt_tables(finished_run: Path) -> None:
     assert [p["prompt_id"] for p in prompts] == list(range(10))
     assert prompts[1]["text"] == "A photo of a circle next to a square."
     assert all(p["negative_text"] and p["source"] == "template" for p in prompts)
-    assert pq.read_table(finished_run / "prompts" / "synonyms.parquet").num_rows == 4  # each label itself
+    synonyms = pq.read_table(finished_run / "prompts" / "synonyms.parquet").to_pylist()
+    assert [row["synonym"] for row in synonyms if row["source"] == "label"] == CLASSES  # each label itself
+    assert {row["source"] for row in synonyms} <= {"label", "wordnet:synonym", "wordnet:kind"}  # no LLM asked
+    assert ("triangle", "trigon") in {(row["label"], row["synonym"]) for row in synonyms}
 
 
 def test_raw_shards_read_with_webdataset(finished_run: Path) -> None:

@@ -248,6 +248,7 @@ BAD = {
     "label-sets-unknown": (["--label-sets", "s.txt"], "'cat', which is not in the classes file"),
     "style-unknown": (["--prompt-style", "poem"], "prompt_style"),
     "exclude-missing": (["--exclude-pairs", "nope.txt"], "not found"),
+    "synonym-source-unknown": (["--synonym-source", "thesaurus"], "synonym_source"),
 }
 
 

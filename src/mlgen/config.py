@@ -33,6 +33,7 @@ class PromptsConfig:
     llm: str = "smollm2"  # smollm2 (embedded), template (no LLM), a transformers id/folder, vllm:ID, openai:MODEL
     prompts_per_set: int = 10  # the paper's 10 phrases per label set
     synonyms_per_label: int = 5
+    synonym_source: str = "both"  # lexicon (WordNet, offline), llm, or both: the lexicon first, the LLM fills up
     temperature: float = 0.6
     top_p: float = 0.9
     max_new_tokens: int = 60  # per sentence (a `list` instruction asks for prompts_per_set of them at once)
@@ -284,6 +285,7 @@ def validate(config: Any) -> None:
         "dedup_threshold": lambda v: 0 < v <= 1,
         "synonym_threshold": lambda v: -1 <= v <= 1,
         "prompt_style": lambda v: v in ("mlgen", "paper", "plain"),
+        "synonym_source": lambda v: v in ("lexicon", "llm", "both"),
     }
     for name, ok in checks.items():
         if hasattr(config, name) and getattr(config, name) is not None and not ok(getattr(config, name)):

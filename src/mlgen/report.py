@@ -195,13 +195,13 @@ def _prompt_section(root: Path) -> str:
 
 
 def _synonym_words(root: Path) -> dict[str, list[str]]:
-    """label -> its LLM synonyms, from prompts/synonyms.parquet (empty when there is none)."""
+    """label -> its synonyms, each with its source, from prompts/synonyms.parquet (empty when there is none)."""
     path = root / "prompts" / "synonyms.parquet"
     words: dict[str, list[str]] = {}
     if path.is_file():
         for row in pq.read_table(path).to_pylist():
             if row["source"] != "label":
-                words.setdefault(row["label"], []).append(row["synonym"])
+                words.setdefault(row["label"], []).append(f"{row['synonym']} ({row['source']})")
     return words
 
 

@@ -46,6 +46,10 @@ def prompts_command(
             "--label-aliases", help="Your names of labels ('label: alias, alias' lines or YAML); prompts may use them."
         ),
     ] = None,
+    synonym_source: Annotated[
+        str | None,
+        _opt("--synonym-source", help="both (WordNet first, the LLM fills up; default), lexicon (WordNet), or llm."),
+    ] = None,
     prompt_style: Annotated[
         str | None, _opt("--prompt-style", help="mlgen (few-shot, default), paper (Diff-ZS-MLC's dialog), plain.")
     ] = None,
@@ -84,6 +88,7 @@ def prompts_command(
         prompts_per_set=prompts_per_set,
         synonyms_per_label=synonyms,
         label_aliases=alias_setting(aliases),
+        synonym_source=synonym_source,
         prompt_style=prompt_style,
         prompt_template=str(prompt_template) if prompt_template else None,
         set_size=set_size,

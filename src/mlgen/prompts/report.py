@@ -98,6 +98,7 @@ def prompt_report(
         "template_only": figures(template_rows, classes, len(label_sets), embedder),
         "synonyms": {
             "per_label": {label: len(words) for label, words in synonym_file.get("synonyms", {}).items()},
+            "sources": dict(Counter(s for sources in synonym_file.get("sources", {}).values() for s in sources)),
             "rejected": synonym_file.get("rejected", {}),
             "threshold": config.synonym_threshold,
         },

@@ -27,8 +27,9 @@ from mlgen.pipeline.runner import Stage
 from mlgen.prompts.backends import TEMPLATE, Backend, ChatRequest, RequestCache, make_backend, request_seed
 from mlgen.prompts.composer import compose_sets, template_prompt
 from mlgen.prompts.instructions import answer_lines, json_schema, load_instruction, scene_fields
+from mlgen.prompts.lexicon import LEXICON, lexicon_names, wordnet_folder
 from mlgen.prompts.report import prompt_report
-from mlgen.prompts.validate import Embedder, PromptValidator, validate_synonyms
+from mlgen.prompts.validate import Embedder, PromptValidator, clean_synonym, validate_synonyms
 from mlgen.shards.writer import write_parquet_atomic
 
 PART_SCHEMA = pa.schema(
@@ -55,6 +56,7 @@ PROMPTS_SCHEMA = pa.schema(
         ("attempt", pa.int64()),  # the request round that wrote it (-1: the template)
     ]
 )
+# source: label, wordnet:synonym (a lemma of the label's sense), wordnet:kind (a hyponym's), or llm:NAME
 SYNONYMS_SCHEMA = pa.schema([("label", pa.string()), ("synonym", pa.string()), ("source", pa.string())])
 SYNONYM_SAMPLES = 2  # synonym requests per label and round (different seeds); all answers are pooled
 SYNONYM_ROUNDS = 2  # rounds of SYNONYM_SAMPLES requests; round 2 only for the labels still short of --synonyms
@@ -78,6 +80,8 @@ class PromptStage(Stage):
         # Both instructions are read and checked now: a bad template fails before any work.
         self.instruction = load_instruction(config.prompt_style, config.prompt_template)
         self.synonym_instruction = load_instruction("synonyms", allowed=("label", "n"), required="label")
+        if config.synonyms_per_label and config.synonym_source != "llm":
+            wordnet_folder()  # a missing lexicon fails before any work too
         self.backend: Backend | None = None
         self.cache: RequestCache | None = None
         self.embedder: Embedder | None = None
@@ -112,18 +116,35 @@ class PromptStage(Stage):
     # --- synonyms -------------------------------------------------------------------------------
 
     def _synonyms(self) -> dict[str, list[str]]:
-        """The validated synonyms (RUN/prompts/parts/synonyms.json, asked once)."""
+        """The validated synonyms (RUN/prompts/parts/synonyms.json, made once).
+
+        The lexicon's names come first; the LLM is asked only for the labels they leave short of
+        ``synonyms_per_label``, and every candidate goes through the same validation.
+        """
         path = self.folder / "parts" / "synonyms.json"
         if path.is_file():
             return json.loads(path.read_text(encoding="utf-8"))["synonyms"]
+        n, source = self.config.synonyms_per_label, self.config.synonym_source
+        lexicon = lexicon_names(self.classes) if n and source in ("lexicon", "both") else {}
+        raw: dict[str, list[str]] = {label: [] for label in self.classes}
+        origin: dict[str, dict[str, str]] = {label: {} for label in self.classes}  # word -> where it came from
+        for label, names in lexicon.items():
+            for words, kind in ((names.synonyms, "synonym"), (names.kinds, "kind")):
+                raw[label] += words
+                for word in map(clean_synonym, words):
+                    origin[label].setdefault(word, f"{LEXICON}:{kind}")
+        kinds = {label: {clean_synonym(w) for w in names.kinds} for label, names in lexicon.items()}
+        trusted = {label: {clean_synonym(w) for w in names.synonyms} for label, names in lexicon.items()}
+        if self.embedder is None and any(raw.values()):
+            self.embedder = Embedder(self.run_device())  # the meaning checks (loaded with the LLM otherwise)
         rejected: Counter = Counter()
-        synonyms: dict[str, list[str]] = {label: [] for label in self.classes}
+        synonyms = self._validate(raw, kinds, trusted, rejected)
         requests = 0
-        if self.backend is not None and self.cache is not None and self.config.synonyms_per_label:
-            n = self.config.synonyms_per_label
-            raw: dict[str, list[str]] = {label: [] for label in self.classes}
-            short = list(self.classes)
+        if self.backend is not None and self.cache is not None and n and source in ("llm", "both"):
+            short = [label for label in self.classes if len(synonyms[label]) < n]
             for round_ in range(SYNONYM_ROUNDS):  # a small LLM's answers are mostly refused: sample more
+                if not short:
+                    break
                 seeds = range(round_ * SYNONYM_SAMPLES, (round_ + 1) * SYNONYM_SAMPLES)
                 labels = [label for label in short for _ in seeds]
                 asks = [
@@ -138,13 +159,28 @@ class PromptStage(Stage):
                     if answer:
                         raw[label].append(answer)
                 rejected = Counter()  # the counts of the last validation, over every answer so far
-                threshold = self.config.synonym_threshold
-                synonyms = validate_synonyms(raw, n, self.embedder, threshold, rejected, self.aliases)
+                synonyms = self._validate(raw, kinds, trusted, rejected)
                 short = [label for label in self.classes if len(synonyms[label]) < n]
-                if not short:
-                    break
-        write_json_atomic(path, {"synonyms": synonyms, "rejected": dict(rejected), "requests": requests})
+        llm = f"llm:{self.config.llm}"
+        sources = {label: [origin[label].get(word, llm) for word in words] for label, words in synonyms.items()}
+        senses = {label: names.sense.gloss if names.sense else None for label, names in lexicon.items()}
+        write_json_atomic(
+            path,
+            {
+                "synonyms": synonyms,
+                "sources": sources,
+                "senses": senses,
+                "rejected": dict(rejected),
+                "requests": requests,
+            },
+        )
         return synonyms
+
+    def _validate(
+        self, raw: dict[str, list[str]], kinds: dict[str, set[str]], trusted: dict[str, set[str]], rejected: Counter
+    ) -> dict[str, list[str]]:
+        n, threshold = self.config.synonyms_per_label, self.config.synonym_threshold
+        return validate_synonyms(raw, n, self.embedder, threshold, rejected, self.aliases, kinds, trusted)
 
     # --- scene prompts --------------------------------------------------------------------------
 
@@ -252,9 +288,9 @@ class PromptStage(Stage):
         synonym_rows = []
         for label in self.classes:
             synonym_rows.append(dict(label=label, synonym=label, source="label"))
-            synonym_rows += [
-                dict(label=label, synonym=s, source=f"llm:{self.config.llm}") for s in synonym_file["synonyms"][label]
-            ]
+            words = synonym_file["synonyms"][label]
+            sources = synonym_file.get("sources", {}).get(label) or [f"llm:{self.config.llm}"] * len(words)
+            synonym_rows += [dict(label=label, synonym=w, source=s) for w, s in zip(words, sources, strict=True)]
         set_rows = [dict(set_id=i, labels=list(s), method=self.method) for i, s in enumerate(self.label_sets)]
         write_parquet_atomic(self.folder / "label_sets.parquet", set_rows, LABEL_SETS_SCHEMA)
         write_parquet_atomic(self.folder / "prompts.parquet", prompt_rows, PROMPTS_SCHEMA)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from functools import cache
 
 import numpy as np
@@ -192,6 +192,12 @@ def clean_synonym(item: str) -> str:
     return re.sub(r"^(a|an|the)\s+", "", re.sub(r"[^a-z0-9' -]", "", word).strip()).strip()
 
 
+def kind_modifier(name: str, label: str) -> str | None:
+    """The words before ``label`` when ``name`` is words then the label ('mountain' of 'mountain zebra')."""
+    match = re.fullmatch(r"(.+?)[\s-]+" + _term_pattern(label).pattern.removeprefix(r"\b"), name, re.IGNORECASE)
+    return match.group(1) if match else None
+
+
 def validate_synonyms(
     answers: dict[str, list[str]],
     n: int,
@@ -199,6 +205,8 @@ def validate_synonyms(
     threshold: float,
     rejected: Counter,
     aliases: dict[str, list[str]] | None = None,
+    kinds: dict[str, Collection[str]] | None = None,
+    trusted: dict[str, Collection[str]] | None = None,
 ) -> dict[str, list[str]]:
     """Up to ``n`` synonyms per label from the raw comma-separated answers.
 
@@ -208,13 +216,22 @@ def validate_synonyms(
     not another label, another label's user alias (``aliases``) nor another label's synonym, not a repeat, and
     close in meaning: its
     embedding's cosine to the label's is at least ``threshold`` and higher than to any other label.
+    ``kinds[label]``: names a lexicon lists as kinds of the label; such a name may be words then the
+    label ('mountain zebra', 'box kite'), and those words are checked instead. ``trusted[label]``: a
+    lexicon's synonyms of the label's sense, which skip the meaning checks (MiniLM rates true synonyms
+    low: diamond/rhombus 0.22, bench/pew 0.30, hair drier/blow dryer 0.51).
     """
     labels = list(answers)
     candidates: dict[str, list[str]] = {}
     for label in labels:
         seen: list[str] = []
+        known_kinds = (kinds or {}).get(label, ())
         for item in (x for answer in answers[label] for x in re.split(r"[,\n;]", answer)):
             word = clean_synonym(item)
+            # a lexicon's kind named after the label: its own words must be words ('brown' of 'brown bear'),
+            # but for a person's name ("grevy's zebra")
+            modifier = kind_modifier(word, label) if word in known_kinds else None
+            probe = word if modifier is None else " ".join(w for w in modifier.split() if not w.endswith("'s"))
             why = None
             if not word:
                 why = "empty"
@@ -222,9 +239,9 @@ def validate_synonyms(
                 why = "too_long"
             elif _term_pattern(label).fullmatch(word):
                 why = "is_label"
-            elif _term_pattern(label).search(word):  # 'motorcycle ride', 'laptop light': the label plus a word
+            elif _term_pattern(label).search(probe):  # 'motorcycle ride', 'laptop light': the label plus a word
                 why = "contains_label"
-            elif why := word_problem(word, label):
+            elif probe and (why := word_problem(probe, label)):
                 pass
             elif any(
                 _term_pattern(name).fullmatch(word)
@@ -248,7 +265,9 @@ def validate_synonyms(
             sims = embedder(candidates[label]) @ label_vectors.T  # (synonyms, labels)
             kept = []
             for word, row in zip(candidates[label], sims, strict=True):
-                if row[i] < threshold:
+                if word in (trusted or {}).get(label, ()):
+                    kept.append(word)
+                elif row[i] < threshold:
                     rejected["far_in_meaning"] += 1
                 elif len(labels) > 1 and row[i] < np.delete(row, i).max():
                     rejected["closer_to_other"] += 1
