@@ -65,7 +65,7 @@ def test_unreachable_quota_ends_the_run_naming_the_short_labels(tmp_path: Path) 
     (tmp_path / "mlgen.yaml").write_text(
         "run: run\nclasses: unseen.txt\nprompts: {llm: template}\n"
         "generate: {steps: 2, size: 64, shard_size: 8, batch_size: 4}\n"
-        "filter: {threshold: 1.0}\n",  # a filter that keeps nothing: no number of rounds can fill the quota
+        "filter: {threshold: 1.0, gate: 0, min_keep: 0}\n",  # keeps nothing: no number of rounds fills the quota
         encoding="utf-8",
     )
     result = mlgen("run", "--config", "mlgen.yaml", "--quota", "3", "--max-rounds", "1", cwd=tmp_path)
