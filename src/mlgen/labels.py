@@ -35,15 +35,19 @@ def parse_labels(text: str, source: str) -> list[str]:
     return labels
 
 
-def read_labels(path: Path) -> list[str]:
-    """Labels from a UTF-8 text file; any problem is one clear :class:`MlgenError`."""
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's contents; a missing file or bad bytes is one :class:`MlgenError` naming ``what``."""
     if not path.is_file():
-        raise MlgenError(f"classes file not found: {path}")
+        raise MlgenError(f"{what} not found: {path}")
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise MlgenError(f"{path} is not UTF-8 text (byte {err.start})") from None
-    return parse_labels(text, str(path))
+
+
+def read_labels(path: Path, what: str = "classes file") -> list[str]:
+    """Labels from a UTF-8 text file; any problem is one clear :class:`MlgenError`."""
+    return parse_labels(read_text_file(path, what), str(path))
 
 
 def parse_aliases(text: str, source: str, classes: list[str]) -> dict[str, list[str]]:
@@ -93,13 +97,7 @@ def aliases_from_mapping(data: object, source: str, classes: list[str]) -> dict[
 
 def read_aliases(path: Path, classes: list[str]) -> dict[str, list[str]]:
     """User aliases (``--label-aliases FILE``) of ``classes``; any problem is one :class:`MlgenError`."""
-    if not path.is_file():
-        raise MlgenError(f"aliases file not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise MlgenError(f"{path} is not UTF-8 text (byte {err.start})") from None
-    return parse_aliases(text, str(path), classes)
+    return parse_aliases(read_text_file(path, "aliases file"), str(path), classes)
 
 
 def names_of(label: str, *extra: dict[str, list[str]] | None) -> list[str]:

@@ -18,7 +18,7 @@ from mlgen.filters.decide import auto_topk, fallback, topk_keep
 from mlgen.filters.discriminator import detected, grouping_softmax, requested_mask
 from mlgen.filters.loader import decoded_batches, image_of
 from mlgen.filters.text import TextSide
-from mlgen.labels import alias_setting, parse_labels, read_aliases
+from mlgen.labels import alias_setting, read_aliases, read_labels
 from mlgen.models.registry import load_open_clip
 from mlgen.paths import write_atomic, write_json_atomic
 from mlgen.pipeline.ranks import Ranks
@@ -135,9 +135,7 @@ class FilterStage(Stage):
         if not self.config.competitors:
             return []
         path = Path(self.config.competitors)
-        names = parse_labels(path.read_text(encoding="utf-8"), str(path)) if path.is_file() else None
-        if names is None:
-            raise MlgenError(f"competitors file not found: {path}")
+        names = read_labels(path, "competitors file")
         shared = [name for name in names if name in self.class_index]
         if shared:
             raise MlgenError(f"{path}: competitor '{shared[0]}' is one of the run's labels")
