@@ -160,6 +160,17 @@ def test_min_keep_never_leaves_a_label_below_its_share(toy_run: Path, tmp_path) 
     assert all(row["kept"] for row in rows if "fallback" in row["reason"].split(","))
 
 
+def test_a_competitor_can_take_an_image_from_a_label_it_is_not(toy_run: Path, tmp_path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(toy_run, run)
+    (tmp_path / "one.txt").write_text("cross\n", encoding="utf-8")  # heart's same-colour partner, a seen shape
+    done = rescore(run, "--competitors", tmp_path / "one.txt")
+    assert done.returncode == 0, done.stderr
+    assert sum(r["kept"] for r in decisions(run)) < sum(r["kept"] for r in decisions(toy_run))
+    assert any("extra:cross" in r["reason"] and not r["kept"] for r in decisions(run))  # dropped for a competitor
+    assert json.loads((run / "filtered" / "reliability.json").read_text())["competitors"] == ["cross"]
+
+
 def test_topk_rule_trains_on_the_labels_it_adds(toy_run: Path, tmp_path) -> None:
     run = tmp_path / "run"
     shutil.copytree(toy_run, run)

@@ -15,8 +15,8 @@ def normalise_label(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).split()).lower()
 
 
-def parse_labels(text: str, source: str) -> list[str]:
-    """Labels from text, one per line; blank lines and ``#`` comments are ignored."""
+def parse_labels(text: str, source: str, minimum: int = 2) -> list[str]:
+    """Labels from text, one per line; blank lines and ``#`` comments are ignored; at least ``minimum``."""
     labels: list[str] = []
     first_line: dict[str, int] = {}
     for line_number, line in enumerate(text.splitlines(), start=1):
@@ -30,7 +30,7 @@ def parse_labels(text: str, source: str) -> list[str]:
         labels.append(label)
     if not labels:
         raise MlgenError(f"{source} has no labels (blank lines and # comments are ignored)")
-    if len(labels) < 2:
+    if len(labels) < minimum:
         raise MlgenError(f"{source} has one label; a multi-label classifier needs at least two")
     return labels
 
@@ -45,9 +45,9 @@ def read_text_file(path: Path, what: str) -> str:
         raise MlgenError(f"{path} is not UTF-8 text (byte {err.start})") from None
 
 
-def read_labels(path: Path, what: str = "classes file") -> list[str]:
+def read_labels(path: Path, what: str = "classes file", minimum: int = 2) -> list[str]:
     """Labels from a UTF-8 text file; any problem is one clear :class:`MlgenError`."""
-    return parse_labels(read_text_file(path, what), str(path))
+    return parse_labels(read_text_file(path, what), str(path), minimum)
 
 
 def parse_aliases(text: str, source: str, classes: list[str]) -> dict[str, list[str]]:

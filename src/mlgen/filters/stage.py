@@ -135,7 +135,7 @@ class FilterStage(Stage):
         if not self.config.competitors:
             return []
         path = Path(self.config.competitors)
-        names = read_labels(path, "competitors file")
+        names = read_labels(path, "competitors file", minimum=1)  # one competitor is enough
         shared = [name for name in names if name in self.class_index]
         if shared:
             raise MlgenError(f"{path}: competitor '{shared[0]}' is one of the run's labels")
@@ -227,7 +227,6 @@ class FilterStage(Stage):
             kept = (found == asked).all(-1)
         scores = text.teacher_probs()  # gated labels: the teacher's say, never used to decide
         scores[:, active] = probs[:, : int(active.sum())]
-        found = found[:, : int(active.sum())]
         duplicate = self.duplicates(keys, features, kept, text.requested)
         kept &= ~duplicate
         added = fallback(kept, text.requested, scores, self.config.min_keep, ~duplicate)
@@ -259,14 +258,16 @@ class FilterStage(Stage):
         return duplicate
 
     def decision_rows(self, keys, text, active, found, kept, added, duplicate, scores) -> dict[str, dict[str, Any]]:
+        # the columns decided on: the labels not gated, then the competitors (detected, never kept as labels)
         active_labels = [label for label, on in zip(self.classes, active.tolist(), strict=True) if on]
+        active_labels += text.competitor_texts()
         gated = [label for label, off in zip(self.classes, text.gated.tolist(), strict=True) if off]
         rows = {}
         for row, key in enumerate(keys):
             requested = [self.classes[i] for i in text.requested[row].nonzero().flatten().tolist()]
             detected_labels = [active_labels[i] for i in found[row].nonzero().flatten().tolist()]
             training = (
-                requested + [x for x in detected_labels if x not in requested]
+                requested + [x for x in detected_labels if x not in requested and x in self.class_index]
                 if self.config.rule == "topk"
                 else requested
             )
