@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import FAST_GENERATE, mlgen
+from helpers import read_in_chromium
 from mlgen import workflow
 from mlgen.config import FilterConfig
 from mlgen.filters.stage import FilterStage
@@ -154,16 +155,6 @@ def test_a_raw_label_missing_from_classes_is_one_line(filtered_run: Path, tmp_pa
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 # Appended to a copy of the page: after load, record how many images there are and how many failed.
 IMAGE_CHECK = (
     "<script>window.addEventListener('load', () => {const all = [...document.images];"
@@ -175,7 +166,6 @@ IMAGE_CHECK = (
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_report_page_shows_every_image_in_chromium(filtered_run: Path, tmp_path: Path) -> None:
     import re
-    import subprocess
 
     done = mlgen("report", "--run", filtered_run)
     assert done.returncode == 0, done.stderr
@@ -185,24 +175,10 @@ def test_report_page_shows_every_image_in_chromium(filtered_run: Path, tmp_path:
         assert f"<h2>{label}</h2>" in text
     prompts = text[text.index("<h2>Prompts</h2>") :]  # the prompt report: tables like the rest, no JSON dump
     assert "<pre>" not in prompts and "<th>template only (baseline)</th>" in prompts
-    checked = page.with_name("check.html")
-    checked.write_text(text.replace("</body>", IMAGE_CHECK + "</body>"), encoding="utf-8")
-    browser = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run(
-        [*browser, "--virtual-time-budget=10000", "--dump-dom", checked.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    dom, screenshot = read_in_chromium(page, IMAGE_CHECK, tmp_path)
     images = int(re.search(r'data-images="(\d+)"', dom).group(1))
     broken = int(re.search(r'data-broken="(\d+)"', dom).group(1))
     assert images >= 4 and broken == 0, (images, broken)
-    screenshot = tmp_path / "report.png"
-    subprocess.run(
-        [*browser, f"--screenshot={screenshot}", "--window-size=1000,1400", page.as_uri()],
-        capture_output=True,
-        timeout=120,
-    )
     assert screenshot.stat().st_size > 10_000
 
 

@@ -7,13 +7,12 @@ import html
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from conftest import FAST_GENERATE, mlgen
-from test_filter_rescore import CHROMIUM_FLAGS
+from helpers import read_in_chromium
 
 CLASSES = ["zebra", "kite", "hair <drier>"]  # a label with HTML in it: the page must escape it
 
@@ -88,15 +87,7 @@ def test_page_shows_the_reliability_table_in_chromium(run: Path, tmp_path: Path)
     page = run / "report" / "index.html"
     text = page.read_text(encoding="utf-8")
     assert "<b>" not in text.split("<table id='reliability'>")[1].split("</table>")[0]
-    checked = page.with_name("check.html")
-    checked.write_text(text.replace("</body>", READ_TABLE + "</body>"), encoding="utf-8")
-    browser = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run(
-        [*browser, "--virtual-time-budget=10000", "--dump-dom", checked.as_uri()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    dom, screenshot = read_in_chromium(page, READ_TABLE, tmp_path)
     shown = json.loads(html.unescape(re.search(r'data-rows="([^"]*)"', dom).group(1)))
     notes = json.loads(html.unescape(re.search(r'data-notes="([^"]*)"', dom).group(1)))
     data = reliability(run)
@@ -120,12 +111,6 @@ def test_page_shows_the_reliability_table_in_chromium(run: Path, tmp_path: Path)
     # a kept image says why when it was kept by the fallback, not by the rule
     assert sum(row["fallback"] for row in data["labels"]) > 0, "the run must exercise the fallback"
     assert "· kept: fallback" in text
-    screenshot = tmp_path / "report.png"
-    subprocess.run(
-        [*browser, f"--screenshot={screenshot}", "--window-size=1000,1400", page.as_uri()],
-        capture_output=True,
-        timeout=120,
-    )
     assert screenshot.stat().st_size > 10_000
 
 

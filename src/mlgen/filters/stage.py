@@ -15,7 +15,7 @@ import torch
 from mlgen.config import FilterConfig
 from mlgen.errors import MlgenError, ShardFailed
 from mlgen.filters.decide import auto_topk, fallback, topk_keep
-from mlgen.filters.discriminator import detected, grouping_softmax, requested_mask
+from mlgen.filters.discriminator import detected, exact_set_keep, grouping_softmax, requested_mask
 from mlgen.filters.loader import decoded_batches, image_of
 from mlgen.filters.text import TextSide
 from mlgen.labels import alias_setting, read_aliases, read_labels
@@ -224,7 +224,7 @@ class FilterStage(Stage):
             kept, found = topk_keep(probs, asked, k, self.config.extra_threshold)
         else:
             found = detected(probs, asked, self.config.threshold)
-            kept = (found == asked).all(-1)
+            kept = exact_set_keep(probs, asked, self.config.threshold)
         scores = text.teacher_probs()  # gated labels: the teacher's say, never used to decide
         scores[:, active] = probs[:, : int(active.sum())]
         duplicate = self.duplicates(keys, features, kept, text.requested)
