@@ -6,13 +6,15 @@ mAP (the unseen labels on the seed's ``val`` scenes: what checkpoint selection r
 rendered or read here. Prints one table per question and the candidate each chooses.
 
 - the shared head's optimizer and learning rate, and augmentation (arm ``mlgen``; ``oracle`` as a check);
+- the shared head's start: random weights or the teacher's text embeddings, with its learning rate (arm ``mlgen``;
+  ``--init-arms`` adds others, e.g. ``oracle``);
 - the paper arm's SGD learning rate (arm ``paper``: DualCoOp shared context + fusion);
 - soft targets (arm ``mlgen`` with ``--soft-targets W``: its non-training labels on W x the teacher's probability);
 - the filter's default (arm ``mlgen`` on the seed's images filtered again with each candidate: rule, gate, best
   name, fallback, competitors; ``no filter`` as the reference the default must not fall below).
 
 Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--llm template] [--out DIR]
-       [--questions head,paper,soft,filter]
+       [--questions head,init,paper,soft,filter]
 """
 
 from __future__ import annotations
@@ -34,12 +36,25 @@ from mlgen.experiment.runner import DEFAULT_CLASSIFIER
 from mlgen.experiment.runs import filtered_variant, prepare
 from mlgen.pipeline.runner import run_stage
 
-HEAD = {  # name -> changes to the shared head (mlgen's linear head started from random weights)
-    "adamw 1e-3, no augment": dict(optimizer="adamw", lr=1e-3, augment=False),
-    "adamw 3e-3, no augment": dict(optimizer="adamw", lr=3e-3, augment=False),
-    "adamw 1e-3, augment": dict(optimizer="adamw", lr=1e-3, augment=True, augment_views=4),
-    "sgd 0.002 (official), no augment": dict(optimizer="sgd", lr=0.002, augment=False),
-    "sgd 0.02, no augment": dict(optimizer="sgd", lr=0.02, augment=False),
+HEAD = {  # name -> changes to the shared head: the first tuning, of a head started from random weights
+    "adamw 1e-3, no augment": dict(head_init="random", optimizer="adamw", lr=1e-3, augment=False),
+    "adamw 3e-3, no augment": dict(head_init="random", optimizer="adamw", lr=3e-3, augment=False),
+    "adamw 1e-3, augment": dict(head_init="random", optimizer="adamw", lr=1e-3, augment=True, augment_views=4),
+    "sgd 0.002 (official), no augment": dict(head_init="random", optimizer="sgd", lr=0.002, augment=False),
+    "sgd 0.02, no augment": dict(head_init="random", optimizer="sgd", lr=0.02, augment=False),
+}
+INIT = {  # name -> the shared head's start: random (what it knows of the unseen labels comes from the images) or
+    # the teacher's text embeddings of the label names (the untrained head is the teacher's zero-shot classifier)
+    "random init, adamw 1e-3": dict(head_init="random", lr=1e-3),
+    "text init, adamw 1e-3": dict(head_init="text", lr=1e-3),
+    "text init, adamw 3e-4": dict(head_init="text", lr=3e-4),
+    "text init, adamw 1e-4": dict(head_init="text", lr=1e-4),
+    # the cosine head's weights start at unit norm from text but at ~0.02 * sqrt(dim) from random: the same AdamW
+    # step turns a text-started head several times less, so larger rates are candidates too
+    "text init, adamw 3e-3": dict(head_init="text", lr=3e-3),
+    "text init, adamw 1e-2": dict(head_init="text", lr=1e-2),
+    "text init, adamw 3e-2": dict(head_init="text", lr=3e-2),
+    "text init, adamw 1e-1": dict(head_init="text", lr=1e-1),
 }
 PAPER_LR = (0.002, 0.02, 0.2)
 FILTER = {  # name -> changes to the default filter (the seed's mlgen images filtered again); None: no filter
@@ -109,7 +124,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--llm", default="template", help="template (fast) or smollm2 (the experiment's)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
-    parser.add_argument("--questions", default="head,paper", help="head, paper, soft, filter")
+    parser.add_argument("--questions", default="head,paper", help="head, init, paper, soft, filter")
+    parser.add_argument("--init-arms", default="mlgen", help="arms the init question trains (comma-separated)")
     args = parser.parse_args()
     import torch
 
@@ -120,6 +136,9 @@ def main() -> None:
         ctx = Context(root, config, resolve(config), DEFAULT_CLASSIFIER)  # no test set: nothing here scores on it
         if "head" in args.questions:
             choose(ctx, args.seeds, "mlgen", HEAD, "head")
+        if "init" in args.questions:
+            for arm in args.init_arms.split(","):
+                choose(ctx, args.seeds, arm, INIT, f"init-{arm.strip('+')}")
         if "paper" in args.questions:
             choose(ctx, args.seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR}, "paper")
         if "filter" in args.questions:

@@ -21,8 +21,8 @@ TOY = "toy"
 # The demo's unseen labels: four of the toy world's eight shapes (the other four are seen).
 TOY_DEMO_CLASSES = ["circle", "triangle", "star", "heart"]
 DEMO_ARMS = "zero-shot,mlgen,oracle"
-# The demo's classifier is the experiment's shared head (a linear head on the frozen teacher started from random
-# weights, so what it knows it learns from the images; see mlgen.experiment.runner).
+# The demo's classifier is the experiment's shared head (a linear head on the frozen teacher started from its text
+# embeddings of the label names, then trained on the images; see mlgen.experiment.runner).
 
 
 def demo_world() -> str:

@@ -41,13 +41,14 @@ from mlgen.experiment.runs import PROMPTS, shared_prompts
 from mlgen.paths import write_json_atomic
 
 FREE_SETTINGS = ("seeds", "arms", "workers", "splits")  # may change between runs of one experiment
-# The head every trained arm shares (a ``classifier:`` config section overrides it): a linear head started from
-# random weights, so that what it knows of the unseen labels comes from the arm's images alone. Its optimizer,
-# learning rate and augmentation are chosen on validation scenes by bench/tune_experiment.py (README gives the
-# figures). A shared-context DualCoOp cannot be the shared head: its only trainable part is the context, so it
-# cannot learn a label whose NAME the teacher's text tower does not know (the toy teacher's rare shapes); the
-# seen-only and paper arms use it (see arms.py).
-DEFAULT_CLASSIFIER = ClassifierConfig(head_init="random", optimizer="adamw", augment=False)
+# The head every trained arm shares (a ``classifier:`` config section overrides it): a linear head started from the
+# teacher's text embeddings of the label names (untrained, it is the teacher's zero-shot classifier: what a user of
+# `mlgen train-classifier` gets), AdamW at lr 3e-2 without augmentation. The start, the rate and augmentation are
+# chosen on validation scenes by bench/tune_experiment.py (README gives the figures): a text-started cosine head has
+# unit-norm weights, so it needs a larger rate than a random start to turn at all. A shared-context DualCoOp cannot
+# be the shared head: its only trainable part is the context, so it cannot learn a label whose NAME the teacher's
+# text tower does not know (the toy teacher's rare shapes); the seen-only and paper arms use it (see arms.py).
+DEFAULT_CLASSIFIER = ClassifierConfig(head_init="text", optimizer="adamw", lr=3e-2, augment=False)
 
 
 def cell_path(root: Path, seed: int, arm: str) -> Path:
