@@ -70,6 +70,8 @@ FILTER = {  # name -> changes to the default filter (the seed's mlgen images fil
     "no filter": None,
     "exact, gate 0.75, min-keep 0.5": {"rule": "exact", "gate": 0.75, "min_keep": 0.5},
     "exact, gate 0.9": {"rule": "exact", "gate": 0.9, "min_keep": 0.0},
+    "exact, gate 0.75, min-keep 0.5, prototype 0.5": {"rule": "exact", "gate": 0.75, "min_keep": 0.5, "prototype": 0.5},
+    "exact, prototype 0.5, no gate": {"rule": "exact", "gate": 0.0, "min_keep": 0.0, "prototype": 0.5},
 }
 SOFT_TARGETS = (0.0, 0.25, 0.5)  # 0: hard targets (the default); 0.5: He et al. 2023's mix
 

@@ -1,5 +1,5 @@
 """The whole-run filter: the NUS-WIDE top-k rule, the teacher's per-label reliability, the gate, the fallback,
-user aliases, and one error line for each bad input."""
+user aliases, the image prototype, and one error line for each bad input."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from conftest import mlgen
 from mlgen.classifiers.source import shard_samples
-from mlgen.filters.decide import auroc, auto_topk, fallback, topk_keep
+from mlgen.filters.decide import auroc, auto_topk, fallback, prototype_cosines, topk_keep
 
 SHAPES = ("circle", "triangle", "star", "heart")  # the toy teacher never read "star" nor "heart" in its captions
 CLIP = "toy-headroom"
@@ -65,6 +65,29 @@ def test_fallback_refills_an_emptied_label_with_its_most_confident_images() -> N
     added = fallback(kept, requested, probs, min_keep=0.5, usable=usable)
     assert added.tolist() == [False, False, True, True, False, False]  # 0.7 and 0.5: half of label 0's four
     assert not fallback(kept, requested, probs, min_keep=0.0, usable=usable).any()
+
+
+def test_prototype_cosines_leave_each_image_out_of_its_own_labels_prototypes() -> None:
+    generator = torch.Generator().manual_seed(0)
+    unit = torch.nn.functional.normalize(torch.randn(12, 6, generator=generator), dim=-1)
+    columns = torch.nn.functional.normalize(torch.randn(5, 6, generator=generator), dim=-1)
+    requested = torch.rand(12, 5, generator=generator) < 0.4
+    requested[:, 3] = False
+    requested[4, 3] = True  # label 3: one image, no prototype left for it
+    requested[:, 4] = False  # label 4: no image at all
+    requested[[0, 1], 0] = True  # label 0: at least two images
+    weight = 0.3
+    blended = prototype_cosines(unit, columns, requested, weight)
+    for i in range(len(unit)):
+        for c in range(len(columns)):
+            others = [j for j in range(len(unit)) if requested[j, c] and j != i]
+            column = columns[c]
+            if others:
+                prototype = torch.nn.functional.normalize(unit[others].mean(0), dim=0)
+                column = torch.nn.functional.normalize((1 - weight) * columns[c] + weight * prototype, dim=0)
+            assert float(blended[i, c]) == pytest.approx(float(unit[i] @ column), abs=1e-5), (i, c)
+    assert blended[:, 4] == pytest.approx(unit @ columns[4], abs=1e-6)  # the text alone
+    assert prototype_cosines(unit, columns, requested, 0.0) == pytest.approx(unit @ columns.T, abs=1e-6)
 
 
 # --- a real run of the toy world ---------------------------------------------------------------------
@@ -185,6 +208,29 @@ def test_topk_rule_trains_on_the_labels_it_adds(toy_run: Path, tmp_path) -> None
     assert any(len(meta["labels"]) > len(meta["requested"]) for meta in samples)
 
 
+def test_a_prototype_lifts_the_labels_the_teacher_cannot_read_but_the_gate_reads_the_names(
+    toy_run: Path, tmp_path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(toy_run, run)
+    done = rescore(run, "--prototype", "0.5")
+    assert done.returncode == 0, done.stderr
+    before, after = reliability(toy_run), reliability(run)
+    assert json.loads((run / "filtered" / "reliability.json").read_text())["prototype"] == 0.5
+    heart = after["heart"]
+    assert heart["prototype_auroc"] > heart["filter_auroc"] == before["heart"]["filter_auroc"], heart
+    assert all(entry["prototype_auroc"] is None for entry in before.values())  # off: not measured
+    # a cutoff between heart's name and its blend: the gate decides on the name alone, whatever the blend scores
+    cutoff = (heart["filter_auroc"] + heart["prototype_auroc"]) / 2
+    done = rescore(run, "--prototype", "0.5", "--gate", f"{cutoff:.4f}")
+    assert done.returncode == 0, done.stderr
+    gated = reliability(run)
+    assert gated["heart"]["gated"], gated["heart"]
+    for label, entry in gated.items():
+        assert entry["filter_auroc"] == before[label]["filter_auroc"]
+        assert entry["gated"] == (entry["filter_auroc"] < cutoff), entry
+
+
 BAD_INPUTS = [
     (["--label-aliases", "{dir}/malformed.txt"], "not 'label: alias, alias' lines"),
     (["--label-aliases", "{dir}/unknown.txt"], "'zebra' is not one of the labels"),
@@ -192,6 +238,8 @@ BAD_INPUTS = [
     (["--rule", "nus"], "setting 'rule' has an invalid value"),
     (["--gate", "1.5"], "setting 'gate' has an invalid value"),
     (["--min-keep", "-0.1"], "setting 'min_keep' has an invalid value"),
+    (["--prototype", "1.5"], "setting 'prototype' has an invalid value"),
+    (["--prototype", "0.5", "--text", "s3"], "--prototype blends one text embedding per label"),
     (["--competitors", "{dir}/clash-competitors.txt"], "competitor 'star' is one of the run's labels"),
 ]
 

@@ -94,6 +94,9 @@ class FilterConfig:
     background: str | None = None  # a neutral prompt scored as one more competitor (e.g. "a photo")
     label_aliases: str | None = None  # `label: alias, alias` file: more names for the text side
     dedup: float = 0.0  # >0: drop a kept image with cosine > dedup to an earlier kept one of its label set
+    # >0: each label's text column blended with W x its image prototype (the mean embedding of the images asked
+    # for it, leave-one-out); the gate still reads the text alone (README: The filter)
+    prototype: float = 0.0
     batch_size: int = runtime(64)
     workers: int = runtime(2)  # DataLoader processes decoding images while CLIP runs (0: inline)
 
@@ -262,6 +265,7 @@ def validate(config: Any) -> None:
         "extra_threshold": lambda v: 0 <= v <= 1,
         "gate": lambda v: 0 <= v <= 1,
         "min_keep": lambda v: 0 <= v <= 1,
+        "prototype": lambda v: 0 <= v <= 1,
         "rule": lambda v: v in ("exact", "topk"),
         "text": lambda v: v in ("bare", "ensemble", "s3", "best"),
         "holdout": lambda v: 0 <= v < 1,
@@ -292,6 +296,8 @@ def validate(config: Any) -> None:
             raise MlgenError(f"setting '{name}' has an invalid value: {getattr(config, name)!r}")
     if isinstance(config, ClassifierConfig):
         check_soft_targets(config)
+    if isinstance(config, FilterConfig) and config.prototype and config.text == "s3":
+        raise MlgenError("--prototype blends one text embedding per label: use --text bare, ensemble or best, not s3")
 
 
 def check_soft_targets(config: ClassifierConfig) -> None:
@@ -312,8 +318,8 @@ def output_settings(config: Any) -> dict[str, Any]:
     """The settings that shape a stage's output (recorded in its plan)."""
     settings = {}
     for f in dataclasses.fields(config):
-        if f.name == "label_aliases" and getattr(config, f.name) is None:
-            continue  # a run without aliases keeps the settings (and hash) it had before aliases existed
+        if (f.name, getattr(config, f.name)) in (("label_aliases", None), ("prototype", 0.0)):
+            continue  # a run without aliases or prototype keeps the settings (and hash) it had before they existed
         if f.metadata.get("shapes_output", True):
             value = getattr(config, f.name)
             settings[f.name] = (

@@ -254,6 +254,13 @@ def filter_(
         float | None,
         typer.Option(help="Drop near-duplicates: image cosine above this to a kept image of the same label set."),
     ] = None,
+    prototype: Annotated[
+        float | None,
+        typer.Option(
+            help="Blend each label's text with this weight of its image prototype (the mean embedding of the "
+            "images asked for it, leave-one-out); the gate still reads the text alone. 0: off."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -274,6 +281,7 @@ def filter_(
         competitors=str(competitors) if competitors else None,
         background=background,
         label_aliases=str(label_aliases) if label_aliases else None,
+        prototype=prototype,
     )
     _say(workflow.filter_images(RunDir(run), settings, overwrite, rescore), run)
 

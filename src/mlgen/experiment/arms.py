@@ -91,6 +91,12 @@ ARMS: tuple[Arm, ...] = (
     Arm("no-gate", "stage", "no-gate", "the default filter judging every label, however poorly the teacher reads it"),
     Arm("no-fallback", "stage", "no-fallback", "the default filter without the fallback (a label may be emptied)"),
     Arm("filter-best", "stage", "filter-best", "each label read by its most reliable name (label or synonym)"),
+    Arm(
+        "filter-prototype",
+        "stage",
+        "filter-prototype",
+        "the default filter with each label's text blended 0.5 with its images' prototype (leave-one-out)",
+    ),
     Arm("all-labels", "stage", "all-labels", "the seen labels compete in the filter's grouping softmax"),
     Arm("+aliases", "stage", "aliases", "the default filter given the world's aliases (heart: love symbol, ...)"),
     Arm("+finetune", "stage", "finetune", "mlgen with the text encoder fine-tuned first"),

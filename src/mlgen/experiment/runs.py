@@ -136,6 +136,7 @@ FILTERS: dict[str, dict[str, Any]] = {
     "no-gate": {"gate": 0.0},
     "no-fallback": {"min_keep": 0.0},
     "filter-best": {"text": "best"},
+    "filter-prototype": {"prototype": 0.5},  # each label's text blended with its images' prototype
     "all-labels": {"competitors": "seen"},  # the seen labels compete in every grouping softmax
     "aliases": {"label_aliases": "world"},  # the world's aliases, as a user who knows them would give them
 }

@@ -83,3 +83,31 @@ def fallback(kept: Tensor, requested: Tensor, probs: Tensor, min_keep: float, us
         best = candidates[torch.argsort(probs[candidates, label], descending=True, stable=True)[:need]]
         added[best] = True
     return added
+
+
+def prototype_cosines(unit: Tensor, columns: Tensor, requested: Tensor, weight: float) -> Tensor:
+    """[N, C]: cos(u_i, normalise((1 - w) t_c + w normalise(p_ic))) for image embeddings ``unit`` [N, D], each
+    label's unit text column t_c (``columns`` [C, D]) and p_ic the mean embedding of the images requested with
+    label c, LEAVE-ONE-OUT: an image never sees itself in the prototype of a label it asked for. Where no other
+    image asked for c, the text column alone.
+
+    From sums, no loop over images: with m = S_c - [i asked c] u_i (p_ic up to a positive factor),
+    u.v = (1 - w) u.t + w u.m / |m| and |v|^2 = (1 - w)^2 + w^2 + 2 w (1 - w) t.m / |m| (float64: S_c grows
+    with the run, m is a difference of sums).
+    """
+    u = unit.double()
+    t = torch.nn.functional.normalize(columns.double(), dim=-1)
+    asked = requested.to(device=u.device, dtype=torch.float64)
+    sums = asked.T @ u  # [C, D]: S_c
+    own = (u * u).sum(-1, keepdim=True)  # [N, 1]: |u_i|^2
+    image_sum = u @ sums.T  # [N, C]: u_i . S_c
+    image_text = u @ t.T  # [N, C]: u_i . t_c
+    u_m = image_sum - asked * own
+    t_m = (t * sums).sum(-1) - asked * image_text
+    m_norm = ((sums * sums).sum(-1) - 2 * asked * image_sum + asked * own).clamp(min=0).sqrt()
+    others = asked.sum(0) - asked  # [N, C]: the images in i's prototype of c
+    m_norm = torch.where(others > 0, m_norm, torch.ones_like(m_norm))  # no prototype: divided, then discarded
+    blended = ((1 - weight) * image_text + weight * u_m / m_norm) / (
+        ((1 - weight) ** 2 + weight**2 + 2 * weight * (1 - weight) * t_m / m_norm).clamp(min=1e-12).sqrt()
+    )
+    return torch.where(others > 0, blended, image_text).to(unit.dtype)

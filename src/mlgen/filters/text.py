@@ -3,6 +3,8 @@
 A label's names are its own, the prompt stage's synonyms and the user's aliases. Each name's
 reliability is the AUROC of the teacher's cosine to it between the images generated for the label
 and the others: no annotation needed, and a name the teacher cannot read scores near or below 0.5.
+With ``--prototype W`` the scores blend each label's text with its image prototype (leave-one-out), but the
+gate keeps reading the text alone: the blend's own AUROC is recorded apart (``prototype_auroc``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor
 
 from mlgen.errors import MlgenError
-from mlgen.filters.decide import column_aurocs
+from mlgen.filters.decide import column_aurocs, prototype_cosines
 from mlgen.filters.discriminator import grouping_softmax
 from mlgen.filters.s3 import s3_scores
 from mlgen.labels import names_of
@@ -42,10 +44,16 @@ class TextSide:
             for c, names in enumerate(self.names)
         ]
         self.scores = self.scale * self.cosines(unit)
+        # the gate reads the names' own AUROC: a prototype-blended column separates a label's images almost by
+        # construction (images asked for the same label resemble each other), so it cannot say whether to trust it
         self.filter_aurocs = column_aurocs(self.scores, requested)
         self.gated = torch.tensor(
             [a is not None and a < self.config.gate for a in self.filter_aurocs], device=features.device
         )
+        self.prototype_aurocs: list[float | None] = [None] * len(self.classes)
+        if self.config.prototype > 0:
+            self.scores = self.scale * prototype_cosines(unit, self.columns(), requested, self.config.prototype)
+            self.prototype_aurocs = column_aurocs(self.scores, requested)
         others = [self.embeddings[text] for text in self.competitor_texts()]
         self.competitor_count = len(others)
         self.competitor_scores = self.scale * unit @ torch.stack(others).T if others else unit.new_zeros(len(unit), 0)
@@ -110,14 +118,18 @@ class TextSide:
         if self.config.text == "s3":
             spaces = [torch.stack([self.embeddings[n] for n in names]) for names in self.names]
             return s3_scores(unit, spaces)
+        return unit @ self.columns().T
+
+    def columns(self) -> Tensor:
+        """[C, D]: each label's unit text embedding under the bare, ensemble or best side (s3 has none)."""
         if self.config.text == "best":
-            columns = [self.embeddings[self.best_name(c)] for c in range(len(self.classes))]
-        else:
-            columns = [
+            return torch.stack([self.embeddings[self.best_name(c)] for c in range(len(self.classes))])
+        return torch.stack(
+            [
                 self.mean_embedding([t for name in self.own_names(c) for t in self.templated(name)])
                 for c in range(len(self.classes))
             ]
-        return unit @ torch.stack(columns).T
+        )
 
     def best_name(self, c: int) -> str:
         """The name whose score separates the label's images best (the label itself when none can be measured)."""
@@ -157,6 +169,7 @@ class TextSide:
                     "best_name": self.best_name(c),
                     "reliability": _round(max((a for a in aurocs if a is not None), default=None)),
                     "filter_auroc": _round(self.filter_aurocs[c]),
+                    "prototype_auroc": _round(self.prototype_aurocs[c]),
                     "gated": bool(self.gated[c]),
                 }
             )
@@ -166,6 +179,7 @@ class TextSide:
             "rule": self.config.rule,
             "cutoff": self.config.gate or None,
             "min_keep": self.config.min_keep,
+            "prototype": self.config.prototype,
             "competitors": list(self.stage.competitors) + ([self.config.background] if self.config.background else []),
             "labels": labels,
         }
