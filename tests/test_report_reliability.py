@@ -196,3 +196,15 @@ def test_a_malformed_file_is_one_line_and_writes_nothing(run: Path, tmp_path: Pa
     assert done.returncode == 1 and "not a reliability file" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (bad / "report").exists() and not list(bad.glob(".report*"))
+
+
+def test_a_prototype_that_is_not_a_weight_is_one_line_and_writes_nothing(proto_run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(proto_run, bad)
+    shutil.rmtree(bad / "report", ignore_errors=True)
+    path = bad / "filtered" / "reliability.json"
+    path.write_text(json.dumps({**reliability(proto_run), "prototype": "0.5"}), encoding="utf-8")
+    done = mlgen("report", "--run", bad)
+    assert done.returncode == 1 and "prototype '0.5' is not a weight between 0 and 1" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (bad / "report").exists() and not list(bad.glob(".report*"))

@@ -236,7 +236,13 @@ def read_reliability(root: Path) -> dict[str, Any] | None:
     ):
         expected = ", ".join(sorted(RELIABILITY_KEYS | {"gated"}))
         raise MlgenError(f"{path}: not a reliability file (rule, cutoff, and labels with {expected})")
+    if not _is_weight(data.get("prototype", 0.0)):  # absent in a run filtered before --prototype existed
+        raise MlgenError(f"{path}: prototype {data['prototype']!r} is not a weight between 0 and 1")
     return data
+
+
+def _is_weight(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
 
 
 def _prototype(data: dict[str, Any]) -> float:
