@@ -236,7 +236,18 @@ def read_reliability(root: Path) -> dict[str, Any] | None:
     ):
         expected = ", ".join(sorted(RELIABILITY_KEYS | {"gated"}))
         raise MlgenError(f"{path}: not a reliability file (rule, cutoff, and labels with {expected})")
+    if not _is_weight(data.get("prototype", 0.0)):  # absent in a run filtered before --prototype existed
+        raise MlgenError(f"{path}: prototype {data['prototype']!r} is not a weight between 0 and 1")
     return data
+
+
+def _is_weight(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
+
+
+def _prototype(data: dict[str, Any]) -> float:
+    """The filter's prototype weight: 0 when it was off, or for a run filtered before ``--prototype`` existed."""
+    return float(data.get("prototype") or 0.0)
 
 
 def _kept(row: dict[str, Any]) -> str:
@@ -250,6 +261,7 @@ def _settings_line(data: dict[str, Any]) -> str:
         f"rule {data['rule']}, cutoff {cutoff}, min_keep {_cell(data.get('min_keep'))}, "
         f"CLIP {data.get('clip', '-')}, text {data.get('text', '-')}"
     )
+    line += f", prototype {_cell(_prototype(data))}" if _prototype(data) else ""
     return line + (f", competitors {_cell(data['competitors'])}" if data.get("competitors") else "")
 
 
@@ -258,29 +270,42 @@ RELIABILITY_HELP = (
     "others (0.5 is chance); filter AUROC: the same for the text the filter scored with (the gate reads it); "
     "fallback: kept images added back so that no label is emptied."
 )
+PROTOTYPE_HELP = (
+    "prototype AUROC: the same for the text blended with the label's image prototype (weight {weight}), "
+    "the scores the filter decided on."
+)
+
+
+def _help(data: dict[str, Any]) -> str:
+    weight = _prototype(data)
+    return RELIABILITY_HELP + (" " + PROTOTYPE_HELP.format(weight=_cell(weight)) if weight else "")
 
 
 def _reliability_section(data: dict[str, Any] | None) -> str:
     """The teacher's reliability per label: AUROC of every name, the best one, the kept share, fallback, gate."""
     if data is None:
         return f"<h2>Teacher reliability</h2><p>{html.escape(NO_RELIABILITY)}</p>"
-    header = ["label", "AUROC", "best name", "names (AUROC, source)", "filter AUROC", "kept", "fallback", "gated"]
+    blend = _prototype(data) > 0  # a column only when the blend was on: older runs keep their table
+    header = ["label", "AUROC", "best name", "names (AUROC, source)", "filter AUROC"]
+    header += ["prototype AUROC"] * blend + ["kept", "fallback", "gated"]
     rows = []
     for row in data["labels"]:
         names = "; ".join(f"{n['name']} {_cell(n.get('auroc'))} ({n.get('source', '-')})" for n in row["names"])
         cells = [row["label"], row["reliability"], row["best_name"], names, row.get("filter_auroc")]
+        cells += [row.get("prototype_auroc")] * blend
         cells += [_kept(row), row["fallback"], gated_note(data["cutoff"]) if row["gated"] else "no"]
         flag = " class='gated'" if row["gated"] else ""
         rows.append(f"<tr{flag}>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in cells) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in header)
     return (
-        f"<h2>Teacher reliability</h2><p>{html.escape(_settings_line(data))}. {RELIABILITY_HELP}</p>"
+        f"<h2>Teacher reliability</h2><p>{html.escape(_settings_line(data))}. {html.escape(_help(data))}</p>"
         f"<table id='reliability'><tr>{head}</tr>{''.join(rows)}</table>"
     )
 
 
-def _summary_row(row: dict[str, Any]) -> list[str]:
-    figures = [_cell(row["reliability"]), row["best_name"], _cell(row.get("filter_auroc")), _kept(row)]
+def _summary_row(row: dict[str, Any], blend: bool) -> list[str]:
+    figures = [_cell(row["reliability"]), row["best_name"], _cell(row.get("filter_auroc"))]
+    figures += [_cell(row.get("prototype_auroc"))] * blend + [_kept(row)]
     return [row["label"], *figures, str(row["fallback"]), "GATED" if row["gated"] else "no"]
 
 
@@ -291,14 +316,17 @@ def reliability_summary(data: dict[str, Any] | None) -> list[Any]:
 
     if data is None:
         return [Text(NO_RELIABILITY)]
-    rows = [_summary_row(row) for row in data["labels"]]
+    blend = _prototype(data) > 0
+    rows = [_summary_row(row, blend) for row in data["labels"]]
+    headers = ["label", "AUROC", "best name", "filter\nAUROC", *["prototype\nAUROC"] * blend, "kept", "fallback"]
     table = Table()
-    for i, header in enumerate(("label", "AUROC", "best name", "filter\nAUROC", "kept", "fallback", "gated")):
-        # a narrow terminal folds the names (user text), never cuts a figure
-        figure = 0 if i in (0, 2) else max(len(row[i]) for row in rows)
+    for i, header in enumerate([*headers, "gated"]):
+        # a narrow terminal folds the names (user text), never cuts a figure or a word of a figure's header
+        figure = 0 if i in (0, 2) else max(len(word) for word in [*header.split(), *(row[i] for row in rows)])
         table.add_column(header, overflow="fold", min_width=figure or None)
     for row in rows:  # Text(): label names are user text, never rich markup
-        table.add_row(*(Text(c, style="bold red" if c == "GATED" and i == 6 else "") for i, c in enumerate(row)))
+        *figures, gated = row
+        table.add_row(*map(Text, figures), Text(gated, style="bold red" if gated == "GATED" else ""))
     lines = [Text(f"reliability: {_settings_line(data)}"), table]
     if any(row["gated"] for row in data["labels"]):
         lines.append(Text(gated_note(data["cutoff"]).replace("gated", "GATED", 1)))
