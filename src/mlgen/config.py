@@ -156,6 +156,7 @@ class FinetuneConfig:
     guidance: float = 7.5
     grad_steps: int | None = None  # backpropagate through the last K denoising steps only; None = all
     label_aliases: dict[str, list[str]] | None = None  # user aliases: the CLIP loss's text side reads them too
+    best_names: dict[str, str] | None = None  # --names-from: a label's best name in place of its own on that side
     lora_rank: int | None = None  # None: the whole text encoder learns; else LoRA adapters of this rank
     lora_alpha: float | None = None  # None: the rank
     seed: int = 0
@@ -318,8 +319,8 @@ def output_settings(config: Any) -> dict[str, Any]:
     """The settings that shape a stage's output (recorded in its plan)."""
     settings = {}
     for f in dataclasses.fields(config):
-        if (f.name, getattr(config, f.name)) in (("label_aliases", None), ("prototype", 0.0)):
-            continue  # a run without aliases or prototype keeps the settings (and hash) it had before they existed
+        if (f.name, getattr(config, f.name)) in (("label_aliases", None), ("best_names", None), ("prototype", 0.0)):
+            continue  # a run without these keeps the settings (and hash) it had before they existed
         if f.metadata.get("shapes_output", True):
             value = getattr(config, f.name)
             settings[f.name] = (

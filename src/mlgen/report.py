@@ -220,8 +220,11 @@ def gated_note(cutoff: Any) -> str:
 def read_reliability(root: Path) -> dict[str, Any] | None:
     """RUN/filtered/reliability.json, or None for a run filtered before it was written; a bad file is one line."""
     path = root / "filtered" / "reliability.json"
-    if not path.is_file():
-        return None
+    return load_reliability(path) if path.is_file() else None
+
+
+def load_reliability(path: Path) -> dict[str, Any]:
+    """A reliability.json (``filter``'s, or ``finetune --names-from``'s): its contents, or one error line."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:

@@ -65,15 +65,30 @@ def finetune_command(
             "--label-aliases", help="Your names of labels ('label: alias, alias' lines or YAML); the loss reads them."
         ),
     ] = None,
+    names_from: Annotated[
+        Path | None,
+        _opt(
+            "--names-from",
+            help="An earlier filtered run's reliability.json: the loss reads each label by its best name there "
+            "(in place of the label; aliases are still averaged in).",
+        ),
+    ] = None,
     config: Annotated[Path | None, typer.Option("--config", envvar="MLGEN_CONFIG", help="YAML config file.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start again, dropping checkpoints.")] = False,
 ) -> None:
     """Fine-tune the diffusion model's text encoder with the CLIP-score loss (writes RUN/text_encoder/)."""
-    flags = {k: v for k, v in locals().items() if k not in ("run", "config", "overwrite", "label_aliases")}
-    if label_aliases is not None:  # parsed against the run's labels: the prompt stage wrote them
+    files = ("label_aliases", "names_from")  # read below: their parsed contents are the settings
+    flags = {k: v for k, v in locals().items() if k not in ("run", "config", "overwrite", "files", *files)}
+    if label_aliases is not None or names_from is not None:  # parsed against the run's labels (the prompt stage's)
         run_dir = RunDir(run)
         run_dir.require("prompts")
-        flags["label_aliases"] = alias_setting(read_aliases(label_aliases, run_dir.classes()))
+        aliases = read_aliases(label_aliases, run_dir.classes()) if label_aliases is not None else None
+        flags["label_aliases"] = alias_setting(aliases)
+        if names_from is not None:
+            from mlgen.finetune.names import best_name_setting, read_best_names
+
+            best = read_best_names(names_from, run_dir.classes(), aliases)
+            flags["best_names"] = best_name_setting(best) or {}  # {}: every label by its own name, as without
     from mlgen.finetune.stage import finetune
 
     settings = build_config(FinetuneConfig, read_config_file(config).get("finetune"), flags)

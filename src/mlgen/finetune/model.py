@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mlgen.classifiers.losses import asymmetric_loss_probs
 from mlgen.errors import MlgenError
-from mlgen.labels import names_of
+from mlgen.finetune.names import loss_names
 from mlgen.models.registry import diffusers_folder, hub_file, load_open_clip
 
 # LoRA on the attention projections of the CLIP text encoder (as diffusers' LoRA training scripts).
@@ -66,7 +66,7 @@ class Parts:
     clip_size: tuple[int, int]
     clip_mean: Tensor  # [1, 3, 1, 1]
     clip_std: Tensor
-    class_features: Tensor  # [C, D], normalised CLIP text features of the bare class names (and their aliases)
+    class_features: Tensor  # [C, D], normalised CLIP text features of each class's bare names (loss_names)
     logit_scale: Tensor
     device: torch.device
     amp: torch.dtype | None  # autocast dtype, None = full precision
@@ -94,11 +94,13 @@ def load_parts(
     mixed_precision: str,
     gradient_checkpointing: bool,
     aliases: dict[str, list[str]] | None = None,
+    best_names: dict[str, str] | None = None,
 ) -> Parts:
     """Load the diffusion model (text encoder in fp32) and the CLIP discriminator, all but the text encoder frozen.
 
     A class's text feature is :func:`class_text_features` of its name and its ``aliases`` (the user's names, so
-    a label the discriminator knows only by another name is still scored by what it knows)."""
+    a label the discriminator knows only by another name is still scored by what it knows); with ``best_names``
+    (``--names-from``) a label's best name takes its own name's place (:func:`mlgen.finetune.names.loss_names`)."""
     from diffusers import DiffusionPipeline
 
     folder = check_text_encoder(model)
@@ -119,7 +121,9 @@ def load_parts(
 
     cfg = open_clip.get_model_preprocess_cfg(clip_model)
     size = cfg["size"] if isinstance(cfg["size"], (tuple, list)) else (cfg["size"], cfg["size"])
-    class_features = class_text_features(clip_model, clip_tokenizer, [names_of(c, aliases) for c in classes], device)
+    class_features = class_text_features(
+        clip_model, clip_tokenizer, [loss_names(c, best_names, aliases) for c in classes], device
+    )
     return Parts(
         tokenizer=pipe.tokenizer,
         text_encoder=text_encoder,

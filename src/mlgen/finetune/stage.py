@@ -32,6 +32,7 @@ from mlgen.finetune.model import (
     load_parts,
 )
 from mlgen.finetune.model import render as render_images
+from mlgen.finetune.names import best_name_setting, best_names_from_mapping
 from mlgen.finetune.output import remove_stale_output, save_text_encoder
 from mlgen.generate.diffusion import sample_seed
 from mlgen.generate.draw import LABEL_DRAW, draw_label_set
@@ -77,9 +78,12 @@ class FinetuneStage(Stage):
 
     def __init__(self, run: RunDir, config: FinetuneConfig) -> None:
         self.classes = run.classes()
-        # The aliases are checked against the labels (a config file's setting too) and recorded normalised.
+        # The aliases and best names are checked against the labels (a config file's settings too) and recorded
+        # normalised: the names the loss reads are the setting, not the file they came from.
         self.aliases = aliases_from_mapping(config.label_aliases, "setting 'label_aliases'", self.classes)
-        super().__init__(run, dataclasses.replace(config, label_aliases=alias_setting(self.aliases)))
+        self.best_names = best_names_from_mapping(config.best_names, "setting 'best_names'", self.classes, self.aliases)
+        normalised = {"label_aliases": alias_setting(self.aliases), "best_names": best_name_setting(self.best_names)}
+        super().__init__(run, dataclasses.replace(config, **normalised))
         self.checkpoints = self.folder / "checkpoints"
 
     def settings(self) -> dict[str, Any]:
@@ -104,7 +108,14 @@ class FinetuneStage(Stage):
             )
         self.rows = self.prompts()
         self.parts = load_parts(
-            c.model, c.clip, self.classes, ranks.device, c.mixed_precision, c.gradient_checkpointing, self.aliases
+            c.model,
+            c.clip,
+            self.classes,
+            ranks.device,
+            c.mixed_precision,
+            c.gradient_checkpointing,
+            self.aliases,
+            self.best_names,
         )
         if c.lora_rank:
             self.parts.text_encoder = add_lora(self.parts.text_encoder, c.lora_rank, c.lora_alpha, c.seed)
