@@ -8,13 +8,14 @@ rendered or read here. Prints one table per question and the candidate each choo
 - the shared head's optimizer and learning rate, and augmentation (arm ``mlgen``; ``oracle`` as a check);
 - the shared head's start: random weights or the teacher's text embeddings, with its learning rate (arm ``mlgen``;
   ``--init-arms`` adds others, e.g. ``oracle``);
+- the label sets: the LLM's pairs (arm ``mlgen``) or one label per image (arm ``singletons``);
 - the paper arm's SGD learning rate (arm ``paper``: DualCoOp shared context + fusion);
 - soft targets (arm ``mlgen`` with ``--soft-targets W``: its non-training labels on W x the teacher's probability);
 - the filter's default (arm ``mlgen`` on the seed's images filtered again with each candidate: rule, gate, best
   name, fallback, competitors; ``no filter`` as the reference the default must not fall below).
 
 Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--llm template] [--out DIR]
-       [--questions head,init,paper,soft,filter]
+       [--questions head,init,sets,paper,soft,filter]
 """
 
 from __future__ import annotations
@@ -119,6 +120,20 @@ def choose(ctx: Context, seeds: int, arm: str, candidates: dict[str, dict], ques
     return best
 
 
+def choose_arms(ctx: Context, seeds: int, candidates: dict[str, tuple[str, dict]]) -> str:
+    """Like :func:`choose`, but each candidate is a whole arm (its own generation) with changes to its head."""
+    rows = {
+        name: [val_score(ctx, s, arm, changes, "sets") for s in range(seeds)]
+        for name, (arm, changes) in candidates.items()
+    }
+    print(f"\n| candidate | val mAP (mean over {seeds} seeds) | per seed |\n|---|---|---|")
+    for name, scores in rows.items():
+        print(f"| {name} | {statistics.fmean(scores):.3f} | {', '.join(f'{s:.3f}' for s in scores)} |")
+    best = max(rows, key=lambda name: statistics.fmean(rows[name]))
+    print(f"chosen on validation: {best}")
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", default="toy")
@@ -126,7 +141,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--llm", default="template", help="template (fast) or smollm2 (the experiment's)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
-    parser.add_argument("--questions", default="head,paper", help="head, init, paper, soft, filter")
+    parser.add_argument("--questions", default="head,paper", help="head, init, sets, paper, soft, filter")
     parser.add_argument("--init-arms", default="mlgen", help="arms the init question trains (comma-separated)")
     args = parser.parse_args()
     import torch
@@ -141,6 +156,9 @@ def main() -> None:
         if "init" in args.questions:
             for arm in args.init_arms.split(","):
                 choose(ctx, args.seeds, arm, INIT, f"init-{arm.strip('+')}")
+        if "sets" in args.questions:  # label sets of the LLM's pairs (the paper) or one label per image
+            sets = {"pairs (mlgen)": ("mlgen", {}), "one label per image (singletons)": ("singletons", {})}
+            choose_arms(ctx, args.seeds, sets)
         if "paper" in args.questions:
             choose(ctx, args.seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR}, "paper")
         if "filter" in args.questions:
