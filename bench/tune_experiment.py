@@ -110,14 +110,7 @@ def choose(ctx: Context, seeds: int, arm: str, candidates: dict[str, dict], ques
             rows[name] = [filter_val_score(ctx, seed, changes, f"{question}{index}") for seed in range(seeds)]
         else:
             rows[name] = [val_score(ctx, seed, arm, changes, f"{question}{index}") for seed in range(seeds)]
-    print(f"\n| {arm}: candidate | val mAP (mean over {seeds} seeds) | per seed |\n|---|---|---|")
-    for name, scores in rows.items():
-        print(f"| {name} | {statistics.fmean(scores):.3f} | {', '.join(f'{s:.3f}' for s in scores)} |")
-    best = max(
-        rows, key=lambda name: -math.inf if math.isnan(statistics.fmean(rows[name])) else statistics.fmean(rows[name])
-    )
-    print(f"chosen on validation: {best}")
-    return best
+    return print_choice(f"{arm}: candidate", rows, seeds)
 
 
 def choose_arms(ctx: Context, seeds: int, candidates: dict[str, tuple[str, dict]]) -> str:
@@ -126,10 +119,17 @@ def choose_arms(ctx: Context, seeds: int, candidates: dict[str, tuple[str, dict]
         name: [val_score(ctx, s, arm, changes, "sets") for s in range(seeds)]
         for name, (arm, changes) in candidates.items()
     }
-    print(f"\n| candidate | val mAP (mean over {seeds} seeds) | per seed |\n|---|---|---|")
+    return print_choice("candidate", rows, seeds)
+
+
+def print_choice(title: str, rows: dict[str, list[float]], seeds: int) -> str:
+    """Print the candidates' validation table; the best mean (a failed candidate, NaN, never) is the choice."""
+    print(f"\n| {title} | val mAP (mean over {seeds} seeds) | per seed |\n|---|---|---|")
     for name, scores in rows.items():
         print(f"| {name} | {statistics.fmean(scores):.3f} | {', '.join(f'{s:.3f}' for s in scores)} |")
-    best = max(rows, key=lambda name: statistics.fmean(rows[name]))
+    best = max(
+        rows, key=lambda name: -math.inf if math.isnan(statistics.fmean(rows[name])) else statistics.fmean(rows[name])
+    )
     print(f"chosen on validation: {best}")
     return best
 
