@@ -28,6 +28,12 @@ def runtime(default: Any) -> Any:
     return field(default=default, metadata={"shapes_output": False})
 
 
+def added(default: Any) -> Any:
+    """A setting added after runs were made: left out of the plan while it has its default, so a run made before
+    it existed keeps its settings (and hash)."""
+    return field(default=default, metadata={"omit_when_default": True})
+
+
 @dataclass(frozen=True)
 class PromptsConfig:
     llm: str = "smollm2"  # smollm2 (embedded), template (no LLM), a transformers id/folder, vllm:ID, openai:MODEL
@@ -49,7 +55,7 @@ class PromptsConfig:
     max_words: int = 60  # CLIP's text encoder reads 77 tokens
     dedup_threshold: float = 0.9  # a prompt this close (MiniLM cosine) to one its set has is a near duplicate
     synonym_threshold: float = 0.6  # a synonym's MiniLM cosine to its label is at least this (README: prompts)
-    label_aliases: dict[str, list[str]] | None = None  # user aliases (--label-aliases FILE): a prompt may name them
+    label_aliases: dict[str, list[str]] | None = added(None)  # user aliases (--label-aliases FILE): prompts may name
     max_attempts: int = 3  # requests per set (new seeds each) before the template fills the rest
     sets_per_shard: int = 32
     batch_size: int = runtime(16)
@@ -92,11 +98,11 @@ class FilterConfig:
     min_keep: float = 0.5  # each label keeps at least this share of its images, its most confident first (0: off)
     competitors: str | None = None  # a labels file scored beside the classes, never kept as labels (seen labels)
     background: str | None = None  # a neutral prompt scored as one more competitor (e.g. "a photo")
-    label_aliases: str | None = None  # `label: alias, alias` file: more names for the text side
+    label_aliases: str | None = added(None)  # `label: alias, alias` file: more names for the text side
     dedup: float = 0.0  # >0: drop a kept image with cosine > dedup to an earlier kept one of its label set
     # >0: each label's text column blended with W x its image prototype (the mean embedding of the images asked
     # for it, leave-one-out); the gate still reads the text alone (README: The filter)
-    prototype: float = 0.0
+    prototype: float = added(0.0)
     batch_size: int = runtime(64)
     workers: int = runtime(2)  # DataLoader processes decoding images while CLIP runs (0: inline)
 
@@ -155,8 +161,8 @@ class FinetuneConfig:
     size: int = 560  # image side in pixels
     guidance: float = 7.5
     grad_steps: int | None = None  # backpropagate through the last K denoising steps only; None = all
-    label_aliases: dict[str, list[str]] | None = None  # user aliases: the CLIP loss's text side reads them too
-    best_names: dict[str, str] | None = None  # --names-from: a label's best name in place of its own on that side
+    label_aliases: dict[str, list[str]] | None = added(None)  # user aliases: the CLIP loss's text side reads them too
+    best_names: dict[str, str] | None = added(None)  # --names-from: a label's best name in place of its own
     lora_rank: int | None = None  # None: the whole text encoder learns; else LoRA adapters of this rank
     lora_alpha: float | None = None  # None: the rank
     seed: int = 0
@@ -319,8 +325,8 @@ def output_settings(config: Any) -> dict[str, Any]:
     """The settings that shape a stage's output (recorded in its plan)."""
     settings = {}
     for f in dataclasses.fields(config):
-        if (f.name, getattr(config, f.name)) in (("label_aliases", None), ("best_names", None), ("prototype", 0.0)):
-            continue  # a run without these keeps the settings (and hash) it had before they existed
+        if f.metadata.get("omit_when_default") and getattr(config, f.name) == f.default:
+            continue
         if f.metadata.get("shapes_output", True):
             value = getattr(config, f.name)
             settings[f.name] = (

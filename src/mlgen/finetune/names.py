@@ -15,16 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from mlgen.errors import MlgenError
-from mlgen.labels import normalise_label
+from mlgen.labels import names_of, normalise_label
 
 
 def loss_names(label: str, best: dict[str, str] | None, aliases: dict[str, list[str]] | None) -> list[str]:
     """The names whose mean is ``label``'s text feature: its best name (else itself), then its aliases, each once."""
-    names = [(best or {}).get(label, label)]
-    for alias in (aliases or {}).get(label, []):
-        if alias not in names:
-            names.append(alias)
-    return names
+    name = (best or {}).get(label, label)
+    return names_of(name, {name: (aliases or {}).get(label, [])})  # the label's aliases, under its best name
 
 
 def best_names_from_mapping(
