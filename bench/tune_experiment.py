@@ -15,7 +15,7 @@ rendered or read here. Prints one table per question and the candidate each choo
   name, fallback, competitors; ``no filter`` as the reference the default must not fall below).
 
 Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--llm template] [--out DIR]
-       [--questions head,init,sets,paper,soft,filter]
+       [--questions head,init,sets,paper,soft,filter] [--model FOLDER]
 """
 
 from __future__ import annotations
@@ -143,11 +143,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     parser.add_argument("--questions", default="head,paper", help="head, init, sets, paper, soft, filter")
     parser.add_argument("--init-arms", default="mlgen", help="arms the init question trains (comma-separated)")
+    parser.add_argument("--model", default=None, help="generate with this text-to-image model, not the world's")
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    config = ExperimentConfig(world=args.world, unseen=args.unseen, seeds=args.seeds, llm=args.llm)
+    config = ExperimentConfig(world=args.world, unseen=args.unseen, seeds=args.seeds, llm=args.llm, model=args.model)
     with tempfile.TemporaryDirectory() as tmp:
         root = (args.out or Path(tmp)) / "experiment"
         ctx = Context(root, config, resolve(config), DEFAULT_CLASSIFIER)  # no test set: nothing here scores on it
