@@ -10,12 +10,14 @@ rendered or read here. Prints one table per question and the candidate each choo
   ``--init-arms`` adds others, e.g. ``oracle``);
 - the label sets: the LLM's pairs (arm ``mlgen``) or one label per image (arm ``singletons``);
 - the paper arm's SGD learning rate (arm ``paper``: DualCoOp shared context + fusion);
+- blending mlgen's trained head with the teacher's zero-shot head in weight space (``interpolate``; WiSE-FT);
 - soft targets (arm ``mlgen`` with ``--soft-targets W``: its non-training labels on W x the teacher's probability);
 - the filter's default (arm ``mlgen`` on the seed's images filtered again with each candidate: rule, gate, best
   name, fallback, competitors; ``no filter`` as the reference the default must not fall below).
 
 Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--llm template] [--out DIR]
-       [--questions head,init,sets,paper,soft,filter] [--model FOLDER]
+       [--questions head,init,sets,paper,soft,filter,interpolate] [--model FOLDER]
+       [--images-per-prompt 4]
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ FILTER = {  # name -> changes to the default filter (the seed's mlgen images fil
     "exact, prototype 0.5, no gate": {"rule": "exact", "gate": 0.0, "min_keep": 0.0, "prototype": 0.5},
 }
 SOFT_TARGETS = (0.0, 0.25, 0.5)  # 0: hard targets (the default); 0.5: He et al. 2023's mix
+ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # weight of the trained head against the teacher's zero-shot head
 
 
 def val_score(ctx: Context, seed: int, arm: str, changes: dict, tag: str) -> float:
@@ -101,6 +104,40 @@ def filter_val_score(ctx: Context, seed: int, changes: dict | None, tag: str) ->
         return math.nan
     metrics = json.loads((stage.folder / "metrics.json").read_text(encoding="utf-8"))
     return max(entry["mAP"] for entry in metrics["validation"])
+
+
+def interpolated_val_scores(ctx: Context, seed: int) -> list[float]:
+    """mlgen's validation mAP with its trained linear head blended with the untrained one (the teacher's zero-shot
+    classifier) in weight space, per :data:`ALPHAS` (WiSE-FT's idea, Wortsman et al. 2022; 1 is the trained head)."""
+    import torch
+    import torch.nn.functional as F
+
+    from mlgen.classifiers.data import squash_transform
+    from mlgen.classifiers.evaluate import load_eval_set
+    from mlgen.classifiers.metrics import mean_average_precision
+    from mlgen.classifiers.model import build_classifier, load_clip, load_trained
+    from mlgen.classifiers.predict import predict_logits
+    from mlgen.experiment.data import val_set
+
+    val_score(ctx, seed, "mlgen", {}, "interpolate")  # trains the default head (its own folder)
+    run = prepare(ctx.root, ctx.config, ctx.setup, seed, "mlgen")
+    model, preprocess, config = load_trained(run.stage_dir("tune-mlgen-interpolate"), torch.device("cpu"))
+    clip_model, _, tokenizer = load_clip(config["clip"], torch.device("cpu"))
+    start = F.normalize(build_classifier(clip_model, tokenizer, config["classes"]).head.weight.detach(), dim=-1)
+    trained = F.normalize(model.head.weight.detach().clone(), dim=-1)
+    bias = model.head.bias.detach().clone()
+    images, targets, _ = load_eval_set(val_set(ctx.config, ctx.setup, ctx.root, seed), config["classes"])
+    columns = [config["classes"].index(label) for label in ctx.setup.unseen]
+    rows = targets[:, columns].any(axis=1)  # as checkpoint selection scores: images holding an unseen label
+    held = [image for image, keep in zip(images, rows, strict=True) if keep]
+    scores = []
+    for alpha in ALPHAS:
+        with torch.no_grad():
+            model.head.weight.copy_((1 - alpha) * start + alpha * trained)
+            model.head.bias.copy_(alpha * bias)
+        logits = predict_logits(model, squash_transform(preprocess), held)
+        scores.append(mean_average_precision(logits[:, columns], targets[rows][:, columns]))
+    return scores
 
 
 def choose(ctx: Context, seeds: int, arm: str, candidates: dict[str, dict], question: str) -> str:
@@ -141,14 +178,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--llm", default="template", help="template (fast) or smollm2 (the experiment's)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
-    parser.add_argument("--questions", default="head,paper", help="head, init, sets, paper, soft, filter")
+    parser.add_argument("--questions", default="head,paper", help="head, init, sets, paper, soft, filter, interpolate")
     parser.add_argument("--init-arms", default="mlgen", help="arms the init question trains (comma-separated)")
     parser.add_argument("--model", default=None, help="generate with this text-to-image model, not the world's")
+    parser.add_argument("--images-per-prompt", type=int, default=ExperimentConfig.images_per_prompt)
     args = parser.parse_args()
     import torch
 
     torch.set_num_threads(1)
-    config = ExperimentConfig(world=args.world, unseen=args.unseen, seeds=args.seeds, llm=args.llm, model=args.model)
+    config = ExperimentConfig(
+        world=args.world,
+        unseen=args.unseen,
+        seeds=args.seeds,
+        llm=args.llm,
+        model=args.model,
+        images_per_prompt=args.images_per_prompt,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = (args.out or Path(tmp)) / "experiment"
         ctx = Context(root, config, resolve(config), DEFAULT_CLASSIFIER)  # no test set: nothing here scores on it
@@ -164,6 +209,10 @@ def main() -> None:
             choose(ctx, args.seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR}, "paper")
         if "filter" in args.questions:
             choose(ctx, args.seeds, "mlgen", FILTER, "filter")
+        if "interpolate" in args.questions:
+            per_seed = [interpolated_val_scores(ctx, seed) for seed in range(args.seeds)]
+            rows = {f"alpha {alpha}": [scores[i] for scores in per_seed] for i, alpha in enumerate(ALPHAS)}
+            print_choice("mlgen: trained head blended with zero-shot, alpha", rows, args.seeds)
         if "soft" in args.questions:
             choose(ctx, args.seeds, "mlgen", {f"soft targets {w}": dict(soft_targets=w) for w in SOFT_TARGETS}, "soft")
 
