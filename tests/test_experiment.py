@@ -332,3 +332,26 @@ def test_pooled_differences_pair_each_split_and_seed() -> None:
     (comparison,) = pooled["zsl"]["comparisons"]
     assert (comparison["arm"], comparison["reference"], comparison["paired_seeds"]) == ("zero-shot", "mlgen", 6)
     assert comparison["mean"] == pytest.approx(-0.11)  # the split offsets cancel in the pairs
+
+
+@pytest.mark.slow
+def test_finetune_best_arm_fine_tunes_on_the_aliases_filters_best_names(tmp_path: Path) -> None:
+    """``+finetune-best`` is ``+finetune`` whose CLIP-score loss reads each label's best name from the seed's
+    ``+aliases`` filter (``finetune --names-from`` its reliability.json); the toy-headroom teacher reads hearts
+    only as "love symbol", so that is heart's best name there."""
+    from mlgen.finetune.names import best_name_setting, read_best_names
+
+    small = dict(test_images=24, val_images=16, seen_images=16, oracle_images=12, prompts_per_set=1)
+    config = ExperimentConfig(
+        world="toy", unseen="circle,triangle,star,heart", seeds=1, arms="+finetune,+finetune-best", llm="template",
+        images_per_prompt=4, epochs=2, pass_steps=2, finetune_steps=1, **small,
+    )  # fmt: skip
+    run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    assert {c["arm"]: c["status"] for c in cells(tmp_path)} == {"+finetune": "ok", "+finetune-best": "ok"}
+    runs = tmp_path / "experiment" / "runs" / "0"
+    best = read_best_names(runs / "aliases" / "filtered" / "reliability.json", config.unseen.split(","))
+    assert best["heart"] == "love symbol", best
+    tuned = json.loads((runs / "finetune-best" / "finetune" / "plan.json").read_text())["settings"]
+    assert tuned["best_names"] == best_name_setting(best)
+    plain = json.loads((runs / "finetune" / "finetune" / "plan.json").read_text())["settings"]
+    assert "best_names" not in plain

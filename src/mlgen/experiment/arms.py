@@ -101,6 +101,14 @@ ARMS: tuple[Arm, ...] = (
     Arm("+aliases", "stage", "aliases", "the default filter given the world's aliases (heart: love symbol, ...)"),
     Arm("+finetune", "stage", "finetune", "mlgen with the text encoder fine-tuned first"),
     Arm(
+        "+finetune-best",
+        "stage",
+        "finetune-best",
+        "+finetune with each label read by its best name in the +aliases filter's reliability.json (finetune "
+        "--names-from)",
+        reference="+finetune",
+    ),
+    Arm(
         "mlgen-uncached",
         "stage",
         "mlgen",

@@ -30,7 +30,15 @@ from mlgen.pipeline.rundir import RunDir
 from mlgen.world.streams import stream_rng
 
 # run name -> shared prompt folder it links
-PROMPTS = {"mlgen": "llm", "finetune": "llm", "template": "template", "singletons": "singletons"}
+PROMPTS = {
+    "mlgen": "llm",
+    "finetune": "llm",
+    "finetune-best": "llm",
+    "template": "template",
+    "singletons": "singletons",
+}
+# fine-tuned run -> the filtered run whose reliability.json gives each label's best name (None: the labels' own)
+FINETUNED = {"finetune": None, "finetune-best": "aliases"}
 FINETUNE_LR = 1e-4  # toy text encoder (0.1M parameters): the paper's 7e-8 is for SD's 123M over thousands of steps
 
 
@@ -111,8 +119,8 @@ def generated_run(root: Path, config: ExperimentConfig, setup: Setup, seed: int,
         os.symlink(os.path.relpath(shared.stage_dir("prompts"), run.root), link)
     run.write_classes(setup.unseen)
     seeds = SeedSeeds.of(seed)
-    if name == "finetune":
-        _finetune(run, config, setup, seeds.finetune)
+    if name in FINETUNED:
+        _finetune(run, config, setup, seeds.finetune, _best_names(root, config, setup, seed, FINETUNED[name]))
     generate = GenerateConfig(
         model=setup.model,
         images_per_prompt=images_per_prompt(config, setup, kind),
@@ -175,7 +183,21 @@ def filtered_variant(
     return run
 
 
-def _finetune(run: RunDir, config: ExperimentConfig, setup: Setup, seed: int) -> None:
+def _best_names(
+    root: Path, config: ExperimentConfig, setup: Setup, seed: int, source: str | None
+) -> dict[str, str] | None:
+    """The best names of ``source``'s filtered run (``finetune --names-from`` its reliability.json), or None."""
+    if source is None:
+        return None
+    from mlgen.finetune.names import best_name_setting, read_best_names
+
+    names_run = filtered_variant(root, config, setup, seed, source, FILTERS[source])
+    return best_name_setting(read_best_names(names_run.stage_dir("filtered") / "reliability.json", setup.unseen))
+
+
+def _finetune(
+    run: RunDir, config: ExperimentConfig, setup: Setup, seed: int, best_names: dict[str, str] | None = None
+) -> None:
     from mlgen.finetune.stage import finetune
 
     toy = setup.world is not None
@@ -188,6 +210,7 @@ def _finetune(run: RunDir, config: ExperimentConfig, setup: Setup, seed: int) ->
         max_train_steps=config.finetune_steps,
         grad_steps=2,
         seed=seed,
+        best_names=best_names,
     )
     finetune(run, tuning)  # writes RUN/text_encoder/, which generate picks up
 
