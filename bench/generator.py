@@ -4,7 +4,8 @@ The judge is the audit's (a linear probe on the teacher's frozen features, per-l
 held-out quarter) trained on the world's ``judge`` stream, never on test scenes. Each model draws ``--per-set``
 images for every label pair of the eight shapes (the template prompt, the experiment's 10 steps and the toy
 preset's guidance 7.5); the same judge reads rendered two-shape scenes of the ``val`` stream as the ceiling of
-what it can confirm.
+what it can confirm, and the same scenes encoded and decoded by each model's VAE as the ceiling of what its latents
+can hold.
 ``exact``: the judge sees the asked labels and no other; ``all asked``: every asked label, maybe more; ``extra``:
 the mean number of shapes it sees that were not asked for.
 
@@ -46,6 +47,24 @@ def real_pairs(pairs: list[tuple[str, str]], per_set: int, seed: int) -> tuple[l
                 asked.append(pair)
                 found += 1
     return images, asked
+
+
+def vae_round_trip(model: str, images: list[bytes]) -> list[bytes]:
+    """The images encoded and decoded by ``model``'s VAE: what its latents can hold at best."""
+    import io
+
+    from PIL import Image
+
+    vae = load_pipeline(model, torch.device("cpu"), "auto").vae
+    out = []
+    for data in images:
+        pixels = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
+        with torch.no_grad():
+            latent = vae.encode(pixels[None].float() / 127.5 - 1).latent_dist.mean
+            decoded = vae.decode(latent).sample[0]
+        array = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+        out.append(encode_image(array, "png", 0))
+    return out
 
 
 def generated_pairs(
@@ -91,9 +110,10 @@ def main() -> None:
         data = render_dataset(Path(tmp) / "judge", JUDGE_IMAGES, args.seed, shapes, world="headroom", stream="judge")
         images, targets, _ = load_eval_set(data / "labels.csv", shapes)
     judge = fit_judge(features(images), targets, list(range(len(shapes))), args.seed)
-    rows = {"rendered scenes (ceiling)": real_pairs(pairs, args.per_set, args.seed)}
-    asked = [pair for pair in pairs for _ in range(args.per_set)]
+    real, asked = real_pairs(pairs, args.per_set, args.seed)
+    rows = {"rendered scenes (ceiling)": (real, asked)}
     for name in args.models.split(","):
+        rows[f"rendered scenes through {name}'s VAE"] = (vae_round_trip(name, real), asked)
         rows[name] = (generated_pairs(name, pairs, args.per_set, args.seed, args.steps, args.guidance), asked)
     print(f"{len(pairs)} pairs x {args.per_set} images, judge on {args.clip} features (lr {judge.tuning['lr']:g})")
     print("| images | exact | all asked | extra shapes |\n|---|---|---|---|")

@@ -69,6 +69,35 @@ def test_unet_without_vae_is_one_clear_line(tmp_path: Path) -> None:
     assert len(lines) == 1 and lines[0].startswith(f"mlgen: error: no trained VAE in {tmp_path / 'w' / 'vae'}")
 
 
+def test_decoder_only_keeps_the_latents_and_exports_the_pipeline_with_the_new_vae(tmp_path: Path) -> None:
+    """``world train vae --init PIPE --decoder-only --out NEW``: the encoder, the latent scale and the UNet stay
+    (so the pipeline's UNet still fits its latents), the decoder learns, NEW is PIPE with the new VAE."""
+    from diffusers import AutoencoderKL
+
+    from mlgen.models.builtin import builtin
+
+    pipe = builtin("toy-headroom", "diffusion").folder
+    args = ["world", "train", "vae", "--world", "headroom", "--init", "toy-headroom", "--decoder-only"]
+    result = mlgen(*args, "--work", tmp_path / "w", "--out", tmp_path / "new", "--steps", "2", "--batch", "2",
+                   "--threads", "1", "--lr", "1e-2")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    old, new = AutoencoderKL.from_pretrained(pipe / "vae"), AutoencoderKL.from_pretrained(tmp_path / "new" / "vae")
+    assert new.config.scaling_factor == old.config.scaling_factor
+    for part in ("encoder", "quant_conv"):
+        _assert_same(getattr(old, part).state_dict(), getattr(new, part).state_dict())
+    changed = [k for k, v in old.decoder.state_dict().items() if not torch.equal(v, new.decoder.state_dict()[k])]
+    assert changed, "the decoder did not learn"
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    _assert_same(load_file(pipe / unet), load_file(tmp_path / "new" / unet))
+
+
+def test_decoder_only_without_init_is_one_clear_line(tmp_path: Path) -> None:
+    result = mlgen("world", "train", "vae", "--work", tmp_path / "w", "--decoder-only", "--steps", "1")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "need --init" in lines[0], result.stderr
+    assert not (tmp_path / "w").exists()
+
+
 def test_pruned_tokenizer_keeps_the_world_words_and_drops_the_rest() -> None:
     tokenizer = train_sd.pruned_tokenizer(train_sd.vocabulary_words(train_sd.world_shapes()))
     assert len(tokenizer) < 1000  # CLIP's has 49,408

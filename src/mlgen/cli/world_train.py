@@ -52,13 +52,34 @@ def train_vae_command(
     checkpoint_every: EveryOpt = 100,
     threads: ThreadsOpt = 0,
     world: WorldOpt = "classic",
+    init: Annotated[
+        str | None,
+        typer.Option("--init", help="Start from this pipeline's VAE (a folder, or a built-in name such as toy)."),
+    ] = None,
+    decoder_only: Annotated[
+        bool,
+        typer.Option(
+            "--decoder-only",
+            help="Train the decoder alone (needs --init): the latents, and so the pipeline's UNet, stay valid.",
+        ),
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the --init pipeline with the new VAE to this folder.")
+    ] = None,
 ) -> None:
     """Train the toy VAE (64 px scenes -> 16x16x4 latents) into WORK/vae; prints its PSNR."""
     import json
 
+    from mlgen.errors import MlgenError
+    from mlgen.models.registry import diffusers_folder
     from mlgen.world.train_sd import train_vae
 
-    result = train_vae(work, _settings(steps, batch, lr, seed, checkpoint_every, threads, world), log=_print)
+    if (decoder_only or out) and not init:
+        raise MlgenError("--decoder-only and --out need --init (the pipeline whose VAE to go on from)")
+    start = diffusers_folder(init) if init else None
+    flags = {"init": start, "decoder_only": True if decoder_only else None}  # None: not recorded
+    settings = _settings(steps, batch, lr, seed, checkpoint_every, threads, world, **flags)
+    result = train_vae(work, settings, log=_print, out=out)
     print(json.dumps(result))
 
 

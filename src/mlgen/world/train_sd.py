@@ -441,14 +441,22 @@ def latent_scale(vae, n: int = 256, seed: int = 54321, world: str = "classic") -
     return float(1.0 / latents.float().std())
 
 
-def train_vae(work: Path, settings: TrainSettings, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Train the VAE in ``work`` (resuming from its newest checkpoint); export it to ``work/vae``."""
+def train_vae(
+    work: Path, settings: TrainSettings, log: Callable[[str], None] | None = None, out: Path | None = None
+) -> dict[str, Any]:
+    """Train the VAE in ``work`` (resuming from its newest checkpoint); export it to ``work/vae`` and, given
+    ``out``, the ``init`` pipeline with it to ``out``."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = pick_device()
     torch.manual_seed(settings.seed)
-    vae = build_vae().to(device)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
+    vae = _start_vae(settings).to(device)
+    decoder_only = bool(settings.extra.get("decoder_only"))
+    if decoder_only:  # the latent space stays the one a UNet was trained on; only how latents are drawn changes
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    trained = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=settings.lr, weight_decay=0.0)
     config = {"model": "vae", **asdict(settings)}
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = latest_checkpoint(work)
@@ -470,7 +478,7 @@ def train_vae(work: Path, settings: TrainSettings, log: Callable[[str], None] | 
         loss = loss + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         step += 1
         if step % 20 == 0:
@@ -478,8 +486,11 @@ def train_vae(work: Path, settings: TrainSettings, log: Callable[[str], None] | 
         if step % settings.checkpoint_every == 0 or step == settings.steps:
             save_checkpoint(work, step, {"vae": vae}, optimizer, config)
     vae.eval()
-    vae.register_to_config(scaling_factor=latent_scale(vae, settings.eval_images, world=world_of(settings)))
+    if not decoder_only:  # a frozen encoder keeps the latents, so their scale stays the UNet's
+        vae.register_to_config(scaling_factor=latent_scale(vae, settings.eval_images, world=world_of(settings)))
     _replace_dir(work / "vae", lambda tmp: vae.save_pretrained(tmp, safe_serialization=True))
+    if out is not None:
+        _export_with_vae(Path(settings.extra["init"]), out, work / "vae")
     result = {
         "steps": step,
         "params": param_count(vae),
@@ -488,6 +499,29 @@ def train_vae(work: Path, settings: TrainSettings, log: Callable[[str], None] | 
     }
     _log(log, f"vae done: {json.dumps(result)}")
     return result
+
+
+def _start_vae(settings: TrainSettings):
+    """A new VAE, or the one of the ``init`` pipeline folder (its ``vae/``) to go on from."""
+    init = settings.extra.get("init")
+    if not init:
+        return build_vae()
+    from diffusers import AutoencoderKL
+
+    folder = Path(init) / "vae"
+    if not (folder / "config.json").is_file():
+        raise MlgenError(f"no VAE in {folder}: --init takes a text-to-image pipeline folder or built-in name")
+    return AutoencoderKL.from_pretrained(folder)
+
+
+def _export_with_vae(pipeline: Path, out: Path, vae: Path) -> None:
+    """``out``: a copy of the ``pipeline`` folder whose ``vae/`` is ``vae`` (built aside, swapped in whole)."""
+
+    def build(tmp: Path) -> None:
+        shutil.copytree(pipeline, tmp, ignore=shutil.ignore_patterns("vae"))
+        shutil.copytree(vae, tmp / "vae")
+
+    _replace_dir(out, build)
 
 
 class Ema:
