@@ -10,14 +10,16 @@ rendered or read here. Prints one table per question and the candidate each choo
   ``--init-arms`` adds others, e.g. ``oracle``);
 - the label sets: the LLM's pairs (arm ``mlgen``) or one label per image (arm ``singletons``);
 - the paper arm's SGD learning rate (arm ``paper``: DualCoOp shared context + fusion);
+- the default head on each of ``--arms`` (``arms``: e.g. generated against real images at another
+  ``--oracle-images`` count);
 - blending mlgen's trained head with the teacher's zero-shot head in weight space (``interpolate``; WiSE-FT);
 - soft targets (arm ``mlgen`` with ``--soft-targets W``: its non-training labels on W x the teacher's probability);
 - the filter's default (arm ``mlgen`` on the seed's images filtered again with each candidate: rule, gate, best
   name, fallback, competitors; ``no filter`` as the reference the default must not fall below).
 
 Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--llm template] [--out DIR]
-       [--questions head,init,sets,paper,soft,filter,interpolate] [--model FOLDER]
-       [--images-per-prompt 4]
+       [--questions head,init,sets,paper,soft,filter,interpolate,arms] [--model FOLDER]
+       [--images-per-prompt 4] [--oracle-images 512]
 """
 
 from __future__ import annotations
@@ -178,10 +180,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--llm", default="template", help="template (fast) or smollm2 (the experiment's)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
-    parser.add_argument("--questions", default="head,paper", help="head, init, sets, paper, soft, filter, interpolate")
+    parser.add_argument(
+        "--questions", default="head,paper", help="head, init, sets, paper, soft, filter, interpolate, arms"
+    )
     parser.add_argument("--init-arms", default="mlgen", help="arms the init question trains (comma-separated)")
+    parser.add_argument("--arms", default="mlgen,no-filter,oracle", help="arms the arms question scores")
     parser.add_argument("--model", default=None, help="generate with this text-to-image model, not the world's")
     parser.add_argument("--images-per-prompt", type=int, default=ExperimentConfig.images_per_prompt)
+    parser.add_argument("--oracle-images", type=int, default=ExperimentConfig.oracle_images)
     args = parser.parse_args()
     import torch
 
@@ -193,6 +199,7 @@ def main() -> None:
         llm=args.llm,
         model=args.model,
         images_per_prompt=args.images_per_prompt,
+        oracle_images=args.oracle_images,
     )
     with tempfile.TemporaryDirectory() as tmp:
         root = (args.out or Path(tmp)) / "experiment"
@@ -209,6 +216,12 @@ def main() -> None:
             choose(ctx, args.seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR}, "paper")
         if "filter" in args.questions:
             choose(ctx, args.seeds, "mlgen", FILTER, "filter")
+        if "arms" in args.questions:  # the default head on each arm's images: what each source gives
+            rows = {
+                arm: [val_score(ctx, seed, arm, {}, "arms") for seed in range(args.seeds)]
+                for arm in args.arms.split(",")
+            }
+            print_choice("arm (default head)", rows, args.seeds)
         if "interpolate" in args.questions:
             per_seed = [interpolated_val_scores(ctx, seed) for seed in range(args.seeds)]
             rows = {f"alpha {alpha}": [scores[i] for scores in per_seed] for i, alpha in enumerate(ALPHAS)}
