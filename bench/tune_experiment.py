@@ -19,7 +19,7 @@ rendered or read here. Prints one table per question and the candidate each choo
 
 Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--llm template] [--out DIR]
        [--questions head,init,sets,paper,soft,filter,interpolate,arms] [--model FOLDER]
-       [--images-per-prompt 4] [--oracle-images 512]
+       [--images-per-prompt 4] [--oracle-images 512] [--generate-steps 10]
 """
 
 from __future__ import annotations
@@ -188,6 +188,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="generate with this text-to-image model, not the world's")
     parser.add_argument("--images-per-prompt", type=int, default=ExperimentConfig.images_per_prompt)
     parser.add_argument("--oracle-images", type=int, default=ExperimentConfig.oracle_images)
+    parser.add_argument("--generate-steps", type=int, default=ExperimentConfig.generate_steps)
     args = parser.parse_args()
     import torch
 
@@ -200,6 +201,7 @@ def main() -> None:
         model=args.model,
         images_per_prompt=args.images_per_prompt,
         oracle_images=args.oracle_images,
+        generate_steps=args.generate_steps,
     )
     with tempfile.TemporaryDirectory() as tmp:
         root = (args.out or Path(tmp)) / "experiment"
