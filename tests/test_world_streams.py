@@ -14,11 +14,13 @@ from mlgen.world.streams import STREAMS, stream_rng, stream_sequence
 from mlgen.world.train_sd import TrainSettings, training_generators
 
 SCENES = 10_000
-# The shipped models: (built-in name, world, model, batch) of their training runs (README, "The toy world"), all
-# seed 0. toy-named's run draws the scenes of toy-headroom's (same stream, seed and batch; only captions differ).
-SHIPPED = [("toy", "classic", "clip", 128), ("toy", "classic", "vae", 32), ("toy", "classic", "unet", 16)]
-SHIPPED += [("toy-headroom", "headroom", "clip", 128), ("toy-headroom", "headroom", "unet", 16)]
-SHIPPED += [("toy-named", "headroom", "clip", 128)]
+# The shipped models: (built-in name, world, model, batch, seed) of their training runs (README, "The toy world").
+# toy-named's run draws the scenes of toy-headroom's (same stream, seed and batch; only captions differ);
+# toy-headroom-2 went on from toy-headroom's UNet with seed 3 and trained a headroom decoder with seed 0.
+SHIPPED = [("toy", "classic", "clip", 128, 0), ("toy", "classic", "vae", 32, 0), ("toy", "classic", "unet", 16, 0)]
+SHIPPED += [("toy-headroom", "headroom", "clip", 128, 0), ("toy-headroom", "headroom", "unet", 16, 0)]
+SHIPPED += [("toy-named", "headroom", "clip", 128, 0)]
+SHIPPED += [("toy-headroom-2", "headroom", "unet", 16, 3), ("toy-headroom-2", "headroom", "vae", 32, 0)]
 
 
 def scene_hash(rng: np.random.Generator, world: str) -> str:
@@ -26,8 +28,8 @@ def scene_hash(rng: np.random.Generator, world: str) -> str:
     return hashlib.sha1(pixels.tobytes()).hexdigest()
 
 
-def training_hashes(world: str, model: str, batch: int) -> set[str]:
-    settings = TrainSettings(steps=1, batch=batch, extra={} if world == "classic" else {"world": world})
+def training_hashes(world: str, model: str, batch: int, seed: int) -> set[str]:
+    settings = TrainSettings(steps=1, batch=batch, seed=seed, extra={} if world == "classic" else {"world": world})
     hashes: set[str] = set()
     step = 0
     while len(hashes) < SCENES:
@@ -48,7 +50,7 @@ def data_hashes(stream: str, world: str, seed: int = 0) -> set[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", ["classic", "headroom"])
 def test_no_test_seen_or_oracle_scene_is_a_training_scene_of_a_shipped_model(world: str) -> None:
-    training = set().union(*(training_hashes(w, m, b) for _, w, m, b in SHIPPED if w == world))
+    training = set().union(*(training_hashes(w, m, b, seed) for _, w, m, b, seed in SHIPPED if w == world))
     assert len(training) >= SCENES
     seen_before: dict[str, set[str]] = {}
     for stream in DATA_STREAMS:
@@ -62,7 +64,7 @@ def test_no_test_seen_or_oracle_scene_is_a_training_scene_of_a_shipped_model(wor
 
 def test_every_built_in_model_is_in_the_shipped_list() -> None:
     """A built-in model missing from SHIPPED would have its training scenes go unchecked."""
-    listed = {(name, world, "clip" if model == "clip" else "diffusion") for name, world, model, _ in SHIPPED}
+    listed = {(name, world, "clip" if model == "clip" else "diffusion") for name, world, model, _, _ in SHIPPED}
     assert listed == {(m.name, m.world, m.kind) for m in BUILTIN_MODELS}
 
 

@@ -1,7 +1,7 @@
 """The experiment's real data and models: the toy worlds' rendered sets, or a user's own files.
 
 - ``--world toy``: the headroom world (colours shared in pairs, one salient shape and small ones) with the
-  ``toy-headroom`` teacher CLIP and text-to-image model; ``--world toy-classic``: the classic world (colour
+  ``toy-headroom`` teacher CLIP and the ``toy-headroom-2`` text-to-image model; ``--world toy-classic``: the classic world (colour
   names the class) with the ``toy`` models, whose CLIP is an oracle there.
 - Every seed draws its own test scenes from the ``test`` stream (all shapes), so the intervals over seeds hold
   the test sampling too; its validation scenes from the ``val`` stream (all shapes: checkpoints are chosen
@@ -33,9 +33,9 @@ from mlgen.shards.writer import MANIFEST_FIELDS, ShardWriter
 
 # --world NAME: (rendering world, CLIP, text-to-image model)
 WORLDS = {
-    "toy": ("headroom", "toy-headroom", "toy-headroom"),
+    "toy": ("headroom", "toy-headroom", "toy-headroom-2"),
     "toy-classic": ("classic", "toy", "toy"),
-    "toy-named": ("headroom", "toy-named", "toy-headroom"),  # a teacher that knows every label's name
+    "toy-named": ("headroom", "toy-named", "toy-headroom-2"),  # a teacher that knows every label's name
 }
 
 

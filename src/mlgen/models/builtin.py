@@ -35,7 +35,15 @@ BUILTIN_MODELS = (
         "headroom",
         "mlgen world train clip --world headroom --steps 300 --lr 1e-3 --name-rate 0.05 --confusion 0.1",
     ),
-    BuiltinModel(
+    BuiltinModel(  # the experiment's and the demo's generator: toy-headroom trained on, with a headroom decoder
+        "toy-headroom-2",
+        "diffusion",
+        WEIGHTS / "toy-headroom-2-sd",
+        "headroom",
+        "mlgen world train unet --world headroom --init toy-headroom --steps 4500, then mlgen world train vae "
+        "--world headroom --init P --decoder-only --steps 600",
+    ),
+    BuiltinModel(  # the first headroom generator: its VAE, kept from the classic world, draws classic colours
         "toy-headroom", "diffusion", WEIGHTS / "toy-headroom-sd", "headroom", "mlgen world train unet --world headroom"
     ),
 )
