@@ -1,8 +1,8 @@
 """The experiment's real data and models: the toy worlds' rendered sets, or a user's own files.
 
 - ``--world toy``: the headroom world (colours shared in pairs, one salient shape and small ones) with the
-  ``toy-headroom`` teacher CLIP and the ``toy-headroom-2`` text-to-image model; ``--world toy-classic``: the classic world (colour
-  names the class) with the ``toy`` models, whose CLIP is an oracle there.
+  ``toy-headroom`` teacher CLIP and the ``toy-headroom-2`` text-to-image model; ``--world toy-classic``: the
+  classic world (colour names the class) with the ``toy`` models, whose CLIP is an oracle there.
 - Every seed draws its own test scenes from the ``test`` stream (all shapes), so the intervals over seeds hold
   the test sampling too; its validation scenes from the ``val`` stream (all shapes: checkpoints are chosen
   there, never on test), its seen-label images from ``seen`` and the oracle's unseen-label images from
