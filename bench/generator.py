@@ -49,28 +49,23 @@ def real_pairs(pairs: list[tuple[str, str]], per_set: int, seed: int) -> tuple[l
     return images, asked
 
 
-def vae_round_trip(model: str, images: list[bytes]) -> list[bytes]:
-    """The images encoded and decoded by ``model``'s VAE: what its latents can hold at best."""
+def vae_round_trip(pipe, images: list[bytes]) -> list[bytes]:
+    """The images encoded and decoded by the pipeline's VAE: what its latents can hold at best."""
     import io
 
     from PIL import Image
 
-    vae = load_pipeline(model, torch.device("cpu"), "auto").vae
-    out = []
-    for data in images:
-        pixels = torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1)
-        with torch.no_grad():
-            latent = vae.encode(pixels[None].float() / 127.5 - 1).latent_dist.mean
-            decoded = vae.decode(latent).sample[0]
-        array = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-        out.append(encode_image(array, "png", 0))
-    return out
+    pixels = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(b)).convert("RGB"))) for b in images])
+    with torch.no_grad():
+        latents = pipe.vae.encode(pixels.permute(0, 3, 1, 2).float() / 127.5 - 1).latent_dist.mean
+        decoded = pipe.vae.decode(latents).sample
+    arrays = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return [encode_image(array, "png", 0) for array in arrays]
 
 
 def generated_pairs(
-    model: str, pairs: list[tuple[str, str]], per_set: int, seed: int, steps: int, guidance: float
+    pipe, pairs: list[tuple[str, str]], per_set: int, seed: int, steps: int, guidance: float
 ) -> list[bytes]:
-    pipe = load_pipeline(model, torch.device("cpu"), "auto")
     images = []
     for number, pair in enumerate(pairs):
         seeds = [seed * 1_000_003 + number * 1000 + i for i in range(per_set)]
@@ -113,8 +108,9 @@ def main() -> None:
     real, asked = real_pairs(pairs, args.per_set, args.seed)
     rows = {"rendered scenes (ceiling)": (real, asked)}
     for name in args.models.split(","):
-        rows[f"rendered scenes through {name}'s VAE"] = (vae_round_trip(name, real), asked)
-        rows[name] = (generated_pairs(name, pairs, args.per_set, args.seed, args.steps, args.guidance), asked)
+        pipe = load_pipeline(name, torch.device("cpu"), "auto")  # once per model: its VAE and its drawings
+        rows[f"rendered scenes through {name}'s VAE"] = (vae_round_trip(pipe, real), asked)
+        rows[name] = (generated_pairs(pipe, pairs, args.per_set, args.seed, args.steps, args.guidance), asked)
     print(f"{len(pairs)} pairs x {args.per_set} images, judge on {args.clip} features (lr {judge.tuning['lr']:g})")
     print("| images | exact | all asked | extra shapes |\n|---|---|---|---|")
     for name, (row_images, row_asked) in rows.items():

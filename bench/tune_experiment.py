@@ -116,16 +116,18 @@ def interpolated_val_scores(ctx: Context, seed: int) -> list[float]:
 
     from mlgen.classifiers.data import squash_transform
     from mlgen.classifiers.evaluate import load_eval_set
+    from mlgen.classifiers.features import label_embeddings
     from mlgen.classifiers.metrics import mean_average_precision
-    from mlgen.classifiers.model import build_classifier, load_clip, load_trained
+    from mlgen.classifiers.model import load_classifier, load_clip, read_config
     from mlgen.classifiers.predict import predict_logits
     from mlgen.experiment.data import val_set
 
     val_score(ctx, seed, "mlgen", {}, "interpolate")  # trains the default head (its own folder)
-    run = prepare(ctx.root, ctx.config, ctx.setup, seed, "mlgen")
-    model, preprocess, config = load_trained(run.stage_dir("tune-mlgen-interpolate"), torch.device("cpu"))
-    clip_model, _, tokenizer = load_clip(config["clip"], torch.device("cpu"))
-    start = F.normalize(build_classifier(clip_model, tokenizer, config["classes"]).head.weight.detach(), dim=-1)
+    folder = prepare(ctx.root, ctx.config, ctx.setup, seed, "mlgen").stage_dir("tune-mlgen-interpolate")
+    config, cpu = read_config(folder), torch.device("cpu")
+    clip_model, preprocess, tokenizer = load_clip(config["clip"], cpu)
+    model = load_classifier(clip_model, tokenizer, folder, cpu)
+    start = F.normalize(label_embeddings(clip_model, tokenizer, config["classes"], cpu), dim=-1)  # the text start
     trained = F.normalize(model.head.weight.detach().clone(), dim=-1)
     bias = model.head.bias.detach().clone()
     images, targets, _ = load_eval_set(val_set(ctx.config, ctx.setup, ctx.root, seed), config["classes"])
