@@ -355,3 +355,51 @@ def test_finetune_best_arm_fine_tunes_on_the_aliases_filters_best_names(tmp_path
     assert tuned["best_names"] == best_name_setting(best)
     plain = json.loads((runs / "finetune" / "finetune" / "plan.json").read_text())["settings"]
     assert "best_names" not in plain
+
+
+def _shipped_with(folder: Path, name: str = "toy-headroom-2") -> tuple:
+    """The built-in models, with ``name``'s generator read from ``folder``."""
+    from mlgen.models.builtin import BUILTIN_MODELS
+
+    return tuple(
+        dataclasses.replace(m, folder=folder) if (m.name, m.kind) == (name, "diffusion") else m for m in BUILTIN_MODELS
+    )
+
+
+@pytest.mark.parametrize("change", ["the world's generator", "the generator's weights"])
+def test_an_experiment_made_with_other_models_under_the_same_names_is_refused(
+    tmp_path: Path, monkeypatch, change: str
+) -> None:
+    """An upgrade that maps --world toy to another generator, or ships new weights under the old name, must not
+    add cells to an experiment made with the old one (the settings record the world, not what it resolves to)."""
+    import shutil
+
+    from mlgen.errors import MlgenError
+    from mlgen.experiment import data as experiment_data
+    from mlgen.models import builtin
+
+    shipped = builtin.builtin("toy-headroom-2", "diffusion")
+    copy = tmp_path / "weights"
+    shutil.copytree(shipped.folder, copy)
+    monkeypatch.setattr(builtin, "BUILTIN_MODELS", _shipped_with(copy))
+    config = ExperimentConfig(
+        world="toy", unseen=UNSEEN, seeds=1, arms="zero-shot", test_images=16, val_images=8, seen_images=8,
+        oracle_images=8, llm="template", workers=1,
+    )  # fmt: skip
+    run = tmp_path / "R"
+    run_experiment(run, config, log=lambda _: None)
+    run_experiment(run, config, log=lambda _: None)  # the same models: accepted
+    if change == "the world's generator":
+        monkeypatch.setitem(experiment_data.WORLDS, "toy", ("headroom", "toy-headroom", "toy-headroom"))
+    else:
+        weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
+    with pytest.raises(MlgenError, match="setting 'resolved_model' differs"):
+        run_experiment(run, config, log=lambda _: None)
+    settings = run / "experiment" / "settings.json"
+    recorded = json.loads(settings.read_text())
+    assert recorded["resolved_model"].startswith("toy-headroom-2 (weights ")
+    del recorded["resolved_model"]  # an experiment recorded before the models were
+    settings.write_text(json.dumps(recorded))
+    with pytest.raises(MlgenError, match="older mlgen"):
+        run_experiment(run, config, log=lambda _: None)

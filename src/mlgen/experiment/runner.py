@@ -38,6 +38,7 @@ from mlgen.experiment.cells import Context, run_arm
 from mlgen.experiment.data import resolve
 from mlgen.experiment.report import write_pooled_report, write_report
 from mlgen.experiment.runs import PROMPTS, shared_prompts
+from mlgen.models.builtin import model_identity
 from mlgen.paths import write_json_atomic
 
 FREE_SETTINGS = ("seeds", "arms", "workers", "splits")  # may change between runs of one experiment
@@ -58,9 +59,19 @@ def cell_path(root: Path, seed: int, arm: str) -> Path:
 def _check_settings(root: Path, config: ExperimentConfig, classifier: ClassifierConfig) -> None:
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in FREE_SETTINGS}
     settings["classifier"] = dataclasses.asdict(classifier)
+    # The models the world's names resolve to, built-in weights by digest: a world whose generator or teacher
+    # changed (a new mlgen) must not add cells to an experiment made with the old one.
+    setup = resolve(config)
+    settings["resolved_clip"] = model_identity(setup.clip, "clip")
+    settings["resolved_model"] = model_identity(setup.model, "diffusion")
     path = root / "settings.json"
     if path.is_file():
         recorded = json.loads(path.read_text(encoding="utf-8"))
+        if "resolved_model" not in recorded:
+            raise MlgenError(
+                f"{path}: recorded by an older mlgen that did not record the models it resolved (now "
+                f"{settings['resolved_model']}): use another --run"
+            )
         changed = sorted(k for k in recorded.keys() | settings.keys() if recorded.get(k) != settings.get(k))
         if changed:
             raise MlgenError(

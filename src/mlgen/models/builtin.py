@@ -3,6 +3,7 @@ resolves names) and the toy world (which trains and exports them) both read."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,3 +58,21 @@ def builtin(name: str, kind: str) -> BuiltinModel | None:
 def builtin_for_world(world: str, kind: str) -> BuiltinModel:
     """The world's first model of that kind (the headroom world's clip: toy-headroom, not toy-named)."""
     return next(m for m in BUILTIN_MODELS if m.world == world and m.kind == kind)
+
+
+def weights_digest(model: BuiltinModel) -> str:
+    """A short sha256 of every file in the model's folder: new weights shipped under an old name differ."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in model.folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(model.folder).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def model_identity(name: str, kind: str) -> str:
+    """What a model name stands for in recorded settings: a built-in model's name with its weights' digest
+    (``toy-headroom-2 (weights 1a2b...)``); any other name as given (a folder or hub id is the user's to keep)."""
+    model = builtin(name, kind)
+    if model is None or not model.marker.is_file():
+        return name
+    return f"{name} (weights {weights_digest(model)})"
