@@ -366,15 +366,24 @@ def _shipped_with(folder: Path, name: str = "toy-headroom-2") -> tuple:
     )
 
 
-@pytest.mark.parametrize("change", ["the world's generator", "the generator's weights"])
+@pytest.mark.parametrize(
+    ("change", "setting"),
+    [
+        ("the world's generator", "resolved_model"),
+        ("the generator's weights", "resolved_model"),
+        ("the world's paper rate", "resolved_paper_lr"),
+    ],
+)
 def test_an_experiment_made_with_other_models_under_the_same_names_is_refused(
-    tmp_path: Path, monkeypatch, change: str
+    tmp_path: Path, monkeypatch, change: str, setting: str
 ) -> None:
-    """An upgrade that maps --world toy to another generator, or ships new weights under the old name, must not
-    add cells to an experiment made with the old one (the settings record the world, not what it resolves to)."""
+    """An upgrade that maps --world toy to another generator, ships new weights under the old name, or chooses
+    another paper rate for the world must not add cells to an experiment made with the old one (the settings
+    record the world, not what it resolves to)."""
     import shutil
 
     from mlgen.errors import MlgenError
+    from mlgen.experiment import cells
     from mlgen.experiment import data as experiment_data
     from mlgen.models import builtin
 
@@ -391,10 +400,12 @@ def test_an_experiment_made_with_other_models_under_the_same_names_is_refused(
     run_experiment(run, config, log=lambda _: None)  # the same models: accepted
     if change == "the world's generator":
         monkeypatch.setitem(experiment_data.WORLDS, "toy", ("headroom", "toy-headroom", "toy-headroom"))
-    else:
+    elif change == "the generator's weights":
         weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
         weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
-    with pytest.raises(MlgenError, match="setting 'resolved_model' differs"):
+    else:
+        monkeypatch.setitem(cells.PAPER_LR, "toy", 0.2)
+    with pytest.raises(MlgenError, match=f"setting '{setting}' differs"):
         run_experiment(run, config, log=lambda _: None)
     settings = run / "experiment" / "settings.json"
     recorded = json.loads(settings.read_text())

@@ -34,7 +34,7 @@ from mlgen.config import ClassifierConfig, ExperimentConfig
 from mlgen.errors import MlgenError
 from mlgen.experiment.arms import REFERENCE, Arm, select_arms
 from mlgen.experiment.audit import audit_path, audit_seed, pct
-from mlgen.experiment.cells import Context, run_arm
+from mlgen.experiment.cells import Context, paper_lr, run_arm
 from mlgen.experiment.data import resolve
 from mlgen.experiment.report import write_pooled_report, write_report
 from mlgen.experiment.runs import PROMPTS, shared_prompts
@@ -64,6 +64,7 @@ def _check_settings(root: Path, config: ExperimentConfig, classifier: Classifier
     setup = resolve(config)
     settings["resolved_clip"] = model_identity(setup.clip, "clip")
     settings["resolved_model"] = model_identity(setup.model, "diffusion")
+    settings["resolved_paper_lr"] = paper_lr(config)  # the world's rate is code: a new choice must not mix
     path = root / "settings.json"
     if path.is_file():
         recorded = json.loads(path.read_text(encoding="utf-8"))
