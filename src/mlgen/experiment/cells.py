@@ -114,10 +114,10 @@ def prompt_head_config(ctx: Context) -> ClassifierConfig:
     return dataclasses.replace(ctx.classifier, head="dualcoop", class_specific_context=False, prompt_context=context)
 
 
-# The paper arm's SGD learning rate per world, chosen on validation scenes for this budget by
-# bench/tune_experiment.py --questions paper (README gives the figures; with toy-headroom-2 both worlds chose the
-# official 0.002); the official 0.002 elsewhere.
-PAPER_LR = {"toy": 0.002, "toy-named": 0.002}
+# The paper arm's SGD learning rate for a world where validation chose another than the official 0.002
+# (bench/tune_experiment.py --questions paper; README gives the figures): with toy-headroom-2 both toy worlds
+# chose 0.002, so none today.
+PAPER_LR: dict[str, float] = {}
 
 
 def paper_lr(config: ExperimentConfig) -> float:

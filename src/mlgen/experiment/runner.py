@@ -68,12 +68,12 @@ def _check_settings(root: Path, config: ExperimentConfig, classifier: Classifier
     path = root / "settings.json"
     if path.is_file():
         recorded = json.loads(path.read_text(encoding="utf-8"))
-        if "resolved_model" not in recorded:
-            raise MlgenError(
-                f"{path}: recorded by an older mlgen that did not record the models it resolved (now "
-                f"{settings['resolved_model']}): use another --run"
-            )
         changed = sorted(k for k in recorded.keys() | settings.keys() if recorded.get(k) != settings.get(k))
+        if changed and changed[0] not in recorded:  # a setting this mlgen records and the one that ran did not
+            raise MlgenError(
+                f"{path}: recorded by an older mlgen that did not record '{changed[0]}' (now "
+                f"{settings[changed[0]]!r}): use another --run"
+            )
         if changed:
             raise MlgenError(
                 f"{path}: setting '{changed[0]}' differs from the recorded experiment "
