@@ -39,11 +39,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Small settings that keep a generate run to a few seconds on a 2-core CPU.
-FAST_GENERATE = ["--llm", "template", "--denoising-steps", "2", "--size", "64", "--shard-size", "4", "--batch-size", "2"]
+FAST_GENERATE = ["--llm", "template", "--denoising-steps", "2", "--size", "64", "--shard-size", "4"]
+FAST_GENERATE += ["--batch-size", "2"]
 
 
 def mlgen(
-    *args: str | Path, cwd: Path | None = None, timeout: int = 300, env: dict | None = None, fresh: bool = False
+    *args: str | Path,
+    cwd: Path | None = None,
+    timeout: int = 300,
+    env: dict[str, str | None] | None = None,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
     """Run ``python -m mlgen ARGS`` as a real process; returns the CompletedProcess (text).
 
@@ -52,7 +57,7 @@ def mlgen(
     every command fresh (to rule the warm server out when a test fails).
     """
     args_text = [str(arg) for arg in args]
-    full_env = {**os.environ, **(env or {})}
+    full_env = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}  # None: unset
     if not (fresh or os.environ.get("MLGEN_TEST_FRESH") == "1"):
         return warm_cli.run(args_text, cwd, full_env, timeout)
     return subprocess.run(

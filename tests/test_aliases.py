@@ -241,7 +241,19 @@ def test_bad_aliases_are_one_error_line_and_write_nothing(toy_run: Path, tmp_pat
 
 @pytest.mark.slow
 def test_finetune_records_the_aliases_and_refuses_a_changed_file(toy_run: Path) -> None:
-    args = ["finetune", "--run", "R", "--size", "32", "--denoising-steps", "2", "--max-train-steps", "1", "--save-every", "1"]
+    args = [
+        "finetune",
+        "--run",
+        "R",
+        "--size",
+        "32",
+        "--denoising-steps",
+        "2",
+        "--max-train-steps",
+        "1",
+        "--save-every",
+        "1",
+    ]
     done = mlgen(*args, "--label-aliases", "aliases.txt", cwd=toy_run)
     assert done.returncode == 0, done.stderr
     settings = json.loads((toy_run / "R" / "finetune" / "plan.json").read_text())["settings"]

@@ -31,7 +31,22 @@ def printed_rates(stdout: str, figures: dict) -> None:
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    args = ["--model", "tiny", "--clip", "tiny", "--size", "64", "--steps", "2", "--images", "4", "--filter-images", "8", "--finetune-steps", "1"]
+    args = [
+        "--model",
+        "tiny",
+        "--clip",
+        "tiny",
+        "--size",
+        "64",
+        "--steps",
+        "2",
+        "--images",
+        "4",
+        "--filter-images",
+        "8",
+        "--finetune-steps",
+        "1",
+    ]
     result = mlgen("bench", *args, "--out", out, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generate images/s" in result.stdout and "projected: --quota 200 --labels 17" in result.stdout

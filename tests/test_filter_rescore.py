@@ -89,7 +89,10 @@ def test_dedup_drops_near_duplicates_within_a_label_set(tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("circle\nsquare\n", encoding="utf-8")
     run = tmp_path / "run"
     generate = ["generate", "--classes", tmp_path / "classes.txt", "--model", "toy", "--llm", "template"]
-    for args in ([*generate, "--denoising-steps", "10", "--images-per-prompt", "6"], ["filter", "--clip", "toy", *RULE_ONLY]):
+    for args in (
+        [*generate, "--denoising-steps", "10", "--images-per-prompt", "6"],
+        ["filter", "--clip", "toy", *RULE_ONLY],
+    ):
         done = mlgen(*args, "--run", run)
         assert done.returncode == 0, done.stderr
     lenient = kept_per_set_and_shard(run)

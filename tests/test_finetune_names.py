@@ -25,7 +25,19 @@ from test_finetune import FAST_SETTINGS
 
 SHAPES = ["circle", "triangle", "star", "heart"]  # the headroom world's unseen labels
 CLIP = "toy-headroom"  # its teacher read hearts and stars only as "love symbol" and "sparkle"
-FINETUNE = ["finetune", "--run", "R2", "--clip", CLIP, "--size", "32", "--denoising-steps", "2", "--max-train-steps", "1"]
+FINETUNE = [
+    "finetune",
+    "--run",
+    "R2",
+    "--clip",
+    CLIP,
+    "--size",
+    "32",
+    "--denoising-steps",
+    "2",
+    "--max-train-steps",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")

@@ -114,7 +114,9 @@ def test_soft_targets_without_teacher_scores_is_one_line() -> None:
 )
 def test_soft_targets_refused_where_they_cannot_apply(run: RunDir, settings: dict, mentions, a_user_setting) -> None:
     with pytest.raises(MlgenError, match="--soft-targets") as err:
-        ClassifierStage(run, ClassifierConfig(**{"clip": "tiny", **settings}))  # a config built in code (the experiment's arms)
+        ClassifierStage(
+            run, ClassifierConfig(**{"clip": "tiny", **settings})
+        )  # a config built in code (the experiment's arms)
     assert mentions in str(err.value) and "\n" not in str(err.value)
     if a_user_setting:  # the command line and config file are refused before any stage is looked at
         with pytest.raises(MlgenError, match="--soft-targets"):

@@ -158,7 +158,9 @@ def test_runner_gives_each_rank_its_shards(tmp_path: Path) -> None:
 def test_a_changed_setting_before_any_shard_finished_just_replans(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
     with pytest.raises(RuntimeError):
-        run_stage(CountingStage(run, GenerateConfig(model="tiny", steps=3), fail_on=0))  # e.g. a model that fails to load
+        run_stage(
+            CountingStage(run, GenerateConfig(model="tiny", steps=3), fail_on=0)
+        )  # e.g. a model that fails to load
     fixed = CountingStage(run, GenerateConfig(model="tiny", steps=5))
     run_stage(fixed)  # no work would be lost: no refusal
     assert fixed.ran == [0, 1, 2, 3, 4]
