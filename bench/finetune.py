@@ -70,7 +70,7 @@ def measure(variant: str, args: argparse.Namespace) -> dict[str, float]:
         run = RunDir(Path(tmp))
         run_stage(PromptStage(run, PromptsConfig(llm="template"), ["zebra", "kite", "surfboard"]))
         config = FinetuneConfig(
-            model=args.model, size=args.size, steps=args.steps, learning_rate=1e-4, **VARIANTS[variant]
+            model=args.model, clip="tiny", size=args.size, steps=args.steps, learning_rate=1e-4, **VARIANTS[variant]
         )
         stage = FinetuneStage(run, config)
         ranks = every_rank()

@@ -13,6 +13,18 @@ import warm_cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here: unknown names must fail fast
 
+# Every command a test runs names the built-in random-weight models through the stages' variables: the defaults
+# are the paper's real models, which cannot be had offline (tests of the defaults drop these variables).
+BUILTIN_MODELS = {
+    "MLGEN_GENERATE_MODEL": "tiny",
+    "MLGEN_FINETUNE_MODEL": "tiny",
+    "MLGEN_FINETUNE_CLIP": "tiny",
+    "MLGEN_FILTER_CLIP": "tiny",
+    "MLGEN_CLASSIFIER_CLIP": "tiny",
+}
+for _name, _model in BUILTIN_MODELS.items():
+    os.environ.setdefault(_name, _model)
+
 
 def pytest_configure(config: pytest.Config) -> None:
     """Share the cores out among pytest-xdist's test processes before they start (they inherit os.environ).
@@ -27,7 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # Small settings that keep a generate run to a few seconds on a 2-core CPU.
-FAST_GENERATE = ["--llm", "template", "--steps", "2", "--size", "64", "--shard-size", "4", "--batch-size", "2"]
+FAST_GENERATE = ["--llm", "template", "--denoising-steps", "2", "--size", "64", "--shard-size", "4", "--batch-size", "2"]
 
 
 def mlgen(

@@ -223,7 +223,7 @@ def test_bad_aliases_are_one_error_line_and_write_nothing(toy_run: Path, tmp_pat
         bad = f"{name}.txt" if text is not None else "bad.txt"
         for command, args in {
             "evaluate": ["evaluate", "--zero-shot", "clip", "--clip", "toy-headroom", "--data", "real/labels.csv"],
-            "finetune": ["finetune", "--size", "32", "--steps", "2", "--max-train-steps", "1"],
+            "finetune": ["finetune", "--size", "32", "--denoising-steps", "2", "--max-train-steps", "1"],
         }.items():
             jobs[f"{command}-{name}"] = Job(toy_run, [[*args, "--run", "R", "--label-aliases", bad]])
             expected[f"{command}-{name}"] = tuple(m.replace("bad.txt", bad) for m in mentions)
@@ -241,7 +241,7 @@ def test_bad_aliases_are_one_error_line_and_write_nothing(toy_run: Path, tmp_pat
 
 @pytest.mark.slow
 def test_finetune_records_the_aliases_and_refuses_a_changed_file(toy_run: Path) -> None:
-    args = ["finetune", "--run", "R", "--size", "32", "--steps", "2", "--max-train-steps", "1", "--save-every", "1"]
+    args = ["finetune", "--run", "R", "--size", "32", "--denoising-steps", "2", "--max-train-steps", "1", "--save-every", "1"]
     done = mlgen(*args, "--label-aliases", "aliases.txt", cwd=toy_run)
     assert done.returncode == 0, done.stderr
     settings = json.loads((toy_run / "R" / "finetune" / "plan.json").read_text())["settings"]
@@ -262,7 +262,8 @@ def test_a_benchmarks_aliases_are_checked_against_its_own_labels(tmp_path: Path)
     (tmp_path / "run").mkdir()
     (tmp_path / "coco.txt").write_text("airplane: aeroplane, jet plane\n", encoding="utf-8")
     (tmp_path / "shapes.txt").write_text(ALIASES, encoding="utf-8")
-    args = ["evaluate", "--run", tmp_path / "run", "--zero-shot", "clip", "--data", data, "--label-aliases"]
+    args = ["evaluate", "--run", tmp_path / "run", "--zero-shot", "clip", "--clip", "tiny", "--data", data]
+    args.append("--label-aliases")
     assert_one_error_line(mlgen(*args, tmp_path / "shapes.txt"), "shapes.txt", "'heart' is not one of the labels")
     assert list((tmp_path / "run").iterdir()) == []
     done = mlgen(*args, tmp_path / "coco.txt")

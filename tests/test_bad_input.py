@@ -134,7 +134,7 @@ CASES: dict[str, Case] = {
         no_prompts=True,
     ),
     "steps-negative": Case(
-        ["generate", "--run", RUN, "--classes", "c.txt", *with_flag(FAST_GENERATE, "--steps", "-1")],
+        ["generate", "--run", RUN, "--classes", "c.txt", *with_flag(FAST_GENERATE, "--denoising-steps", "-1")],
         ("steps", "-1"),
         CLASSES_FILE,
         no_prompts=True,
@@ -296,7 +296,7 @@ def copy_of(finished: Path, target: Path) -> Path:
     return target
 
 
-STEPS_3 = ["generate", "--run", RUN, "--classes", "c.txt", *with_flag(FAST_GENERATE, "--steps", "3")]
+STEPS_3 = ["generate", "--run", RUN, "--classes", "c.txt", *with_flag(FAST_GENERATE, "--denoising-steps", "3")]
 
 
 @pytest.fixture(scope="module")
@@ -375,7 +375,7 @@ def test_corrupt_shard(finished_outcomes: dict[str, tuple[Path, list[Outcome]]])
 
 BARE_RUN = {f"{RUN}/classes.txt": "zebra\nkite\n", f"{RUN}/raw/.keep": "", "x.png": "not an image\n"}
 EVAL_DATA = {**BARE_RUN, "d.csv": "image,labels\nx.png,zebra\n", "broken.json": "{\n"}
-ZERO_SHOT = ["evaluate", "--run", RUN, "--zero-shot", "clip"]
+ZERO_SHOT = ["evaluate", "--run", RUN, "--zero-shot", "clip", "--clip", "tiny"]
 DEAD_SERVER = "http://127.0.0.1:9/v1"  # the discard port: nothing listens, the connection is refused at once
 PROMPTS = ["prompts", "--run", RUN, "--classes", "c.txt", "--llm", "template"]
 
@@ -426,7 +426,7 @@ LATEST_CASES: dict[str, Case] = {
     # train-classifier options (refused before the stage looks for its input)
     "train-unknown-head": Case(["train-classifier", "--run", RUN, "--head", "mlp"], ("head", "mlp"), BARE_RUN),
     "train-unknown-loss": Case(["train-classifier", "--run", RUN, "--loss", "hinge"], ("loss", "hinge"), BARE_RUN),
-    "train-steps-0": Case(["train-classifier", "--run", RUN, "--steps", "0"], ("--steps",), BARE_RUN),
+    "train-steps-0": Case(["train-classifier", "--run", RUN, "--train-steps", "0"], ("--train-steps",), BARE_RUN),
     "train-holdout-1.5": Case(["train-classifier", "--run", RUN, "--holdout", "1.5"], ("holdout", "1.5"), BARE_RUN),
     "train-epochs-not-a-number": Case(["train-classifier", "--run", RUN, "--epochs", "ten"], ("--epochs",), BARE_RUN),
     "train-prompt-context-0": Case(

@@ -31,7 +31,7 @@ def printed_rates(stdout: str, figures: dict) -> None:
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    args = ["--size", "64", "--steps", "2", "--images", "4", "--filter-images", "8", "--finetune-steps", "1"]
+    args = ["--model", "tiny", "--clip", "tiny", "--size", "64", "--steps", "2", "--images", "4", "--filter-images", "8", "--finetune-steps", "1"]
     result = mlgen("bench", *args, "--out", out, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "generate images/s" in result.stdout and "projected: --quota 200 --labels 17" in result.stdout
@@ -109,7 +109,7 @@ def test_dry_run_on_unknown_keys_is_one_line(tmp_path: Path) -> None:
 def test_bench_a_real_architecture_on_cpu(tmp_path: Path) -> None:
     """`--arch sd2` at 256 px on CPU: one image per batch, the fine-tuning step skipped with its reason
     (a batch of 8 and a real-size training step took minutes on 2 cores)."""
-    args = ["bench", "--arch", "sd2", "--size", "256", "--steps", "2"]  # the issue's command
+    args = ["bench", "--arch", "sd2", "--clip", "tiny", "--size", "256", "--steps", "2"]  # the issue's command
     result = mlgen(*args, cwd=tmp_path, timeout=1200)  # the threads conftest gives each test process
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mlgen bench on cpu: sd2 (random weights), 256 px, 2 steps, float32" in result.stdout

@@ -45,7 +45,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
 def _train(run: RunDir, **settings) -> ClassifierStage:
     torch.manual_seed(0)
     shutil.rmtree(run.stage_dir("classifier"), ignore_errors=True)  # same settings would be "already done"
-    stage = ClassifierStage(run, ClassifierConfig(**{"source": "raw", "epochs": 2, "batch_size": 4, **settings}))
+    stage = ClassifierStage(run, ClassifierConfig(**{"clip": "tiny", "source": "raw", "epochs": 2, "batch_size": 4, **settings}))
     run_stage(stage)
     return stage
 

@@ -101,7 +101,7 @@ def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "aliases.txt").write_text(ALIASES, encoding="utf-8")
     run = root / "run"
     generate = ["generate", "--classes", root / "classes.txt", "--model", "toy-headroom", "--llm", "template"]
-    for args in ([*generate, "--steps", "10", "--images-per-prompt", "12"], ["filter", "--clip", CLIP, *RULE_ONLY]):
+    for args in ([*generate, "--denoising-steps", "10", "--images-per-prompt", "12"], ["filter", "--clip", CLIP, *RULE_ONLY]):
         done = mlgen(*args, "--run", run)
         assert done.returncode == 0, done.stderr
     return run

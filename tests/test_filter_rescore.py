@@ -89,7 +89,7 @@ def test_dedup_drops_near_duplicates_within_a_label_set(tmp_path: Path) -> None:
     (tmp_path / "classes.txt").write_text("circle\nsquare\n", encoding="utf-8")
     run = tmp_path / "run"
     generate = ["generate", "--classes", tmp_path / "classes.txt", "--model", "toy", "--llm", "template"]
-    for args in ([*generate, "--steps", "10", "--images-per-prompt", "6"], ["filter", "--clip", "toy", *RULE_ONLY]):
+    for args in ([*generate, "--denoising-steps", "10", "--images-per-prompt", "6"], ["filter", "--clip", "toy", *RULE_ONLY]):
         done = mlgen(*args, "--run", run)
         assert done.returncode == 0, done.stderr
     lenient = kept_per_set_and_shard(run)
@@ -122,7 +122,7 @@ def test_rescore_with_another_text_side(filtered_run: Path, text: str, monkeypat
 
 def test_dedup_rule_compares_within_a_label_set_and_shard_only() -> None:
     stage = FilterStage.__new__(FilterStage)  # only the dedup rule: no run, no model
-    stage.config = FilterConfig(dedup=0.95)
+    stage.config = FilterConfig(clip="tiny", dedup=0.95)
     a, near, far = [1.0, 0.0], [0.99, 0.05], [0.0, 1.0]
     features = torch.nn.functional.normalize(torch.tensor([a, near, far, near, near, near]), dim=-1)
     requested = torch.tensor([[1, 0], [1, 0], [1, 0], [1, 1], [1, 0], [1, 0]], dtype=torch.bool)
@@ -132,7 +132,7 @@ def test_dedup_rule_compares_within_a_label_set_and_shard_only() -> None:
     duplicate = stage.duplicates(keys, features, kept, requested)
     # near repeats a (same set, shard); far does not; another label set, another shard and a dropped image never are
     assert duplicate.tolist() == [False, True, False, False, False, False]
-    stage.config = FilterConfig()  # off by default
+    stage.config = FilterConfig(clip="tiny")  # off by default
     assert not stage.duplicates(keys, features, kept, requested).any()
 
 
@@ -202,8 +202,8 @@ def test_an_empty_raw_stage_is_one_line(filtered_run: Path, tmp_path: Path) -> N
     shutil.copytree(filtered_run, copy)
     prompts = copy / "prompts" / "prompts.parquet"
     pq.write_table(pq.read_table(prompts).slice(0, 0), prompts)  # no prompts: a raw stage of zero images
-    steps_1 = [*FAST_GENERATE[: FAST_GENERATE.index("--steps")], "--steps", "1"]
-    steps_1 += FAST_GENERATE[FAST_GENERATE.index("--steps") + 2 :]
+    steps_1 = [*FAST_GENERATE[: FAST_GENERATE.index("--denoising-steps")], "--denoising-steps", "1"]
+    steps_1 += FAST_GENERATE[FAST_GENERATE.index("--denoising-steps") + 2 :]
     done = mlgen("generate", "--run", copy, *steps_1, "--overwrite")
     assert done.returncode == 0, done.stderr
     done = mlgen("filter", "--run", copy, "--overwrite")

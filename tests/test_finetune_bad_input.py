@@ -66,7 +66,7 @@ def test_run_without_prompts(prompted: Path, tmp_path: Path) -> None:
 
 def test_nan_loss_stops_and_a_resume_with_other_settings_is_refused(prompted: Path, tmp_path: Path) -> None:
     run = fresh_copy(prompted, tmp_path)
-    args = ["--size", "32", "--steps", "2", "--max-train-steps", "5", "--save-every", "1"]
+    args = ["--size", "32", "--denoising-steps", "2", "--max-train-steps", "5", "--save-every", "1"]
     line = error_line(mlgen("finetune", "--run", run, *args, "--learning-rate", "1e10"))
     assert "loss became NaN/inf at step 2" in line and "step-000001" in line
     checkpoints = run / "finetune" / "checkpoints"
@@ -102,4 +102,4 @@ def test_nan_loss_stops_and_a_resume_with_other_settings_is_refused(prompted: Pa
 )
 def test_bad_settings_are_refused_before_any_work(settings: dict, message: str) -> None:
     with pytest.raises(MlgenError, match=message):
-        check_config(FinetuneConfig(**settings))
+        check_config(FinetuneConfig(**{"model": "tiny", "clip": "tiny", **settings}))

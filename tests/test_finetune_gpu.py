@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_mixed_precision_training_on_cuda(tmp_path: Path, precision: str) -> None:
     run = make_run(tmp_path)
     config = FinetuneConfig(
-        size=32, steps=2, learning_rate=1e-3, max_train_steps=4, log_every=1, mixed_precision=precision
+        model="tiny", clip="tiny", size=32, steps=2, learning_rate=1e-3, max_train_steps=4, log_every=1, mixed_precision=precision
     )
     stage = FinetuneStage(RunDir(run), config)
     run_stage(stage, ranks=every_rank())

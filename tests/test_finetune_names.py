@@ -25,7 +25,7 @@ from test_finetune import FAST_SETTINGS
 
 SHAPES = ["circle", "triangle", "star", "heart"]  # the headroom world's unseen labels
 CLIP = "toy-headroom"  # its teacher read hearts and stars only as "love symbol" and "sparkle"
-FINETUNE = ["finetune", "--run", "R2", "--clip", CLIP, "--size", "32", "--steps", "2", "--max-train-steps", "1"]
+FINETUNE = ["finetune", "--run", "R2", "--clip", CLIP, "--size", "32", "--denoising-steps", "2", "--max-train-steps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def rounds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     generate = ["generate", "--run", "R1", "--classes", "c.txt", "--model", "toy-headroom", "--llm", "template"]
     for args in (
-        [*generate, "--steps", "10", "--images-per-prompt", "4"],
+        [*generate, "--denoising-steps", "10", "--images-per-prompt", "4"],
         ["filter", "--run", "R1", "--clip", CLIP, "--label-aliases", "aliases.txt"],
         ["prompts", "--run", "R2", "--classes", "c.txt", "--llm", "template"],
     ):

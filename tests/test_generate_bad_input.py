@@ -51,7 +51,7 @@ def test_full_disk_while_writing_a_shard(tmp_path: Path, classes_file: Path) -> 
         capture_output=True,
         text=True,
         timeout=300,
-        env={**os.environ, "MLGEN_IMAGE_FORMAT": "png"},
+        env={**os.environ, "MLGEN_GENERATE_IMAGE_FORMAT": "png"},
         preexec_fn=_small_disk,
     )
     _one_line(result, "raw shard 00000 could not be written", "not marked done", "rerun")

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import mlgen
 
-FAST = ["--steps", "2", "--size", "64", "--shard-size", "4", "--batch-size", "2"]
+FAST = ["--denoising-steps", "2", "--size", "64", "--shard-size", "4", "--batch-size", "2"]
 
 
 def _ok(result: subprocess.CompletedProcess) -> str:
@@ -60,7 +60,7 @@ def test_ctrl_c_keeps_finished_shards_and_a_rerun_resumes(tmp_path: Path) -> Non
     (tmp_path / "unseen.txt").write_text("zebra\nkite\nbench\n", encoding="utf-8")
     _ok(mlgen("prompts", "--classes", "unseen.txt", "--llm", "template", cwd=tmp_path))
     # enough shards that a loaded machine cannot finish them all between the first stats file and the signal
-    args = ["generate", *FAST, "--shard-size", "2", "--steps", "4", "--images-per-prompt", "8"]
+    args = ["generate", *FAST, "--shard-size", "2", "--denoising-steps", "4", "--images-per-prompt", "8"]
     process = subprocess.Popen(
         [sys.executable, "-m", "mlgen", *args],
         cwd=tmp_path,

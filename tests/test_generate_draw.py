@@ -23,7 +23,7 @@ from mlgen.prompts.stage import PromptStage
 from mlgen.report import build_report
 
 LABELS = ["circle", "triangle", "star", "heart"]
-FAST = dict(steps=2, size=64, shard_size=4, batch_size=4, images_per_prompt=2)
+FAST = dict(model="tiny", steps=2, size=64, shard_size=4, batch_size=4, images_per_prompt=2)
 
 
 def test_draw_is_single_label_about_one_in_n_squared() -> None:
@@ -109,7 +109,7 @@ def test_marker_counts_single_label_images_and_an_old_plan_is_refused(tmp_path: 
     assert marker["counts"]["images"] == len(rows) == 20
     assert marker["counts"]["single_label"] == single
     assert marker["counts"]["single_label_share"] == round(single / 20, 4)
-    workflow.filter_images(run, FilterConfig())
+    workflow.filter_images(run, FilterConfig(clip="tiny"))
     page = build_report(run).read_text(encoding="utf-8")
     assert f"<p>20 images generated; {single} single-label ({single / 20:.1%})" in page
 

@@ -19,9 +19,9 @@ from mlgen.workflow import filter_images, generate
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
     run = RunDir(tmp_path_factory.mktemp("readers"))
-    config = GenerateConfig(steps=2, size=64, shard_size=4, batch_size=4, images_per_prompt=2)
+    config = GenerateConfig(model="tiny", steps=2, size=64, shard_size=4, batch_size=4, images_per_prompt=2)
     generate(run, config, PromptsConfig(llm="template"), ["zebra", "kite", "bench"])
-    filter_images(run, FilterConfig())
+    filter_images(run, FilterConfig(clip="tiny"))
     return run
 
 

@@ -17,7 +17,7 @@ from mlgen.pipeline.rundir import RunDir
 from mlgen.pipeline.runner import run_stage
 from mlgen.prompts.stage import PromptStage
 
-GEN = GenerateConfig(steps=2, size=64, shard_size=8, batch_size=4)
+GEN = GenerateConfig(model="tiny", steps=2, size=64, shard_size=8, batch_size=4)
 
 
 @pytest.mark.slow
@@ -25,7 +25,7 @@ def test_rounds_resume_merge_and_report_short_labels(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "run")
     run_stage(PromptStage(run, PromptsConfig(llm="template", prompts_per_set=3), ["zebra", "kite"]))
     with pytest.raises(MlgenError, match=r"quota 4 not reached in 1 rounds; short: .*zebra \(\d/4\)"):
-        run_rounds(run, GEN, FilterConfig(gate=0.0, min_keep=0.0), quota=4, max_rounds=1)
+        run_rounds(run, GEN, FilterConfig(clip="tiny", gate=0.0, min_keep=0.0), quota=4, max_rounds=1)
     first = run.root / "rounds" / "01"
     raw_plan = json.loads((first / "raw" / "plan.json").read_text())
     assert raw_plan["settings"]["round"] == 1 and raw_plan["settings"]["per_set"]
@@ -42,7 +42,7 @@ def test_rounds_resume_merge_and_report_short_labels(tmp_path: Path) -> None:
     kept_before = kept_per_label(run)
     error = None
     try:
-        run_rounds(run, GEN, FilterConfig(gate=0.0, min_keep=0.0), quota=4, max_rounds=2)
+        run_rounds(run, GEN, FilterConfig(clip="tiny", gate=0.0, min_keep=0.0), quota=4, max_rounds=2)
     except MlgenError as err:
         error = str(err)
     short = sorted(label for label in ("zebra", "kite") if kept_per_label(run)[label] < 4)

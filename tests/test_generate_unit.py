@@ -22,7 +22,7 @@ from mlgen.pipeline.runner import run_stage
 from mlgen.prompts.stage import PromptStage
 
 CPU = torch.device("cpu")
-FAST = dict(steps=2, size=64, shard_size=3, batch_size=2, images_per_prompt=2)
+FAST = dict(model="tiny", steps=2, size=64, shard_size=3, batch_size=2, images_per_prompt=2)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_presets_follow_the_model_id_and_flags_win() -> None:
     turbo = apply_preset(GenerateConfig(model="stabilityai/sd-turbo", steps=4))
     assert (turbo.steps, turbo.guidance) == (4, 0.0)
     with pytest.raises(MlgenError, match="unknown preset 'sd9'"):
-        apply_preset(GenerateConfig(preset="sd9"))
+        apply_preset(GenerateConfig(model="tiny", preset="sd9"))
 
 
 def test_scheduler_is_set_explicitly_and_attention_is_sdpa() -> None:

@@ -22,9 +22,9 @@ def test_generate_and_filter_in_fp16_on_cuda(tmp_path: Path) -> None:
     assert load_pipeline("tiny", device, "auto").unet.dtype == torch.float16
     assert load_open_clip("tiny", device)[0].logit_scale.dtype == torch.float16
     run = RunDir(tmp_path)
-    marker = generate(run, GenerateConfig(steps=4, shard_size=8), PromptsConfig(llm="template"), ["cat", "dog", "car"])
+    marker = generate(run, GenerateConfig(model="tiny", steps=4, shard_size=8), PromptsConfig(llm="template"), ["cat", "dog", "car"])
     assert marker["counts"]["images"] == 6
-    filtered = filter_images(run, FilterConfig())
+    filtered = filter_images(run, FilterConfig(clip="tiny"))
     assert filtered["counts"]["images"] == 6
 
 

@@ -33,7 +33,7 @@ STAGES = {  # every stage on the tiny models, small enough for seconds per stage
     "filter": {},
     "classifier": {"epochs": 2, "source": "raw"},  # raw: tiny CLIP may keep too few images to train on
 }
-GENERATE = ["--steps", "2", "--size", "64", "--shard-size", "2", "--batch-size", "2", "--images-per-prompt", "2"]
+GENERATE = ["--denoising-steps", "2", "--size", "64", "--shard-size", "2", "--batch-size", "2", "--images-per-prompt", "2"]
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ def finished_run(tmp_path_factory) -> Path:
     run = tmp / "run"
     for command in (
         ["prompts", "--run", run, "--classes", classes, "--llm", "template"],
-        ["generate", "--run", run, "--model", "toy", *FAST_GENERATE, "--steps", "10", "--images-per-prompt", "6"],
+        ["generate", "--run", run, "--model", "toy", *FAST_GENERATE, "--denoising-steps", "10", "--images-per-prompt", "6"],
         ["filter", "--run", run, "--clip", "toy", "--gate", "0", "--min-keep", "0"],
         ["train-classifier", "--run", run, "--clip", "toy", "--epochs", "5", "--holdout", "0.5"],
     ):

@@ -130,7 +130,7 @@ def test_killed_run_resumes_without_asking_answered_questions_again(tmp_path: Pa
     (tmp_path / "one-attempt.yaml").write_text("prompts:\n  max_attempts: 1\n")  # no re-asking: fewer answers
     args = ["prompts", "--run", "R", "--classes", "c.txt", "--prompts-per-set", "2", "--synonyms", "1"]
     args += ["--batch-size", "1", "--config", "one-attempt.yaml"]
-    env = {**os.environ, "MLGEN_MAX_NEW_TOKENS": "20"}
+    env = {**os.environ, "MLGEN_PROMPTS_MAX_NEW_TOKENS": "20"}
     run = tmp_path / "R"
     proc = subprocess.Popen([sys.executable, "-m", "mlgen", *args], cwd=tmp_path, env=env, stderr=subprocess.DEVNULL)
     synonyms = run / "prompts" / "parts" / "synonyms.json"
@@ -144,7 +144,7 @@ def test_killed_run_resumes_without_asking_answered_questions_again(tmp_path: Pa
     proc.wait()
     answered = cache_files(run)
     synonym_requests = json.loads(synonyms.read_text())["requests"]
-    result = mlgen(*args, cwd=tmp_path, timeout=600, env={"MLGEN_MAX_NEW_TOKENS": "20"})
+    result = mlgen(*args, cwd=tmp_path, timeout=600, env={"MLGEN_PROMPTS_MAX_NEW_TOKENS": "20"})
     assert result.returncode == 0, result.stderr
     stats = json.loads((run / "prompts" / "00000_stats.json").read_text())
     assert stats["cache_hits"] == answered - synonym_requests  # none asked twice
@@ -189,7 +189,7 @@ def test_openai_backend_against_a_real_transformers_server(tmp_path: Path) -> No
         args += ["--prompts-per-set", "1", "--synonyms", "1", "--concurrency", "4"]
         (tmp_path / "one-attempt.yaml").write_text("prompts:\n  max_attempts: 1\n")  # 5 requests, none re-asked
         args += ["--config", "one-attempt.yaml"]
-        result = mlgen(*args, cwd=tmp_path, timeout=600, env={"MLGEN_MAX_NEW_TOKENS": "16"})
+        result = mlgen(*args, cwd=tmp_path, timeout=600, env={"MLGEN_PROMPTS_MAX_NEW_TOKENS": "16"})
         assert result.returncode == 0, result.stderr
         report = json.loads((tmp_path / "R" / "prompts" / "report.json").read_text())
         assert report["requests"]["total"] >= 3 and report["answers"]["candidates"] >= 1
@@ -206,7 +206,7 @@ def test_a_server_that_is_down_fails_with_one_line(tmp_path: Path) -> None:
     port = free_port()  # nobody listens there
     args = ["prompts", "--run", "R", "--classes", "c.txt", "--llm", "openai:m"]
     result = mlgen(
-        *args, "--llm-base-url", f"http://127.0.0.1:{port}/v1", cwd=tmp_path, env={"MLGEN_REQUEST_RETRIES": "0"}
+        *args, "--llm-base-url", f"http://127.0.0.1:{port}/v1", cwd=tmp_path, env={"MLGEN_PROMPTS_REQUEST_RETRIES": "0"}
     )
     assert "cannot reach the LLM server" in error_line(result)
 
@@ -218,7 +218,7 @@ def test_a_server_that_never_answers_times_out_with_one_line(tmp_path: Path) -> 
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/v1"
-        env = {"MLGEN_REQUEST_RETRIES": "0", "MLGEN_REQUEST_TIMEOUT": "1"}
+        env = {"MLGEN_PROMPTS_REQUEST_RETRIES": "0", "MLGEN_PROMPTS_REQUEST_TIMEOUT": "1"}
         started = time.monotonic()
         args = ["prompts", "--run", "R", "--classes", "c.txt", "--llm", "openai:m", "--llm-base-url", url]
         result = mlgen(*args, cwd=tmp_path, env=env, timeout=120)

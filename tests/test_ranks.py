@@ -12,7 +12,7 @@ from pathlib import Path
 from conftest import mlgen
 from helpers import images_by_key, manifest_keys, manifest_rows
 
-ARGS = ["--classes", None, "--llm", "template", "--steps", "3", "--size", "64", "--shard-size", "3",
+ARGS = ["--classes", None, "--llm", "template", "--denoising-steps", "3", "--size", "64", "--shard-size", "3",
         "--batch-size", "3", "--images-per-prompt", "2"]  # fmt: skip
 
 

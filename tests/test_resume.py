@@ -16,7 +16,7 @@ from conftest import mlgen
 from helpers import images_by_key, manifest_keys, manifest_rows
 
 # 3 labels -> 6 label sets -> 6 prompts x 4 images = 24 samples in 6 shards.
-ARGS = ["--llm", "template", "--steps", "6", "--size", "64", "--shard-size", "4", "--batch-size", "2",
+ARGS = ["--llm", "template", "--denoising-steps", "6", "--size", "64", "--shard-size", "4", "--batch-size", "2",
         "--images-per-prompt", "4"]  # fmt: skip
 
 
@@ -90,7 +90,7 @@ def test_a_second_process_on_the_same_stage_stops_with_one_line(tmp_path):
     classes.write_text("zebra\nsurfboard\nkite\n")
     run = tmp_path / "run"
     # The holder must outlive the second process's start-up (importing torch takes seconds on a busy CPU).
-    slow = [*ARGS, "--steps", "200"]
+    slow = [*ARGS, "--denoising-steps", "200"]
     first = start_generate(run, classes, slow)
     try:
         wait_for("raw/plan.json", run, 1, first)

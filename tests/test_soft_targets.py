@@ -114,7 +114,7 @@ def test_soft_targets_without_teacher_scores_is_one_line() -> None:
 )
 def test_soft_targets_refused_where_they_cannot_apply(run: RunDir, settings: dict, mentions, a_user_setting) -> None:
     with pytest.raises(MlgenError, match="--soft-targets") as err:
-        ClassifierStage(run, ClassifierConfig(**settings))  # a config built in code (the experiment's arms)
+        ClassifierStage(run, ClassifierConfig(**{"clip": "tiny", **settings}))  # a config built in code (the experiment's arms)
     assert mentions in str(err.value) and "\n" not in str(err.value)
     if a_user_setting:  # the command line and config file are refused before any stage is looked at
         with pytest.raises(MlgenError, match="--soft-targets"):
@@ -128,7 +128,7 @@ def test_soft_targets_outside_0_1_is_one_line() -> None:
 
 
 def _train(run: RunDir, soft: float, overwrite: bool = False) -> dict:
-    config = ClassifierConfig(epochs=1, batch_size=2, augment=False, cache=False, soft_targets=soft)
+    config = ClassifierConfig(clip="tiny", epochs=1, batch_size=2, augment=False, cache=False, soft_targets=soft)
     run_stage(ClassifierStage(run, config), overwrite)
     return json.loads((run.stage_dir("classifier") / "metrics.json").read_text(encoding="utf-8"))
 

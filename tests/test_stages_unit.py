@@ -125,7 +125,7 @@ class CountingStage(Stage):
 
 def test_runner_resumes_and_refuses_changed_settings(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
-    config = GenerateConfig(steps=3)
+    config = GenerateConfig(model="tiny", steps=3)
     with pytest.raises(RuntimeError):
         run_stage(CountingStage(run, config, fail_on=3))
     assert not (tmp_path / "counting" / "_SUCCESS.json").exists()
@@ -134,11 +134,11 @@ def test_runner_resumes_and_refuses_changed_settings(tmp_path: Path) -> None:
     assert resumed.ran == [3, 4]  # finished shards are skipped
     assert marker["counts"] == {"items": 10} and marker["shards"] == 5
     with pytest.raises(MlgenError, match=r"setting 'steps' changed from 3 to 4.*--overwrite"):
-        run_stage(CountingStage(run, GenerateConfig(steps=4)))
-    batch_only = CountingStage(run, GenerateConfig(steps=3, batch_size=99))  # runtime setting: allowed
+        run_stage(CountingStage(run, GenerateConfig(model="tiny", steps=4)))
+    batch_only = CountingStage(run, GenerateConfig(model="tiny", steps=3, batch_size=99))  # runtime setting: allowed
     run_stage(batch_only)
     assert batch_only.ran == []
-    redo = CountingStage(run, GenerateConfig(steps=4))
+    redo = CountingStage(run, GenerateConfig(model="tiny", steps=4))
     run_stage(redo, overwrite=True)
     assert redo.ran == [0, 1, 2, 3, 4]
     assert json.loads((tmp_path / "counting" / "plan.json").read_text())["settings"]["steps"] == 4
@@ -147,19 +147,19 @@ def test_runner_resumes_and_refuses_changed_settings(tmp_path: Path) -> None:
 
 def test_runner_gives_each_rank_its_shards(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
-    rank0, rank1 = CountingStage(run, GenerateConfig()), CountingStage(run, GenerateConfig())
+    rank0, rank1 = CountingStage(run, GenerateConfig(model="tiny")), CountingStage(run, GenerateConfig(model="tiny"))
     assert run_stage(rank0, ranks=Ranks(0, 2, torch.device("cpu"))) == {}  # rank 1's shards missing
     run_stage(rank1, ranks=Ranks(1, 2, torch.device("cpu")))
     assert (rank0.ran, rank1.ran) == ([0, 2, 4], [1, 3])
-    marker = run_stage(CountingStage(run, GenerateConfig()), ranks=Ranks(0, 2, torch.device("cpu")))
+    marker = run_stage(CountingStage(run, GenerateConfig(model="tiny")), ranks=Ranks(0, 2, torch.device("cpu")))
     assert marker["counts"] == {"items": 10}
 
 
 def test_a_changed_setting_before_any_shard_finished_just_replans(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
     with pytest.raises(RuntimeError):
-        run_stage(CountingStage(run, GenerateConfig(steps=3), fail_on=0))  # e.g. a model that fails to load
-    fixed = CountingStage(run, GenerateConfig(steps=5))
+        run_stage(CountingStage(run, GenerateConfig(model="tiny", steps=3), fail_on=0))  # e.g. a model that fails to load
+    fixed = CountingStage(run, GenerateConfig(model="tiny", steps=5))
     run_stage(fixed)  # no work would be lost: no refusal
     assert fixed.ran == [0, 1, 2, 3, 4]
 
@@ -175,10 +175,10 @@ class CorruptInputStage(CountingStage):
 
 def test_a_failed_shard_lets_the_others_run_and_leaves_the_stage_incomplete(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
-    stage = CorruptInputStage(run, GenerateConfig())
+    stage = CorruptInputStage(run, GenerateConfig(model="tiny"))
     with pytest.raises(MlgenError, match=r"00001\.tar \(and 1 more failed shards\).*not complete"):
         run_stage(stage)
     assert stage.ran == [0, 2, 4]
     assert not (tmp_path / "counting" / "_SUCCESS.json").exists()
-    fixed = CountingStage(run, GenerateConfig())  # the input repaired: only the failed shards run
+    fixed = CountingStage(run, GenerateConfig(model="tiny"))  # the input repaired: only the failed shards run
     assert run_stage(fixed)["shards"] == 5 and fixed.ran == [1, 3]

@@ -129,7 +129,7 @@ def test_generate_with_the_toy_model(tmp_path: Path) -> None:
     classes = tmp_path / "c.txt"
     classes.write_text("circle\nsquare\n", encoding="utf-8")
     run = tmp_path / "run"
-    fast = ["--llm", "template", "--steps", "4", "--shard-size", "4", "--batch-size", "2"]
+    fast = ["--llm", "template", "--denoising-steps", "4", "--shard-size", "4", "--batch-size", "2"]
     result = mlgen("generate", "--run", run, "--classes", classes, "--model", "toy", *fast)
     assert result.returncode == 0, result.stderr
     shards = finished_shards(run / "raw")

@@ -8,6 +8,8 @@ is refused (see :mod:`mlgen.pipeline.runner`).
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +17,11 @@ from typing import Any, TypeVar
 import yaml
 
 from mlgen.errors import MlgenError
+
+# The paper's models: what a stage uses when no model is named (built-in models are used only when named).
+PAPER_DIFFUSION = "stabilityai/stable-diffusion-2"
+PAPER_FILTER_CLIP = "ViT-B-32/openai"
+PAPER_CLASSIFIER_CLIP = "RN50/openai"
 
 # The paper's negative prompt, verbatim (Diff-ZS-MLC, methods.md section A).
 PAPER_NEGATIVE_PROMPT = (
@@ -67,7 +74,7 @@ class PromptsConfig:
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    model: str = "tiny"  # diffusers text-to-image id or folder; tiny = built-in random weights, toy = toy world
+    model: str = PAPER_DIFFUSION  # diffusers text-to-image id or folder; tiny (random weights) / toy* when named
     preset: str | None = None  # None: chosen by model id (mlgen models); fills steps/guidance/size/scheduler left unset
     images_per_prompt: int = 1
     shard_size: int = 100
@@ -86,7 +93,7 @@ class GenerateConfig:
 
 @dataclass(frozen=True)
 class FilterConfig:
-    clip: str = "tiny"  # open_clip ARCH/PRETRAINED (e.g. ViT-B-32/openai), hf-hub:ID, folder, or tiny
+    clip: str = PAPER_FILTER_CLIP  # open_clip ARCH/PRETRAINED, hf-hub:ID, folder, or a built-in (tiny, toy*)
     threshold: float = 0.5
     text: str = "bare"  # bare (paper: class names) | ensemble (prompt templates averaged) | s3 (synonym spaces)
     # | best (each label's most reliable name: label, synonyms or aliases)
@@ -109,7 +116,7 @@ class FilterConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    clip: str = "tiny"
+    clip: str = PAPER_CLASSIFIER_CLIP  # the frozen backbone (the paper's DualCoOp runs on RN50)
     epochs: int = 50  # the official 50
     steps: int | None = None  # exactly this many optimizer steps instead of epochs (cycling the passes)
     lr: float | None = None  # None: the optimizer's own (SGD 0.002 as official, AdamW 1e-3)
@@ -146,8 +153,8 @@ class ClassifierConfig:
 class FinetuneConfig:
     """Text-encoder fine-tuning (Diff-ZS-MLC); names follow the diffusers training scripts."""
 
-    model: str = "tiny"  # the diffusion model whose text encoder learns
-    clip: str = "tiny"  # the CLIP discriminator (as the filter's --clip)
+    model: str = PAPER_DIFFUSION  # the diffusion model whose text encoder learns
+    clip: str = PAPER_FILTER_CLIP  # the CLIP discriminator (as the filter's --clip)
     learning_rate: float = 7e-8  # AdamW, as the paper
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -250,6 +257,75 @@ def build_config(cls: type[ConfigT], *layers: dict[str, Any] | None) -> ConfigT:
             values[name] = tuple(tuple(entry) for entry in values[name])
     config = cls(**values)
     validate(config)
+    return config
+
+
+# Variables every command reads; every other MLGEN_ variable is MLGEN_<SECTION>_<KEY> (one stage's setting).
+GLOBAL_ENV = ("MLGEN_RUN", "MLGEN_CONFIG", "MLGEN_CACHE")
+
+
+def env_name(section: str, key: str) -> str:
+    """The environment variable of one stage's setting: ``MLGEN_GENERATE_STEPS``, ``MLGEN_FILTER_CLIP``."""
+    return f"MLGEN_{section}_{key}".upper()
+
+
+def env_settings(section: str, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The settings of config section ``section`` that ``MLGEN_<SECTION>_<KEY>`` variables set.
+
+    Values are read as YAML scalars (``8``, ``0.5``, ``true``) except for text settings, which stay as written.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(STAGE_CONFIGS[section]):
+        raw = environ.get(env_name(section, f.name))
+        if raw is None:
+            continue
+        if str(f.type) in ("str", "str | None"):
+            values[f.name] = raw
+            continue
+        try:
+            values[f.name] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise MlgenError(f"{env_name(section, f.name)}={raw!r} is not a value") from None
+    return values
+
+
+def warn_unknown_env(environ: dict[str, str] | None = None) -> None:
+    """One line for each MLGEN_ variable no stage reads (the old unsectioned names, typos)."""
+    environ = os.environ if environ is None else environ
+    known = set(GLOBAL_ENV) | {
+        env_name(section, f.name) for section, cls in STAGE_CONFIGS.items() for f in dataclasses.fields(cls)
+    }
+    for name in sorted(environ):
+        if name.startswith("MLGEN_") and name not in known and not name.startswith("MLGEN_TEST_"):
+            key = name.removeprefix("MLGEN_").lower()
+            sections = [s for s, cls in STAGE_CONFIGS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+            hint = ", ".join(env_name(s, key) for s in sections) or "MLGEN_<SECTION>_<KEY>"
+            print(f"mlgen: warning: {name} is not read; settings are per stage: {hint}", file=sys.stderr)
+
+
+_warned_random: set[str] = set()
+
+
+def warn_random_weights(config: Any) -> None:
+    """One warning line per process for each setting that names the random-weight ``tiny`` model."""
+    for key in ("model", "clip"):
+        if getattr(config, key, None) == "tiny" and key not in _warned_random:
+            _warned_random.add(key)
+            what = "images" if key == "model" else "scores"
+            print(
+                f"mlgen: warning: {key} 'tiny' has random weights: its {what} carry no meaning (a smoke test; "
+                "the trained offline toy world is 'toy')",
+                file=sys.stderr,
+            )
+
+
+def stage_settings(
+    cls: type[ConfigT], section: str, file_section: dict[str, Any] | None, flags: dict[str, Any]
+) -> ConfigT:
+    """A stage's settings: defaults < config file section < MLGEN_<SECTION>_<KEY> environment < flags."""
+    config = build_config(cls, file_section, env_settings(section), flags)
+    warn_random_weights(config)
     return config
 
 

@@ -14,7 +14,7 @@ from mlgen.filters.stage import FilterStage
 from mlgen.generate.diffusion import check_scheduler, check_text_to_image, image_side
 from mlgen.generate.presets import apply_preset
 from mlgen.generate.stage import GenerateStage
-from mlgen.models.registry import open_clip_name
+from mlgen.models.registry import check_clip_weights
 from mlgen.paths import write_json_atomic
 from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir, stats_path
 from mlgen.pipeline.runner import run_stage
@@ -64,6 +64,14 @@ def generate(
     return run_stage(GenerateStage(run, config), overwrite)
 
 
+def check_models(diffusion: list[str], clips: list[str]) -> None:
+    """Every model a run will use can be loaded (checked before any stage work, each failure one line)."""
+    for name in diffusion:
+        check_text_to_image(name)
+    for name in clips:
+        check_clip_weights(name)
+
+
 def check_raw_labels(run: RunDir) -> None:
     """Every label in the raw manifests must be one of classes.txt (read from the manifests, no images)."""
     import pyarrow.parquet as pq
@@ -88,7 +96,7 @@ def filter_images(run: RunDir, config: FilterConfig, overwrite: bool = False, re
     if not counts.get("images"):
         failed = f" ({counts['failed']} failed)" if counts.get("failed") else ""
         raise MlgenError(f"the raw stage in {run.stage_dir('raw')} has no images{failed}: nothing to filter")
-    open_clip_name(config.clip)
+    check_clip_weights(config.clip)
     check_raw_labels(run)
     stage = FilterStage(run, config, rescore=rescore)
     if rescore:  # checked before the old decisions are discarded
@@ -104,7 +112,7 @@ def filter_images(run: RunDir, config: FilterConfig, overwrite: bool = False, re
 
 def train_classifier(run: RunDir, config: ClassifierConfig, overwrite: bool = False) -> dict[str, Any]:
     run.require(config.source)
-    open_clip_name(config.clip)
+    check_clip_weights(config.clip)
     return run_stage(ClassifierStage(run, config), overwrite)
 
 
@@ -132,7 +140,7 @@ def evaluate_zero_shot(
     ``aliases`` (``--label-aliases``) join each label's names."""
     from mlgen.classifiers.evaluate import zero_shot_on_data
 
-    open_clip_name(clip)
+    check_clip_weights(clip)
     metrics = zero_shot_on_data(run, data, method, clip, labels, aliases)
     write_json_atomic(run.root / "zero-shot" / method / "metrics.json", metrics)
     return metrics

@@ -6,15 +6,15 @@ import io
 
 import torch
 from PIL import Image
-from tqdm import tqdm
+
+from mlgen.progress import progress
 
 
 def image_features(model, preprocess, images: list[bytes], device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """L2-normalised CLIP image embeddings [N, D] (float32, CPU) of encoded images."""
     chunks = []
-    for start in tqdm(
-        range(0, len(images), batch_size), desc="image features", unit="batch", disable=len(images) <= batch_size
-    ):
+    batches = range(0, len(images), batch_size)
+    for start in progress(batches, "image features", "batch", disable=len(images) <= batch_size):
         batch = images[start : start + batch_size]
         pixels = torch.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in batch])
         pixels = pixels.to(device, model.logit_scale.dtype)  # fp16 on CUDA

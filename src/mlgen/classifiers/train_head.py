@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from tqdm.auto import trange
 
 from mlgen.classifiers.heads import LinearHead
 from mlgen.classifiers.losses import asymmetric_loss
+from mlgen.progress import progress as show_progress
 
 
 def train_linear_head(
@@ -36,7 +36,7 @@ def train_linear_head(
     n = features.shape[0]
     history: list[float] = []
     head.train()
-    bar = trange(epochs, desc="train head", disable=not progress)
+    bar = show_progress(range(epochs), "train head", "epoch", disable=not progress)
     for _ in bar:
         total = 0.0
         for idx in torch.randperm(n, generator=generator).to(device).split(batch_size):
@@ -52,7 +52,8 @@ def train_linear_head(
             optimizer.step()
             total += loss_sum.item()
         history.append(total / n)
-        bar.set_postfix(loss=f"{history[-1]:.4f}")
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{history[-1]:.4f}")
     return head.eval(), history
 
 

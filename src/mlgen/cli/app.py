@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -20,13 +21,17 @@ from mlgen.cli.models import export_command, models_command
 from mlgen.cli.prompts import prompts_command
 from mlgen.cli.world import world_app
 from mlgen.config import (
+    PAPER_FILTER_CLIP,
+    STAGE_CONFIGS,
     ClassifierConfig,
     FilterConfig,
     FinetuneConfig,
     GenerateConfig,
     PromptsConfig,
-    build_config,
+    env_settings,
     read_config_file,
+    stage_settings,
+    warn_unknown_env,
 )
 from mlgen.errors import MlgenError
 from mlgen.labels import read_labels
@@ -40,26 +45,61 @@ except ImportError:  # older typer: click itself
 workflow = LazyModule("mlgen.workflow")  # torch and the models load when a command needs them
 NO_ARGS_IS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2; () matches nothing
 
-# `mlgen --help` lists the commands in the order a run uses them; the rest follow in definition order.
-PIPELINE_ORDER = ("prompts", "finetune", "generate", "filter", "train-classifier", "evaluate", "predict", "report")
+# `mlgen --help` groups the commands in panels, each in the order a run uses them.
+PIPELINE, INSPECT, SCALE, RESEARCH = "Pipeline", "Inspect", "Scale", "Research"
+PIPELINE_ORDER = ("prompts", "finetune", "generate", "filter", "train-classifier", "evaluate", "predict")
+# The config section whose defaults a command's options show, and option names that differ from the keys.
+COMMAND_SECTIONS = {
+    "prompts": "prompts",
+    "finetune": "finetune",
+    "generate": "generate",
+    "filter": "filter",
+    "train-classifier": "classifier",
+    "experiment": "experiment",
+}
+CONFIG_KEYS = {
+    "denoising_steps": "steps",
+    "train_steps": "steps",
+    "synonyms": "synonyms_per_label",
+    "compile_unet": "compile",
+}
 
 
-class PipelineOrder(TyperGroup):
+class MlgenGroup(TyperGroup):
     def list_commands(self, ctx) -> list[str]:
         names = super().list_commands(ctx)
         rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
         return sorted(names, key=lambda name: rank.get(name, len(rank)))  # stable: the others keep their order
 
+    def get_command(self, ctx, cmd_name: str):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None and cmd_name in COMMAND_SECTIONS:
+            show_config_defaults(command, STAGE_CONFIGS[COMMAND_SECTIONS[cmd_name]])
+        return command
+
+
+def show_config_defaults(command: Any, cls: type) -> None:
+    """--help shows each option's effective default: options default to None (so that the config file and the
+    environment can set them), the real default lives in the stage's settings class."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for param in command.params:
+        key = CONFIG_KEYS.get(param.name, param.name)
+        if param.default is None and defaults.get(key) not in (None, dataclasses.MISSING):
+            default = defaults[key]
+            param.show_default = str(default).lower() if isinstance(default, bool) else str(default)
+
 
 app = typer.Typer(
     name="mlgen",
-    cls=PipelineOrder,
-    help="Synthetic training data and a multi-label classifier for labels nobody has annotated.",
+    cls=MlgenGroup,
+    help="Synthetic training data and a multi-label classifier for labels nobody has annotated. "
+    "Every stage option is also a config-file key and an MLGEN_<SECTION>_<KEY> variable; flags win.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    context_settings={"show_default": True},
 )
-app.add_typer(world_app)  # mlgen world ...: the toy world
+app.add_typer(world_app, rich_help_panel=RESEARCH)  # mlgen world ...: the toy world
 
 RunOpt = Annotated[
     Path,
@@ -85,20 +125,24 @@ LlmOpt = Annotated[
     str | None,
     typer.Option(
         "--llm",
-        envvar="MLGEN_LLM",
-        help="smollm2 (built in), template, a transformers id/folder, vllm:ID, openai:MODEL.",
+        help="smollm2 (built in, small: use a larger instruct model for real runs), template, a transformers "
+        "id/folder, vllm:ID, openai:MODEL.",
     ),
 ]
-PromptsPerSetOpt = Annotated[
-    int | None, typer.Option("--prompts-per-set", envvar="MLGEN_PROMPTS_PER_SET", help="Scene prompts per label set.")
-]
+PromptsPerSetOpt = Annotated[int | None, typer.Option("--prompts-per-set", help="Scene prompts per label set.")]
 ModelOpt = Annotated[
-    str | None, typer.Option("--model", envvar="MLGEN_MODEL", help="diffusers model id or folder; tiny = built in.")
+    str | None,
+    typer.Option(
+        "--model", help="diffusers model id or folder; built in (named only): toy* (toy world), tiny (random weights)."
+    ),
 ]
 ClipOpt = Annotated[
     str | None,
-    typer.Option("--clip", envvar="MLGEN_CLIP", help="open_clip ARCH/PRETRAINED, hf-hub:ID, folder, or tiny."),
+    typer.Option(
+        "--clip", help="open_clip ARCH/PRETRAINED, hf-hub:ID, folder; built in (named only): toy*, tiny (random)."
+    ),
 ]
+StepsAliasOpt = Annotated[int | None, typer.Option("--steps", hidden=True, help="Deprecated name.")]
 DEFAULT_RUN = Path("mlgen-run")
 
 
@@ -108,8 +152,16 @@ def _config_sections(config_file: Path | None) -> dict[str, Any]:
 
 
 def _settings(config_file: Path | None, section: str, cls: type, **flags: Any) -> Any:
-    """Defaults < config file section < environment / flags (typer reads env into the flags)."""
-    return build_config(cls, _config_sections(config_file).get(section), flags)
+    """Defaults < config file section < MLGEN_<SECTION>_<KEY> environment < flags."""
+    return stage_settings(cls, section, _config_sections(config_file).get(section), flags)
+
+
+def _renamed(new: Any, old: Any, old_flag: str, new_flag: str) -> Any:
+    """The value of a renamed flag; the old name still works, with one warning line."""
+    if old is None:
+        return new
+    typer.echo(f"mlgen: warning: {old_flag} is deprecated: use {new_flag}", err=True)
+    return old if new is None else new
 
 
 def _labels(classes_file: Path | None) -> list[str] | None:
@@ -129,46 +181,29 @@ def _say(marker: dict[str, Any], run: Path) -> None:
         typer.echo(f"{marker['stage']}: done ({counts}) in {run / marker['stage']}")
 
 
-@app.command()
+@app.command(rich_help_panel=PIPELINE)
 def generate(
     run: RunOpt = DEFAULT_RUN,
     classes: ClassesOpt = None,
     model: ModelOpt = None,
-    images_per_prompt: Annotated[
-        int | None, typer.Option(envvar="MLGEN_IMAGES_PER_PROMPT", help="Images per prompt.")
-    ] = None,
-    shard_size: Annotated[int | None, typer.Option(envvar="MLGEN_SHARD_SIZE", help="Samples per shard.")] = None,
-    batch_size: Annotated[
-        int | None, typer.Option(envvar="MLGEN_BATCH_SIZE", help="Images per diffusion batch.")
-    ] = None,
-    steps: Annotated[int | None, typer.Option(envvar="MLGEN_STEPS", help="Denoising steps.")] = None,
-    size: Annotated[
-        int | None, typer.Option(envvar="MLGEN_SIZE", help="Image side in pixels (default: the model's).")
-    ] = None,
-    seed: Annotated[
-        int | None, typer.Option(envvar="MLGEN_SEED", help="Run seed (per-image seeds derive from it).")
-    ] = None,
-    guidance: Annotated[
-        float | None, typer.Option(envvar="MLGEN_GUIDANCE", help="Classifier-free guidance scale.")
-    ] = None,
+    images_per_prompt: Annotated[int | None, typer.Option(help="Images per prompt.")] = None,
+    shard_size: Annotated[int | None, typer.Option(help="Samples per shard.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per diffusion batch.")] = None,
+    denoising_steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the preset's).")] = None,
+    steps: StepsAliasOpt = None,
+    size: Annotated[int | None, typer.Option(help="Image side in pixels (default: the model's).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Run seed (per-image seeds derive from it).")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
     scheduler: Annotated[
         str | None,
-        typer.Option(
-            envvar="MLGEN_SCHEDULER", help="euler (paper), euler-a, ddim, dpm++, pndm, lms, heun, unipc, model."
-        ),
+        typer.Option(help="euler (paper), euler-a, ddim, dpm++, pndm, lms, heun, unipc, model."),
     ] = None,
-    preset: Annotated[
-        str | None, typer.Option(envvar="MLGEN_PRESET", help="Sampling preset (default: by model id; mlgen models).")
-    ] = None,
-    dtype: Annotated[
-        str | None, typer.Option(envvar="MLGEN_DTYPE", help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32.")
-    ] = None,
-    compile_unet: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", envvar="MLGEN_COMPILE", help="torch.compile the UNet.")
-    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Sampling preset (default: by model id; mlgen models).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto (fp16 on CUDA, fp32 on CPU), fp16, bf16, fp32.")] = None,
+    compile_unet: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the UNet.")] = None,
     text_encoder: Annotated[
         str | None,
-        typer.Option(envvar="MLGEN_TEXT_ENCODER", help="Fine-tuned text encoder folder (default: RUN/text_encoder)."),
+        typer.Option(help="Fine-tuned text encoder folder (default: RUN/text_encoder)."),
     ] = None,
     llm: LlmOpt = None,
     prompts_per_set: PromptsPerSetOpt = None,
@@ -189,7 +224,7 @@ def generate(
         images_per_prompt=images_per_prompt,
         shard_size=shard_size,
         batch_size=batch_size,
-        steps=steps,
+        steps=_renamed(denoising_steps, steps, "--steps", "--denoising-steps"),
         size=size,
         seed=seed,
         guidance=guidance,
@@ -200,18 +235,21 @@ def generate(
         text_encoder=text_encoder,
     )
     # Only prompt options given explicitly (config file, environment, flag) may change existing prompts.
-    explicit = {**(_config_sections(config).get("prompts") or {}), "llm": llm, "prompts_per_set": prompts_per_set}
+    explicit = {
+        **(_config_sections(config).get("prompts") or {}),
+        **env_settings("prompts"),
+        "llm": llm,
+        "prompts_per_set": prompts_per_set,
+    }
     prompt_settings = workflow.prompt_settings_for_generate(RunDir(run), explicit)
     _say(workflow.generate(RunDir(run), settings, prompt_settings, _labels(classes), overwrite), run)
 
 
-@app.command("filter")
+@app.command("filter", rich_help_panel=PIPELINE)
 def filter_(
     run: RunOpt = DEFAULT_RUN,
     clip: ClipOpt = None,
-    threshold: Annotated[
-        float | None, typer.Option(envvar="MLGEN_THRESHOLD", help="Probability a detected label needs.")
-    ] = None,
+    threshold: Annotated[float | None, typer.Option(help="Probability a detected label needs.")] = None,
     rescore: Annotated[
         bool,
         typer.Option(
@@ -247,7 +285,7 @@ def filter_(
         Path | None, typer.Option(help="Labels file scored as competitors, never kept as labels (e.g. seen labels).")
     ] = None,
     background: Annotated[
-        str | None, typer.Option(help='A neutral prompt scored as one more competitor (e.g. "a photo").')
+        str | None, typer.Option(hidden=True, help='A neutral prompt scored as one more competitor (e.g. "a photo").')
     ] = None,
     label_aliases: AliasesOpt = None,
     dedup: Annotated[
@@ -257,8 +295,9 @@ def filter_(
     prototype: Annotated[
         float | None,
         typer.Option(
+            hidden=True,
             help="Blend each label's text with this weight of its image prototype (the mean embedding of the "
-            "images asked for it, leave-one-out); the gate still reads the text alone. 0: off."
+            "images asked for it, leave-one-out); the gate still reads the text alone. 0: off.",
         ),
     ] = None,
     config: ConfigOpt = None,
@@ -286,7 +325,7 @@ def filter_(
     _say(workflow.filter_images(RunDir(run), settings, overwrite, rescore), run)
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def report(run: RunOpt = DEFAULT_RUN) -> None:
     """Write RUN/report/index.html (per label: contact sheets of kept and dropped images, scores, counts, the
     teacher's reliability) and print the reliability table."""
@@ -301,18 +340,18 @@ def report(run: RunOpt = DEFAULT_RUN) -> None:
     typer.echo(f"report: {page}")
 
 
-@app.command("train-classifier")
+@app.command("train-classifier", rich_help_panel=PIPELINE)
 def train_classifier(
     run: RunOpt = DEFAULT_RUN,
     clip: ClipOpt = None,
-    epochs: Annotated[int | None, typer.Option(envvar="MLGEN_EPOCHS", help="Training epochs.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs.")] = None,
     source: Annotated[
         str | None,
-        typer.Option(envvar="MLGEN_SOURCE", help="filtered (kept images) or raw (all generated: no-filter ablation)."),
+        typer.Option(hidden=True, help="filtered (kept images) or raw (all generated: no-filter ablation)."),
     ] = None,
     head_init: Annotated[
         str | None,
-        typer.Option(envvar="MLGEN_HEAD_INIT", help="text (CLIP zero-shot weights) or random (learn from images)."),
+        typer.Option(hidden=True, help="text (CLIP zero-shot weights) or random (learn from images)."),
     ] = None,
     head: Annotated[str | None, typer.Option(help="linear, dualcoop or cprfl.")] = None,
     fusion: Annotated[
@@ -322,8 +361,9 @@ def train_classifier(
     soft_targets: Annotated[
         float | None,
         typer.Option(
+            hidden=True,
             help="W in [0, 1]: a generated image's other labels train on W x the filter's teacher probability "
-            "instead of 0 (its labels stay 1); 0: off (the default)."
+            "instead of 0 (its labels stay 1); 0: off (the default).",
         ),
     ] = None,
     seen_data: Annotated[
@@ -335,11 +375,15 @@ def train_classifier(
     ] = None,
     schedule: Annotated[
         str | None,
-        typer.Option(help="With --seen-data: official (a real then a synthetic pass per epoch), mixed or alternating."),
+        typer.Option(
+            hidden=True,
+            help="With --seen-data: official (a real then a synthetic pass per epoch), mixed or alternating.",
+        ),
     ] = None,
-    steps: Annotated[
-        int | None, typer.Option(min=1, help="Exactly this many optimizer steps instead of --epochs (fair arms).")
+    train_steps: Annotated[
+        int | None, typer.Option(min=1, help="Exactly this many optimizer steps instead of --epochs.")
     ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, hidden=True, help="Deprecated name.")] = None,
     optimizer: Annotated[str | None, typer.Option(help="sgd (official, the default) or adamw.")] = None,
     holdout: Annotated[
         float | None, typer.Option(help="Fraction of label sets held out for a SYNTHETIC score (default 0: off).")
@@ -363,27 +407,35 @@ def train_classifier(
         bool | None,
         typer.Option(
             "--class-specific-context/--shared-context",
+            hidden=True,
             help="dualcoop: one learned context pair per class (default: one shared pair, as the official code).",
         ),
     ] = None,
     dualcoop_scoring: Annotated[
-        str | None, typer.Option(help="dualcoop: dense (official region aggregation) or pooled.")
+        str | None, typer.Option(hidden=True, help="dualcoop: dense (official region aggregation) or pooled.")
     ] = None,
     prompt_context: Annotated[
         int | None,
         typer.Option(help="dualcoop: learned context tokens (official 64; 4 for the toy CLIPs' short text window)."),
     ] = None,
     cprfl_recipe: Annotated[
-        str | None, typer.Option(help="cprfl: official (raw text, AdamW, OneCycle, EMA) or mlgen (normalised, SGD).")
+        str | None,
+        typer.Option(hidden=True, help="cprfl: official (raw text, AdamW, OneCycle, EMA) or mlgen (normalised, SGD)."),
     ] = None,
     val_data: Annotated[
         str | None,
         typer.Option(help="Labelled validation images: keep the best epoch's weights by their mAP (never test data)."),
     ] = None,
-    select_every: Annotated[int | None, typer.Option(min=1, help="With --val-data: validate every N epochs.")] = None,
+    select_every: Annotated[
+        int | None, typer.Option(min=1, hidden=True, help="With --val-data: validate every N epochs.")
+    ] = None,
     pass_steps: Annotated[
         int | None,
-        typer.Option(min=1, help="Exactly N batches in every pass of an epoch (equal steps whatever the image count)."),
+        typer.Option(
+            min=1,
+            hidden=True,
+            help="Exactly N batches in every pass of an epoch (equal steps whatever the image count).",
+        ),
     ] = None,
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = False,
@@ -404,7 +456,7 @@ def train_classifier(
         soft_targets=soft_targets,
         seen_data=seen_data,
         schedule=schedule,
-        steps=steps,
+        steps=_renamed(train_steps, steps, "--steps", "--train-steps"),
         optimizer=optimizer,
         holdout=holdout,
         augment=augment,
@@ -422,7 +474,7 @@ def train_classifier(
     _print_metrics(run)
 
 
-@app.command()
+@app.command(rich_help_panel=PIPELINE)
 def evaluate(
     run: RunOpt = DEFAULT_RUN,
     data: Annotated[
@@ -446,7 +498,7 @@ def evaluate(
             "--zero-shot", help="A training-free baseline instead: clip (prompt ensemble) or s3 (synonym spaces)."
         ),
     ] = None,
-    clip: Annotated[str, typer.Option(help="The CLIP model of --zero-shot.")] = "tiny",
+    clip: Annotated[str, typer.Option(help="The CLIP model of --zero-shot.")] = PAPER_FILTER_CLIP,
     label_aliases: Annotated[
         Path | None,
         typer.Option(
@@ -504,7 +556,7 @@ def _print_metrics(run: Path) -> None:
         typer.echo(f"labels the classifier does not know (ignored): {', '.join(sorted(metrics['unknown_labels']))}")
 
 
-@app.command()
+@app.command(rich_help_panel=PIPELINE)
 def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     run: RunOpt = DEFAULT_RUN,
@@ -525,7 +577,7 @@ def predict(
     typer.echo(format_predictions(images, predict_files(run_dir, images), output_format), nl=False)
 
 
-@app.command("run")
+@app.command("run", rich_help_panel=SCALE)
 def run_all(
     config: Annotated[
         Path,
@@ -558,7 +610,7 @@ def run_all(
         typer.echo("\n".join(dry_run_lines(data, run_dir, classes, quota, bench)))
         return
     section = {
-        name: build_config(cls, data.get(name))
+        name: stage_settings(cls, name, data.get(name), {})
         for name, cls in [
             ("prompts", PromptsConfig),
             ("generate", GenerateConfig),
@@ -566,12 +618,17 @@ def run_all(
             ("classifier", ClassifierConfig),
         ]
     }
-    if "finetune" in data:  # the optional stage runs when the config has a finetune: section
+    tuned = stage_settings(FinetuneConfig, "finetune", data["finetune"], {}) if "finetune" in data else None
+    workflow.check_models(
+        [section["generate"].model, *([tuned.model] if tuned else [])],
+        [section["filter"].clip, section["classifier"].clip, *([tuned.clip] if tuned else [])],
+    )
+    if tuned is not None:  # the optional stage runs when the config has a finetune: section
         from mlgen.finetune.stage import finetune
 
         if classes is not None or run_dir.success("prompts") is None:
             workflow.make_prompts(run_dir, section["prompts"], classes)
-        finetune(run_dir, build_config(FinetuneConfig, data["finetune"]), overwrite)
+        finetune(run_dir, tuned, overwrite)
     if quota is not None:  # the paper's loop: rounds of generate + filter until every label has `quota` kept
         from mlgen.generate.rounds import run_rounds
 
@@ -585,7 +642,7 @@ def run_all(
     _print_metrics(run_dir.root)
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def status(run: RunOpt = DEFAULT_RUN) -> None:
     """Per-stage progress: shards done / planned, read from the stats files."""
     if not run.is_dir():
@@ -603,7 +660,7 @@ def status(run: RunOpt = DEFAULT_RUN) -> None:
         typer.echo(line)
 
 
-@app.command()
+@app.command(rich_help_panel=RESEARCH)
 def demo(
     run: RunOpt = Path("mlgen-demo"),
     llm: Annotated[str, typer.Option("--llm", help="smollm2 (built-in LLM) or template (no LLM).")] = "smollm2",
@@ -622,12 +679,12 @@ def demo(
         typer.echo(f"  {line}")
 
 
-app.command("prompts")(prompts_command)
-app.command("finetune")(finetune_command)
-app.command("experiment")(experiment_command)
-app.command("bench")(bench_command)
-app.command("models")(models_command)
-app.command("export")(export_command)
+app.command("prompts", rich_help_panel=PIPELINE)(prompts_command)
+app.command("finetune", rich_help_panel=PIPELINE)(finetune_command)
+app.command("experiment", rich_help_panel=RESEARCH)(experiment_command)
+app.command("bench", rich_help_panel=SCALE)(bench_command)
+app.command("models", rich_help_panel=INSPECT)(models_command)
+app.command("export", rich_help_panel=INSPECT)(export_command)
 
 
 @app.callback(invoke_without_command=True)
@@ -647,6 +704,7 @@ def usage_error_line(err: click_exceptions.ClickException) -> str:
 
 
 def main() -> None:
+    warn_unknown_env()
     try:
         code = app(standalone_mode=False)  # typer's Exit (--help, --version, Ctrl-C) comes back as a code
     except MlgenError as err:

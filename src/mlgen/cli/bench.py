@@ -12,15 +12,20 @@ from typing import Annotated, Any
 import typer
 
 from mlgen import __version__
+from mlgen.config import PAPER_DIFFUSION, PAPER_FILTER_CLIP
 from mlgen.errors import MlgenError
 
 
 def bench_command(
-    model: Annotated[str, typer.Option(help="diffusers model id or folder; tiny = built in.")] = "tiny",
+    model: Annotated[
+        str, typer.Option(help="diffusers model id or folder; built in (named only): toy*, tiny.")
+    ] = PAPER_DIFFUSION,
     arch: Annotated[
         str | None, typer.Option(help="sd2, sd15, sdxl or sd-turbo: the real architecture with random weights.")
     ] = None,
-    clip: Annotated[str, typer.Option(help="open_clip ARCH/PRETRAINED, hf-hub:ID, folder, or tiny.")] = "tiny",
+    clip: Annotated[
+        str, typer.Option(help="open_clip ARCH/PRETRAINED, hf-hub:ID, folder; built in (named only): toy*, tiny.")
+    ] = PAPER_FILTER_CLIP,
     clip_arch: Annotated[
         str | None, typer.Option(help="ViT-B-32, RN50 or ViT-L-14: the real CLIP architecture with random weights.")
     ] = None,
@@ -52,6 +57,9 @@ def bench_command(
         model = str(random_pipeline_dir(arch))
     if clip_arch is not None:
         clip = str(random_clip_dir(clip_arch))
+    from mlgen.workflow import check_models
+
+    check_models([model], [clip])  # one line before anything runs when a model cannot be had
     results = run_bench(
         model, arch, clip, size, steps, images, batch_size, dtype, compile_unet, filter_images, finetune_steps
     )

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mlgen.config import ClassifierConfig, ExperimentConfig, build_config, read_config_file
+from mlgen.config import ClassifierConfig, ExperimentConfig, build_config, env_settings, read_config_file
 from mlgen.experiment.arms import ARMS
 
 ARM_HELP = "ALL or a comma-separated subset of: " + ", ".join(arm.name for arm in ARMS)
@@ -66,7 +66,7 @@ def experiment_command(
     flags = dict(world=world, unseen=unseen, seen=seen, seeds=seeds, arms=arms, data=data, seen_data=seen_data)
     flags.update(oracle_data=oracle_data, clip=clip, model=model, llm=llm, workers=workers, val_data=val_data)
     flags.update(epochs=epochs, pass_steps=pass_steps, splits=splits)
-    settings = build_config(ExperimentConfig, section, flags)
+    settings = build_config(ExperimentConfig, section, env_settings("experiment"), flags)
     if settings.world is not None and settings.world.lower() == "none":  # your own data and models
         settings = dataclasses.replace(settings, world=None)
     classifier = build_config(ClassifierConfig, sections.get("classifier")) if "classifier" in sections else None

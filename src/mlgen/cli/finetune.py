@@ -7,24 +7,25 @@ from typing import Annotated
 
 import typer
 
-from mlgen.config import FinetuneConfig, build_config, read_config_file
+from mlgen.config import FinetuneConfig, read_config_file, stage_settings
 from mlgen.labels import alias_setting, read_aliases
 from mlgen.pipeline.rundir import RunDir
 
 
 def _opt(*names: str, help: str) -> typer.models.OptionInfo:
-    """An option that the environment can set too: ``--learning-rate`` <- ``MLGEN_LEARNING_RATE``."""
-    envvar = "MLGEN_" + names[0].split("/")[0].removeprefix("--").replace("-", "_").upper()
-    return typer.Option(*names, envvar=envvar, help=help)
+    """An option (its MLGEN_FINETUNE_<KEY> variable is read by the stage's settings)."""
+    return typer.Option(*names, help=help)
 
 
 def finetune_command(
     run: Annotated[Path, typer.Option("--run", "--run-dir", envvar="MLGEN_RUN", help="Run directory.")] = Path(
         "mlgen-run"
     ),
-    model: Annotated[str | None, _opt("--model", help="diffusers model id or folder; tiny = built in.")] = None,
+    model: Annotated[
+        str | None, _opt("--model", help="diffusers model id or folder; built in (named only): toy*, tiny.")
+    ] = None,
     clip: Annotated[
-        str | None, _opt("--clip", help="CLIP discriminator: open_clip ARCH/PRETRAINED, folder, tiny.")
+        str | None, _opt("--clip", help="CLIP discriminator: open_clip ARCH/PRETRAINED, folder; toy*, tiny.")
     ] = None,
     learning_rate: Annotated[float | None, _opt("--learning-rate", help="AdamW learning rate (paper: 7e-8).")] = None,
     adam_weight_decay: Annotated[float | None, _opt("--adam-weight-decay", help="AdamW weight decay.")] = None,
@@ -34,7 +35,10 @@ def finetune_command(
         int | None, _opt("--train-batch-size", help="Images per optimizer step, over all processes.")
     ] = None,
     max_train_steps: Annotated[int | None, _opt("--max-train-steps", help="Optimizer steps.")] = None,
-    steps: Annotated[int | None, _opt("--steps", help="Denoising steps per training image.")] = None,
+    denoising_steps: Annotated[
+        int | None, _opt("--denoising-steps", help="Denoising steps per training image.")
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", hidden=True, help="Deprecated name.")] = None,
     size: Annotated[int | None, _opt("--size", help="Training image side in pixels.")] = None,
     guidance: Annotated[float | None, _opt("--guidance", help="Classifier-free guidance scale.")] = None,
     grad_steps: Annotated[
@@ -78,7 +82,12 @@ def finetune_command(
 ) -> None:
     """Fine-tune the diffusion model's text encoder with the CLIP-score loss (writes RUN/text_encoder/)."""
     files = ("label_aliases", "names_from")  # read below: their parsed contents are the settings
-    flags = {k: v for k, v in locals().items() if k not in ("run", "config", "overwrite", "files", *files)}
+    flags = {
+        k: v for k, v in locals().items() if k not in ("run", "config", "overwrite", "files", "denoising_steps", *files)
+    }
+    if steps is not None:
+        typer.echo("mlgen: warning: --steps is deprecated: use --denoising-steps", err=True)
+    flags["steps"] = denoising_steps if denoising_steps is not None else steps
     if label_aliases is not None or names_from is not None:  # parsed against the run's labels (the prompt stage's)
         run_dir = RunDir(run)
         run_dir.require("prompts")
@@ -91,7 +100,7 @@ def finetune_command(
             flags["best_names"] = best_name_setting(best) or {}  # {}: every label by its own name, as without
     from mlgen.finetune.stage import finetune
 
-    settings = build_config(FinetuneConfig, read_config_file(config).get("finetune"), flags)
+    settings = stage_settings(FinetuneConfig, "finetune", read_config_file(config).get("finetune"), flags)
     marker = finetune(RunDir(run), settings, overwrite)
     if marker:
         counts = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in marker["counts"].items())

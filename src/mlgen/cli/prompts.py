@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from mlgen.config import PromptsConfig, build_config, read_config_file
+from mlgen.config import PromptsConfig, read_config_file, stage_settings
 from mlgen.labels import alias_setting, read_aliases, read_labels
 from mlgen.lazy import LazyModule
 from mlgen.pipeline.rundir import RunDir
@@ -19,9 +19,8 @@ workflow = LazyModule("mlgen.workflow")
 
 
 def _opt(*names: str, help: str) -> Any:
-    """An option that the environment can set too: ``--set-size`` <- ``MLGEN_SET_SIZE``."""
-    envvar = "MLGEN_" + names[0].removeprefix("--").replace("-", "_").upper()
-    return typer.Option(*names, envvar=envvar, help=help)
+    """An option (its MLGEN_PROMPTS_<KEY> variable is read by the stage's settings)."""
+    return typer.Option(*names, help=help)
 
 
 def prompts_command(
@@ -101,7 +100,7 @@ def prompts_command(
         request_retries=request_retries,
         seed=seed,
     )
-    settings = build_config(PromptsConfig, read_config_file(config).get("prompts"), flags)
+    settings = stage_settings(PromptsConfig, "prompts", read_config_file(config).get("prompts"), flags)
     load_instruction(settings.prompt_style, settings.prompt_template)  # a bad template fails before torch loads
     marker = workflow.make_prompts(RunDir(run), settings, labels, overwrite)
     if marker:

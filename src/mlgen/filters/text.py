@@ -10,20 +10,35 @@ gate keeps reading the text alone: the blend's own AUROC is recorded apart (``pr
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
+from mlgen.config import FilterConfig
 from mlgen.errors import MlgenError
 from mlgen.filters.decide import column_aurocs, prototype_cosines
 from mlgen.filters.discriminator import grouping_softmax
 from mlgen.filters.s3 import s3_scores
 from mlgen.labels import names_of
+from mlgen.pipeline.rundir import RunDir
 
-if TYPE_CHECKING:
-    from mlgen.filters.stage import FilterStage
+
+class Scorer(Protocol):
+    """What the text side reads of the filter stage (which imports this module, not the other way round)."""
+
+    config: FilterConfig
+    classes: list[str]
+    aliases: dict[str, list[str]]
+    competitors: list[str]
+    run: RunDir
+    cache: Any  # the stage's embedding cache: load_text(key), save_text(key, scale, features)
+    device: torch.device
+    tokenizer: Any
+
+    def clip(self) -> Any: ...
+
 
 TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image showing a {}.", "a close-up photo of a {}.", "{}")
 TEXT_SIDES = ("bare", "ensemble", "s3", "best")
@@ -32,7 +47,7 @@ TEXT_SIDES = ("bare", "ensemble", "s3", "best")
 class TextSide:
     """Scores [N, C] of a run's images under the stage's text side, and every name's AUROC."""
 
-    def __init__(self, stage: FilterStage, features: Tensor, requested: Tensor) -> None:
+    def __init__(self, stage: Scorer, features: Tensor, requested: Tensor) -> None:
         self.stage, self.config, self.classes = stage, stage.config, stage.classes
         self.requested = requested
         self.synonyms = self.read_synonyms()

@@ -37,11 +37,12 @@ from mlgen.finetune.output import remove_stale_output, save_text_encoder
 from mlgen.generate.diffusion import sample_seed
 from mlgen.generate.draw import LABEL_DRAW, draw_label_set
 from mlgen.labels import alias_setting, aliases_from_mapping
-from mlgen.models.registry import open_clip_name
+from mlgen.models.registry import check_clip_weights
 from mlgen.paths import write_atomic, write_text_atomic
 from mlgen.pipeline.ranks import Ranks, current_ranks
 from mlgen.pipeline.rundir import PLAN, RunDir
 from mlgen.pipeline.runner import Stage, _describe_change, run_stage, settings_hash
+from mlgen.progress import progress
 
 LOG_FIELDS = ["step", "loss", "pass_share", "lr"]
 
@@ -243,10 +244,8 @@ class FinetuneStage(Stage):
             remove_stale_output(self.run.root / "text_encoder")
         self.ranks.wait()
         state = self.resume()
-        from tqdm import tqdm
-
         steps = range(state.step + 1, c.max_train_steps + 1)
-        for step in tqdm(steps, desc="finetune", unit="step", disable=not main or len(steps) < 2):
+        for step in progress(steps, "finetune", "step", disable=not main or len(steps) < 2):
             state.window.append(list(self.train_step(step)))
             state.step = step
             if step % c.log_every == 0 or step == c.max_train_steps:
@@ -326,7 +325,7 @@ def finetune(run: RunDir, config: FinetuneConfig, overwrite: bool = False) -> di
     check_config(config)
     run.require("prompts")
     check_text_encoder(config.model)  # a model without a text encoder fails before any loading
-    open_clip_name(config.clip)
+    check_clip_weights(config.clip)
     stage = FinetuneStage(run, config)
     _refuse_other_checkpoints(stage, overwrite)
     return run_stage(stage, overwrite, every_rank())

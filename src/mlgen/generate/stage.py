@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from mlgen.config import GenerateConfig
 from mlgen.errors import MlgenError
@@ -42,6 +41,7 @@ from mlgen.models.registry import torch_dtype
 from mlgen.pipeline.ranks import Ranks
 from mlgen.pipeline.rundir import RunDir
 from mlgen.pipeline.runner import Stage
+from mlgen.progress import progress
 from mlgen.shards.reader import finished_shards, read_manifest
 from mlgen.shards.writer import MANIFEST_FIELDS, ShardWriter
 
@@ -189,7 +189,7 @@ class GenerateStage(Stage):
             consume = lambda batch: self.write_batch(writer, shard["shard"], *batch)  # noqa: E731
             with BackgroundWriter(consume) if self.overlap else Inline(consume) as background:
                 batches = range(0, len(samples), self.batch_size)
-                for begin in tqdm(batches, desc=f"shard {shard['shard']:05d}", unit="batch", leave=False):
+                for begin in progress(batches, f"shard {shard['shard']:05d}", "batch", inner=True):
                     batch = samples[begin : begin + self.batch_size]
                     images, reasons = render_checked(
                         self.pipe,

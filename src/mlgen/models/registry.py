@@ -45,6 +45,25 @@ def _hub_reachable() -> bool:
     return True
 
 
+# What to do when a model cannot be had, per kind of model (the flag that names it).
+WHAT_TO_DO = {
+    "diffusion model": "--model",
+    "CLIP model": "--clip",
+    "LLM": "--llm",
+}
+OFFLINE = "not a folder, not in the local model cache (HF_HOME), and the model hub is offline"
+
+
+def cannot_load(what: str, name: str, reason: str) -> MlgenError:
+    """One line: which model, why, and what to do (a local copy, HF_HOME, or the offline toy world)."""
+    flag = WHAT_TO_DO.get(what, "--model")
+    toy = "" if what == "LLM" else f", or try the offline toy world: `mlgen demo`, {flag} toy"
+    return MlgenError(
+        f"{what} '{name}' cannot be loaded: {reason}. Download it once online, name a local copy with {flag} PATH "
+        f"or point HF_HOME at a cache that has it{toy}"
+    )
+
+
 def hub_file(repo_id: str, filename: str, what: str) -> str:
     """Local path of ``filename`` in hub repo ``repo_id`` (cache first); one clear error if it cannot be had."""
     from huggingface_hub import hf_hub_download
@@ -54,8 +73,36 @@ def hub_file(repo_id: str, filename: str, what: str) -> str:
     try:
         return hf_hub_download(repo_id, filename, local_files_only=not online)
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as err:
-        reason = str(err).splitlines()[0][:160] if online else "not in the local cache, and the hub is offline"
-        raise MlgenError(f"{what} '{repo_id}' not found: not a folder, and not on the model hub ({reason})") from None
+        reason = f"not a folder, and not on the model hub ({str(err).splitlines()[0][:160]})" if online else OFFLINE
+        raise cannot_load(what, repo_id, reason) from None
+
+
+def _cached_clip_weights(cfg: dict) -> bool:
+    """Whether open_clip would find a pretrained tag's weights without a network (its hub or URL cache)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub = cfg.get("hf_hub", "")
+    if hub:  # 'org/model/' (open_clip's default file names) or 'org/model/file'
+        repo, filename = hub.rstrip("/").rsplit("/", 1) if not hub.endswith("/") else (hub.rstrip("/"), "")
+        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names):
+            return True
+    url = cfg.get("url", "")
+    return bool(url) and (Path.home() / ".cache" / "clip" / Path(urlparse(url).path).name).is_file()
+
+
+def check_clip_weights(name: str) -> None:
+    """Fail in one line, before any stage work, when a CLIP model's weights cannot be had (offline, not cached)."""
+    import open_clip
+
+    model_name, pretrained = open_clip_name(name)
+    if model_name.startswith("hf-hub:"):
+        hub_file(model_name.removeprefix("hf-hub:"), "open_clip_config.json", "CLIP model")
+        return
+    if pretrained is None or _hub_reachable():
+        return
+    if not _cached_clip_weights(open_clip.get_pretrained_cfg(model_name, pretrained)):
+        raise cannot_load("CLIP model", name, f"its weights are {OFFLINE.removeprefix('not a folder, ')}")
 
 
 def builtin_folder(name: str, kind: str) -> Path | None:

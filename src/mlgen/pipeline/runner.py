@@ -19,14 +19,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from tqdm import tqdm
-
 from mlgen import __version__
 from mlgen.config import as_dict, output_settings
 from mlgen.errors import MlgenError, ShardFailed
 from mlgen.paths import remove_stale_temps, write_json_atomic
 from mlgen.pipeline.ranks import Ranks, current_ranks
 from mlgen.pipeline.rundir import PLAN, SUCCESS, RunDir, stats_path
+from mlgen.progress import progress
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -120,7 +119,7 @@ def _run_stage(stage: Stage, overwrite: bool, ranks: Ranks) -> dict[str, Any]:
     failed: list[ShardFailed] = []
     if todo:
         stage.setup(ranks)
-        for shard in tqdm(todo, desc=f"{stage.name} shards", unit="shard", disable=len(todo) < 2):
+        for shard in progress(todo, f"{stage.name} shards", "shard", disable=len(todo) < 2):
             shard_started = time.time()
             try:
                 stats = stage.run_shard(shard)
