@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import mlgen
+from conftest import BUILTIN_MODELS, mlgen
 
 ROOT = Path(__file__).resolve().parents[1]
 SHELL_LANGUAGES = {"", "bash", "sh", "shell", "console", "sbatch"}
@@ -248,7 +248,13 @@ PLAN_LINES = {"prompts": "prompts ", "generate": "generate ", "filter": "filter 
 
 
 @pytest.mark.parametrize("config", EXAMPLES, ids=[path.name for path in EXAMPLES])
-def test_each_example_config_plans_offline_without_loading_a_model(config: Path, tmp_path: Path) -> None:
+def test_each_example_config_plans_offline_without_loading_a_model(
+    config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a user runs it: the config's own models (the tests' built-in model variables dropped), offline, with an
+    empty model cache, so a dry run that loaded a model would fail."""
+    for name in BUILTIN_MODELS:
+        monkeypatch.delenv(name, raising=False)
     empty_cache = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MLGEN_CACHE": str(tmp_path / "mlgen")}
     result = mlgen("run", "--config", config, "--dry-run", cwd=ROOT, env=empty_cache, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -258,12 +264,19 @@ def test_each_example_config_plans_offline_without_loading_a_model(config: Path,
     stages = {"prompts", "generate", "filter", "classifier"} | ({"finetune"} & set(sections))
     for stage in stages:
         assert any(line.startswith(PLAN_LINES[stage]) for line in lines), f"no {stage} plan in:\n{result.stdout}"
+    for section, key, stage in [("generate", "model", "generate"), ("filter", "clip", "filter"),
+                                ("classifier", "clip", "classifier")]:  # fmt: skip
+        named = (sections.get(section) or {}).get(key)
+        if named:
+            assert named in next(line for line in lines if line.startswith(PLAN_LINES[stage])), result.stdout
     images = next(line for line in lines if line.startswith("images "))
     assert int(re.search(r"\d+", images.split(":")[-1] if "round" in images else images).group()) > 0
 
 
-def test_quickstart_makes_the_images_its_comment_says() -> None:
+def test_quickstart_makes_the_images_its_comment_says(monkeypatch: pytest.MonkeyPatch) -> None:
     """examples/quickstart.yaml says how many images it makes; the dry run computes the same."""
+    for name in BUILTIN_MODELS:
+        monkeypatch.delenv(name, raising=False)
     config = ROOT / "examples" / "quickstart.yaml"
     said = re.search(r"= (\d+) generated images", config.read_text(encoding="utf-8"))
     assert said is not None
