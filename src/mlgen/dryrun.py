@@ -22,6 +22,7 @@ from mlgen.config import (
     GenerateConfig,
     PromptsConfig,
     build_config,
+    env_settings,
 )
 from mlgen.errors import MlgenError
 from mlgen.generate.draw import draw_shares
@@ -61,7 +62,7 @@ def dry_run_lines(
 ) -> list[str]:
     """What ``mlgen run`` would do with this config (``data``: the config file's sections)."""
     for name, cls in STAGE_CONFIGS.items():  # every section, used by `run` or not: a typo fails now
-        build_config(cls, data.get(name))
+        build_config(cls, data.get(name), env_settings(name))
     job = plan_job(data, classes or run.classes(), quota)
     if bench_path is None:  # the run's own, else the one `mlgen bench` left in this folder
         bench_path = next((p for p in (run.root / "bench.json", Path("bench.json")) if p.is_file()), None)
@@ -72,8 +73,8 @@ def dry_run_lines(
 
 def plan_job(data: dict[str, Any], classes: list[str], quota: int | None) -> Job:
     """Every section built (an unknown key fails here, with one line) and the counts it implies."""
-    sections = {name: build_config(cls, data.get(name)) for name, cls in SECTIONS.items()}
-    finetune = build_config(FinetuneConfig, data["finetune"]) if "finetune" in data else None
+    sections = {name: build_config(cls, data.get(name), env_settings(name)) for name, cls in SECTIONS.items()}
+    finetune = build_config(FinetuneConfig, data["finetune"], env_settings("finetune")) if "finetune" in data else None
     p, g = sections["prompts"], apply_preset(sections["generate"])
     sets, method = compose_sets(classes, p.exclude_pairs, p.set_size, p.sets_per_label, p.label_sets, p.seed)
     per_set = 1 if p.llm == "template" else p.prompts_per_set  # the template writes one prompt per set
