@@ -304,29 +304,11 @@ def warn_unknown_env(environ: dict[str, str] | None = None) -> None:
             print(f"mlgen: warning: {name} is not read; settings are per stage: {hint}", file=sys.stderr)
 
 
-_warned_random: set[str] = set()
-
-
-def warn_random_weights(config: Any) -> None:
-    """One warning line per process for each setting that names the random-weight ``tiny`` model."""
-    for key in ("model", "clip"):
-        if getattr(config, key, None) == "tiny" and key not in _warned_random:
-            _warned_random.add(key)
-            what = "images" if key == "model" else "scores"
-            print(
-                f"mlgen: warning: {key} 'tiny' has random weights: its {what} carry no meaning (a smoke test; "
-                "the trained offline toy world is 'toy')",
-                file=sys.stderr,
-            )
-
-
 def stage_settings(
     cls: type[ConfigT], section: str, file_section: dict[str, Any] | None, flags: dict[str, Any]
 ) -> ConfigT:
     """A stage's settings: defaults < config file section < MLGEN_<SECTION>_<KEY> environment < flags."""
-    config = build_config(cls, file_section, env_settings(section), flags)
-    warn_random_weights(config)
-    return config
+    return build_config(cls, file_section, env_settings(section), flags)
 
 
 NUMERIC_TYPES = {"int": int, "int | None": int, "float": float, "float | None": float}

@@ -286,9 +286,10 @@ def load_clip(name: str, device: torch.device):
     import open_clip
 
     from mlgen.errors import MlgenError
-    from mlgen.models.registry import open_clip_name
+    from mlgen.models.registry import open_clip_name, warn_random_weights
 
     model_name, pretrained = open_clip_name(name)
+    warn_random_weights(name, "clip")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
     except (RuntimeError, OSError, ValueError) as err:

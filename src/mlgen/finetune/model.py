@@ -20,7 +20,7 @@ from torch import Tensor
 from mlgen.classifiers.losses import asymmetric_loss_probs
 from mlgen.errors import MlgenError
 from mlgen.finetune.names import loss_names
-from mlgen.models.registry import diffusers_folder, hub_file, load_open_clip
+from mlgen.models.registry import diffusers_folder, hub_file, load_open_clip, warn_random_weights
 
 # LoRA on the attention projections of the CLIP text encoder (as diffusers' LoRA training scripts).
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -104,6 +104,7 @@ def load_parts(
     from diffusers import DiffusionPipeline
 
     folder = check_text_encoder(model)
+    warn_random_weights(model, "model")
     try:
         pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError) as err:

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from mlgen.errors import MlgenError
-from mlgen.models.registry import diffusers_folder, hub_file, torch_dtype
+from mlgen.models.registry import diffusers_folder, hub_file, torch_dtype, warn_random_weights
 
 
 def sample_seed(run_seed: int, prompt_id: int, image_index: int) -> int:
@@ -69,6 +69,7 @@ def load_pipeline(
     from diffusers import AutoPipelineForText2Image
 
     check_text_to_image(name)
+    warn_random_weights(name, "model")
     try:
         pipe = AutoPipelineForText2Image.from_pretrained(diffusers_folder(name), dtype=torch_dtype(dtype, device))
     except (OSError, ValueError) as err:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -105,6 +106,21 @@ def check_clip_weights(name: str) -> None:
         raise cannot_load("CLIP model", name, f"its weights are {OFFLINE.removeprefix('not a folder, ')}")
 
 
+_warned_random: set[str] = set()
+
+
+def warn_random_weights(name: str, kind: str) -> None:
+    """One warning line per process when a random-weight ``tiny`` model is loaded (``kind``: model or clip)."""
+    if name in (TINY, TINY_RESNET) and kind not in _warned_random:
+        _warned_random.add(kind)
+        what = "images" if kind == "model" else "scores"
+        print(
+            f"mlgen: warning: {kind} '{name}' has random weights: its {what} carry no meaning (a smoke test; "
+            "the trained offline toy world is 'toy')",
+            file=sys.stderr,
+        )
+
+
 def builtin_folder(name: str, kind: str) -> Path | None:
     """Folder of a shipped toy-world model (``toy``, ``toy-headroom``), or None if ``name`` is not one."""
     model = builtin(name, kind)
@@ -162,6 +178,7 @@ def load_open_clip(name: str, device: torch.device):
     import open_clip
 
     model_name, pretrained = open_clip_name(name)
+    warn_random_weights(name, "clip")
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name, pretrained=pretrained, device=device, precision="fp16" if device.type == "cuda" else "fp32"
