@@ -138,7 +138,9 @@ def test_a_broken_layout_is_one_line_naming_the_file_and_nothing_is_written(layo
     shutil.copytree(layouts[benchmark], root)
     named = _break(root, how)
     (tmp_path / "run").mkdir()
-    done = mlgen("evaluate", "--run", tmp_path / "run", "--zero-shot", "clip", "--data", f"{benchmark}:{root}")
+    done = mlgen(
+        "evaluate", "--run", tmp_path / "run", "--zero-shot", "clip", "--clip", "tiny", "--data", f"{benchmark}:{root}"
+    )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("mlgen: error:"), done.stderr
     assert named in lines[0], lines[0]
