@@ -254,3 +254,28 @@ def test_a_bad_file_is_one_line_and_nothing_is_written(layouts, tmp_path, how) -
     assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("mlgen: error:"), done.stderr
     assert said in lines[0] and "Traceback" not in done.stderr, lines[0]
     assert list((tmp_path / "run").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_skip_missing_scores_the_benchmark_without_the_missing_images(layouts, tmp_path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(layouts["coco-zsl"], root)
+    data = json.loads((root / "annotations" / "instances_val2014_unseen_48_17.json").read_text())
+    (root / "val2014" / data["images"][0]["file_name"]).unlink()
+    (tmp_path / "run").mkdir()
+    args = [
+        "evaluate",
+        "--run",
+        tmp_path / "run",
+        "--zero-shot",
+        "clip",
+        "--clip",
+        "tiny",
+        "--data",
+        f"coco-zsl:{root}",
+    ]
+    done = mlgen(*args, "--skip-missing")
+    assert done.returncode == 0, done.stderr
+    assert "going on without 1 missing images" in done.stderr
+    metrics = json.loads((tmp_path / "run" / "zero-shot" / "clip" / "metrics.json").read_text())
+    assert metrics["settings"]["zsl"]["images"] == 5 and metrics["settings"]["gzsl"]["images"] == 6
