@@ -186,13 +186,13 @@ def _break(root: Path, how: str) -> str:
     if how == "nus object array asking for 10^12 elements":
         names = [str(name) for name in np.load(images)]
         _npy_with_pickle(images, len(names), _HugeState(names))
-        return images.name
+        return f"{images.name}: an object array mlgen will not unpickle (shape (1000000000000,) asks for"
     if how == "nus header asking for 10^12 rows":
         labels = zsl / "formatted_val_all_labels_filtered.npy"
         out = io.BytesIO()
         np.lib.format.write_array_header_1_0(out, {"descr": "<i8", "fortran_order": False, "shape": (10**12, 1006)})
         labels.write_bytes(out.getvalue() + np.load(labels).tobytes())
-        return labels.name
+        return f"{labels.name}: its header says shape (1000000000000, 1006)"
     if how == "nus .npz renamed to .npy":
         out = io.BytesIO()
         np.savez(out, names=np.load(images))
@@ -216,9 +216,9 @@ def _break(root: Path, how: str) -> str:
         data["images"][0]["file_name"] = "..\\train2014\\" + data["images"][0]["file_name"]
         path.write_text(json.dumps(data))
         return "points outside"
-    if how == "coco JSON not an object":
-        (root / "annotations" / "instances_val2014_unseen_48_17.json").write_text("[1, 2]")
-        return "not a COCO instance file"
+    if how == "coco JSON nested too deep":
+        (root / "annotations" / "instances_val2014_unseen_48_17.json").write_text("[" * 100_000 + "]" * 100_000)
+        return "not a COCO instance file (RecursionError)"
     raise AssertionError(how)
 
 
@@ -230,7 +230,7 @@ BAD = [
     "nus all_labels.txt not UTF-8",
     "nus missing images",
     "coco .. in a file_name",
-    "coco JSON not an object",
+    "coco JSON nested too deep",
 ]
 
 
