@@ -50,6 +50,7 @@ NUS_VARIANTS = {
     "BOM, CRLF, trailing blanks, blank line": {"messy": True},
     "upper-case extension on disk": {"upper_extension": True},
     "names as Python strings, windows": {"object_names": True, "windows": True},
+    "lists relative to ROOT (images/Flickr/...)": {"from_root": True},
 }
 
 
@@ -68,6 +69,7 @@ COCO_VARIANTS = {
     "train2014/ in file_name": {"folder_in_name": True},
     "train2014\\ in file_name": {"folder_in_name": True, "windows": True},
     "images symlinked from another disk": {"linked": "other-disk"},
+    "image folders in ROOT/images/": {"images_folder": True},
 }
 
 

@@ -74,13 +74,14 @@ def make_coco_zsl(
     folder_in_name: bool = False,
     windows: bool = False,
     linked: Path | None = None,
+    images_folder: bool = False,
 ) -> Path:
     """ROOT with annotations/instances_*_48_17.json and train2014/, val2014/ images; each split's images
     carry labels of that split only (one image of each file has no annotation: the official loader skips it).
 
     ``messy``: JSON files with a BOM and CRLF line ends; ``folder_in_name``: each ``file_name`` starts with its
     folder (``train2014/COCO_...``); ``windows``: written with ``\\``; ``linked``: every image a symlink to a
-    file under that folder (another disk)."""
+    file under that folder (another disk); ``images_folder``: the image folders in ROOT/images/."""
     ids = _coco_ids()
     seen, unseen = shipped("coco_48_17_seen"), shipped("coco_48_17_unseen")
     per_split = {"seen-train": seen, "unseen-test": unseen, "gzsl-test": seen + unseen}
@@ -88,13 +89,14 @@ def make_coco_zsl(
     seed = 0
     for split, (name, folder) in COCO_FILES.items():
         labels = per_split[split]
-        (root / folder).mkdir(exist_ok=True)
+        on_disk = root / "images" / folder if images_folder else root / folder
+        on_disk.mkdir(parents=True, exist_ok=True)
         data = {"info": {}, "licenses": [], "images": [], "annotations": [], "categories": []}
         data["categories"] = [{"id": ids[c], "name": c, "supercategory": "thing"} for c in labels]
         for n in range(images + 1):
             image_id = (1 if folder == "train2014" else 500_000) + n + (1000 if split == "gzsl-test" else 0)
             file_name = f"COCO_{folder}_{image_id:012d}.jpg"
-            _place(root / folder / file_name, _jpeg(seed := seed + 1), linked / folder if linked else None)
+            _place(on_disk / file_name, _jpeg(seed := seed + 1), linked / folder if linked else None)
             written = f"{folder}/{file_name}" if folder_in_name else file_name
             written = written.replace("/", "\\") if windows else written
             data["images"].append({"id": image_id, "file_name": written, "height": 24, "width": 24})
@@ -137,6 +139,7 @@ def make_nus_zsl(
     upper_extension: bool = False,
     object_names: bool = False,
     all_negative: int = 0,
+    from_root: bool = False,
 ) -> Path:
     """ROOT with annotations/Tag_all/all_labels.txt, annotations/zsl/formatted_*_filtered.npy ([N, 1006]
     multi-hot rows and [N] image paths) and images/Flickr/CONCEPT/NNNN_ID.jpg.
@@ -146,7 +149,7 @@ def make_nus_zsl(
     folder: another disk), ``messy`` (all_labels.txt with a BOM, CRLF, trailing blanks and a blank line),
     ``upper_extension`` (``.JPG`` on disk, ``.jpg`` in the lists), ``object_names`` (the lists saved as Python
     strings), ``all_negative`` (that many seen-train rows with no seen label: the first without any tag, the
-    others with unseen tags only)."""
+    others with unseen tags only), ``from_root`` (the lists written relative to ROOT: ``images/Flickr/...``)."""
     names = nus_names()
     unseen = set(shipped("nus_81_unseen"))
     columns = {
@@ -177,7 +180,7 @@ def make_nus_zsl(
                 folder.parent.mkdir(parents=True, exist_ok=True)
                 os.symlink(linked / concept, folder, target_is_directory=True)
             _place(root / "images" / on_disk, _jpeg(seed := seed + 1), None)
-            path = ("Flickr/" if flickr_in_list else "") + f"{concept}/{name}.jpg"
+            path = ("images/" if from_root else "") + ("Flickr/" if flickr_in_list else "") + f"{concept}/{name}.jpg"
             path = path.replace("/", "\\") if windows else path
             paths.append(path + " " * (n % 2))  # the official lists are stripped: trailing blanks happen
         np.save(root / "annotations" / "zsl" / labels_name, targets)

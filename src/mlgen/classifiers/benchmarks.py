@@ -15,11 +15,12 @@ Splits: ``seen-train`` (seen labels only), ``unseen-test`` (unseen labels only: 
 Everything a split needs is checked when it is opened (one line naming the file), before any image is read.
 
 The files as people have them: ``\\`` in an image path is read as ``/``; a leading folder (NUS-WIDE's
-``Flickr/``, COCO's ``train2014/``) is tried both ways; a differently cased extension is tried; symlinks inside
-the image folder are followed (containment is checked on the path as written: no absolute path, drive or
-``..``); a BOM, CRLF line ends, blank lines and trailing blanks are ignored; the spec is parsed from the right,
-so ROOT may hold colons. Missing images stop the split with their count and the first three names, unless
-the spec ends in ``:skip-missing`` (``nus-zsl:ROOT:seen-train:skip-missing``), which goes on without them.
+``Flickr/``, COCO's ``train2014/``) is tried both ways, a leading ``images/`` too, and a differently cased
+extension; symlinks inside the image folder are followed (containment is checked on the path as written: no
+absolute path, drive or ``..``); COCO's image folders may sit in ``ROOT/images/``; a BOM, CRLF line ends,
+blank lines and trailing blanks are ignored; the spec is parsed from the right, so ROOT may hold colons.
+Missing images stop the split with their count and the first three names, unless the spec ends in
+``:skip-missing`` (``nus-zsl:ROOT:seen-train:skip-missing``), which goes on without them.
 """
 
 from __future__ import annotations
@@ -211,7 +212,10 @@ def _open_cached(benchmark: str, root: Path, split: str, skip_missing: bool, sta
 
 
 def _image_folder(spec: Spec, split: str) -> Path:
-    return spec.root / (COCO_FILES[split][1] if spec.benchmark == "coco-zsl" else "images")
+    if spec.benchmark == "nus-zsl":
+        return spec.root / "images"
+    folder = COCO_FILES[split][1]
+    return spec.root / folder if (spec.root / folder).is_dir() else spec.root / "images" / folder
 
 
 def _read_json(path: Path) -> dict:
@@ -254,7 +258,10 @@ def _open_coco(spec: Spec, split: str) -> tuple[Split, list[tuple[int, str]]]:
         raise MlgenError(f"{path}: not a COCO instance file (missing {err})") from None
     what = {"seen-train": "seen classes", "unseen-test": "unseen classes", "gzsl-test": "classes"}[split]
     _check_classes(path, list(names.values()), labels[split], what)
-    found, missing = ImageFinder(spec.root / folder, folder).locate(files, path)
+    images_folder = spec.root / folder
+    if not images_folder.is_dir() and (spec.root / "images" / folder).is_dir():  # ROOT/images/train2014
+        images_folder = spec.root / "images" / folder
+    found, missing = ImageFinder(images_folder, folder).locate(files, path)
     split_ = Split(
         Spec(spec.benchmark, spec.root, split, spec.skip_missing),
         path,
@@ -356,8 +363,9 @@ def inside(root: Path, written: str, source: Path) -> Path:
 
 class ImageFinder:
     """The image files of a list as people have them on disk: under ``root`` as written, else with its first
-    folder ``prefix`` (NUS-WIDE's ``Flickr``) dropped when written or added when ``root`` has it, else with
-    the extension's case changed (``.JPG``). The way that found the last image is tried first."""
+    folder ``prefix`` (NUS-WIDE's ``Flickr``) dropped when written or added when ``root`` has it, else without
+    a leading ``images/`` (a list written relative to the benchmark's folder), else with the extension's case
+    changed (``.JPG``). The way that found the last image is tried first."""
 
     def __init__(self, root: Path, prefix: str) -> None:
         self.root = root
@@ -370,11 +378,14 @@ class ImageFinder:
         self.last = 0
 
     def _ways(self, parts: tuple[str, ...]) -> list[tuple[str, ...]]:
-        ways = [parts]
-        if len(parts) > 1 and parts[0].lower() == self.prefix:
-            ways.append(parts[1:])
-        elif parts[0].lower() != self.prefix:
-            ways += [(prefix, *parts) for prefix in self.prefixes]
+        bases = [parts, parts[1:]] if len(parts) > 1 and parts[0].lower() == "images" else [parts]
+        ways = []
+        for base in bases:
+            ways.append(base)
+            if len(base) > 1 and base[0].lower() == self.prefix:
+                ways.append(base[1:])
+            elif base[0].lower() != self.prefix:
+                ways += [(prefix, *base) for prefix in self.prefixes]
         name, dot, suffix = parts[-1].rpartition(".")
         if dot and name:
             for case in (suffix.lower(), suffix.upper()):
