@@ -281,3 +281,14 @@ def test_skip_missing_scores_the_benchmark_without_the_missing_images(layouts, t
     assert "going on without 1 missing images" in done.stderr
     metrics = json.loads((tmp_path / "run" / "zero-shot" / "clip" / "metrics.json").read_text())
     assert metrics["settings"]["zsl"]["images"] == 5 and metrics["settings"]["gzsl"]["images"] == 6
+
+
+def test_a_bom_crlf_and_bad_bytes_in_a_label_sets_file(tmp_path) -> None:
+    from mlgen.prompts.composer import read_label_lines
+
+    path = tmp_path / "sets.txt"
+    path.write_bytes("\ufeffzebra, kite\r\n\r\nsurfboard  \r\n".encode())
+    assert read_label_lines(str(path), "--label-sets") == (("zebra", "kite"), ("surfboard",))
+    path.write_bytes(b"zebra\xff\n")
+    with pytest.raises(MlgenError, match="not UTF-8"):
+        read_label_lines(str(path), "--label-sets")
