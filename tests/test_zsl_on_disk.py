@@ -136,6 +136,11 @@ def test_missing_images_are_counted_and_named_and_skip_missing_goes_on(tmp_path)
     items = list(read_labelled(f"nus-zsl:{root}:unseen-test:skip-missing"))
     assert len(items) == 2 and all(item.image for item in items)
     assert open_split(parse_spec(f"nus-zsl:{root}:unseen-test:skip-missing")).skipped == tuple(names[1:5])
+    for name in (names[0], names[5]):
+        (root / "images" / name).unlink()
+    benchmarks._open_cached.cache_clear()  # a command opens a split once; the annotation files did not change
+    with pytest.raises(MlgenError, match="none of its 6 images is there"):  # nothing left to go on with
+        read_labelled(f"nus-zsl:{root}:unseen-test:skip-missing")
 
 
 def test_nus_seen_train_keeps_rows_without_a_seen_label(tmp_path) -> None:
@@ -189,6 +194,15 @@ def _break(root: Path, how: str) -> str:
         names = [str(name) for name in np.load(images)]
         _npy_with_pickle(images, len(names), _HugeState(names))
         return f"{images.name}: an object array mlgen will not unpickle (shape (1000000000000,) asks for"
+    if how == "nus object array with a 2^40-byte string":
+        out = io.BytesIO()
+        np.lib.format.write_array_header_1_0(out, {"descr": "|O", "fortran_order": False, "shape": (6,)})
+        images.write_bytes(out.getvalue() + b"\x80\x04\x8e" + (2**40).to_bytes(8, "little") + b"abc" * 10)
+        return f"{images.name}: an object array mlgen will not unpickle (a length past the end of the file"
+    if how == "nus image name too long":
+        names = np.load(images)
+        np.save(images, np.array(["Flickr/" + "x" * 300 + ".jpg", *names[1:]]))
+        return "1 of 6 images are not there"
     if how == "nus header asking for 10^12 rows":
         labels = zsl / "formatted_val_all_labels_filtered.npy"
         out = io.BytesIO()
@@ -226,6 +240,8 @@ def _break(root: Path, how: str) -> str:
 
 BAD = [
     "nus object array asking for 10^12 elements",
+    "nus object array with a 2^40-byte string",
+    "nus image name too long",
     "nus header asking for 10^12 rows",
     "nus .npz renamed to .npy",
     "nus .. in an image path",

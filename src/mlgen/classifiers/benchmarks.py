@@ -26,9 +26,11 @@ Missing images stop the split with their count and the first three names, unless
 from __future__ import annotations
 
 import functools
+import io
 import json
 import math
 import pickle
+import pickletools
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -107,12 +109,16 @@ def parse_spec(data: str | Path | None) -> Spec | None:
         else:
             break
         root = head
-    if not root:
-        raise MlgenError(f"{text}: name the benchmark's folder, e.g. {name}:/data/{name.split('-')[0]}")
+    if not root or "\0" in root:
+        raise MlgenError(f"{text!r}: name the benchmark's folder, e.g. {name}:/data/{name.split('-')[0]}")
     head, sep, tail = root.rpartition(":")
     if sep and tail and "/" not in tail and not _is_dir(root) and _is_dir(head):  # ROOT:typo
         raise MlgenError(f"{text}: unknown split '{tail}' (use {', '.join(SPLITS)}, and :{SKIP_MISSING})")
-    return Spec(name, Path(root).expanduser(), split, skip)
+    try:
+        folder = Path(root).expanduser()
+    except RuntimeError:  # ~user of no user: the folder as written
+        folder = Path(root)
+    return Spec(name, folder, split, skip)
 
 
 def _is_dir(text: str) -> bool:
@@ -194,9 +200,11 @@ def _open_cached(benchmark: str, root: Path, split: str, skip_missing: bool, sta
     if not skip_missing:
         raise MlgenError(
             f"{opened.annotation}: {len(missing)} of {len(opened.files)} images are not there under "
-            f"{_image_folder(spec, split)} ({named}); to go on without them: the data spec "
-            f"{Spec(benchmark, root, split, True)} (or mlgen evaluate --skip-missing)"
+            f"{_image_folder(spec, split)} ({named}); to go on without them, end the data spec with "
+            f":{SKIP_MISSING} ({benchmark}:ROOT[:SPLIT]:{SKIP_MISSING}) or give mlgen evaluate --skip-missing"
         )
+    if len(missing) == len(opened.files):
+        raise MlgenError(f"{opened.annotation}: none of its {len(missing)} images is there ({named})")
     print(f"warning: {spec}: going on without {len(missing)} missing images ({named})", file=sys.stderr)
     gone = {i for i, _ in missing}
     keep = [i for i in range(len(opened.files)) if i not in gone]
@@ -404,7 +412,7 @@ class ImageFinder:
                 order.insert(0, order.pop(self.last))
             for w in order:
                 path = self.root.joinpath(*ways[w])
-                if path.is_file():
+                if _is_file(path):
                     files.append(path)
                     self.last = w
                     break
@@ -412,6 +420,13 @@ class ImageFinder:
                 files.append(first)
                 missing.append((i, name.strip()))
         return files, missing
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long, a permission denied on the way: not an image mlgen can read
+        return False
 
 
 class _Pending:
@@ -467,6 +482,17 @@ class _ArraysOnly(pickle.Unpickler):
         return _Pending(self.limit)
 
 
+def _check_lengths(data: bytes) -> None:
+    """Every length an opcode of the pickle ``data`` gives is within ``data``: pickle's C reader allocates a
+    counted bytes object (BINBYTES8) before it reads it, so a crafted length would allocate that much.
+    pickletools reads the stream as it is, and stops at a length past its end."""
+    try:
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+    except ValueError as err:
+        raise pickle.UnpicklingError(f"a length past the end of the file: {err}") from None
+
+
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz (a zip of .npy files), whatever its name
 
 
@@ -497,7 +523,9 @@ def _load_npy(path: Path) -> np.ndarray:
                 )
             if not dtype.hasobject:
                 return np.load(path, allow_pickle=False)
-            loaded = _ArraysOnly(handle, data_bytes).load()
+            data = handle.read()
+            _check_lengths(data)
+            loaded = _ArraysOnly(io.BytesIO(data), data_bytes).load()
     except MemoryError:
         raise MlgenError(f"{path}: too large to load into memory") from None
     except (ValueError, EOFError) as err:
