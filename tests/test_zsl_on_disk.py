@@ -308,3 +308,25 @@ def test_a_bom_crlf_and_bad_bytes_in_a_label_sets_file(tmp_path) -> None:
     path.write_bytes(b"zebra\xff\n")
     with pytest.raises(MlgenError, match="not UTF-8"):
         read_label_lines(str(path), "--label-sets")
+
+
+def test_a_labels_csv_as_people_have_it(tmp_path) -> None:
+    """A BOM, CRLF, blanks around the header's names, Windows separators, a folder symlinked from another disk;
+    an empty image cell is an unreadable image (counted), not an error; bad bytes are one line."""
+    image = make_coco_zsl(tmp_path / "coco", images=1) / "val2014" / "COCO_val2014_000000500000.jpg"
+    folder = tmp_path / "set"
+    (folder / "images").mkdir(parents=True)
+    shutil.copy(image, folder / "images" / "a.JPG")
+    (tmp_path / "other-disk").mkdir()
+    shutil.copy(image, tmp_path / "other-disk" / "b.jpg")
+    os.symlink(tmp_path / "other-disk", folder / "images" / "linked", target_is_directory=True)
+    csv_file = folder / "labels.csv"
+    csv_file.write_bytes(
+        "\ufeffimage , labels\r\nimages\\a.JPG,cat\r\n\r\nimages\\linked\\b.jpg ,dog|cat\r\n,cat\r\n".encode()
+    )
+    items = list(read_labelled(csv_file))
+    assert [item.image for item in items] == [image.read_bytes(), image.read_bytes(), None]
+    assert [item.labels for item in items] == [("cat",), ("dog", "cat"), ("cat",)]
+    csv_file.write_bytes(b"image,labels\nimages/a.JPG,caf\xe9\n")
+    with pytest.raises(MlgenError, match="not a UTF-8 labels CSV"):
+        list(read_labelled(csv_file))

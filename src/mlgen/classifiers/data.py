@@ -92,13 +92,19 @@ def _labels(names: list[str]) -> tuple[str, ...]:
 
 
 def _read_csv(path: Path) -> Iterator[LabelledImage]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"image", "labels"} <= set(reader.fieldnames):
-            raise MlgenError(f"{path}: a labels CSV needs the columns 'image' and 'labels'")
-        for row in reader:
-            image = inside(path.parent, row["image"] or "", path)
-            yield LabelledImage(row["image"], _read_file(image), _labels((row["labels"] or "").split("|")))
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames:
+                reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "image, labels"
+            if not reader.fieldnames or not {"image", "labels"} <= set(reader.fieldnames):
+                raise MlgenError(f"{path}: a labels CSV needs the columns 'image' and 'labels'")
+            for row in reader:
+                written = (row["image"] or "").strip()
+                image = _read_file(inside(path.parent, written, path)) if written else None  # none: unreadable
+                yield LabelledImage(written, image, _labels((row["labels"] or "").split("|")))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise MlgenError(f"{path}: not a UTF-8 labels CSV ({type(err).__name__}: {err})") from None
 
 
 def _read_coco(path: Path) -> Iterator[LabelledImage]:
