@@ -70,6 +70,7 @@ COCO_VARIANTS = {
     "train2014\\ in file_name": {"folder_in_name": True, "windows": True},
     "images symlinked from another disk": {"linked": "other-disk"},
     "image folders in ROOT/images/": {"images_folder": True},
+    "unzipped twice: train2014/train2014/": {"unzipped_twice": True},
 }
 
 

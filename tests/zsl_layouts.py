@@ -75,13 +75,15 @@ def make_coco_zsl(
     windows: bool = False,
     linked: Path | None = None,
     images_folder: bool = False,
+    unzipped_twice: bool = False,
 ) -> Path:
     """ROOT with annotations/instances_*_48_17.json and train2014/, val2014/ images; each split's images
     carry labels of that split only (one image of each file has no annotation: the official loader skips it).
 
     ``messy``: JSON files with a BOM and CRLF line ends; ``folder_in_name``: each ``file_name`` starts with its
     folder (``train2014/COCO_...``); ``windows``: written with ``\\``; ``linked``: every image a symlink to a
-    file under that folder (another disk); ``images_folder``: the image folders in ROOT/images/."""
+    file under that folder (another disk); ``images_folder``: the image folders in ROOT/images/;
+    ``unzipped_twice``: train2014.zip unpacked into ROOT/train2014/ (ROOT/train2014/train2014/*.jpg)."""
     ids = _coco_ids()
     seen, unseen = shipped("coco_48_17_seen"), shipped("coco_48_17_unseen")
     per_split = {"seen-train": seen, "unseen-test": unseen, "gzsl-test": seen + unseen}
@@ -90,6 +92,7 @@ def make_coco_zsl(
     for split, (name, folder) in COCO_FILES.items():
         labels = per_split[split]
         on_disk = root / "images" / folder if images_folder else root / folder
+        on_disk = on_disk / folder if unzipped_twice else on_disk
         on_disk.mkdir(parents=True, exist_ok=True)
         data = {"info": {}, "licenses": [], "images": [], "annotations": [], "categories": []}
         data["categories"] = [{"id": ids[c], "name": c, "supercategory": "thing"} for c in labels]
