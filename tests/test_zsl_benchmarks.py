@@ -138,7 +138,9 @@ def test_a_broken_layout_is_one_line_naming_the_file_and_nothing_is_written(layo
     shutil.copytree(layouts[benchmark], root)
     named = _break(root, how)
     (tmp_path / "run").mkdir()
-    done = mlgen("evaluate", "--run", tmp_path / "run", "--zero-shot", "clip", "--data", f"{benchmark}:{root}")
+    done = mlgen(
+        "evaluate", "--run", tmp_path / "run", "--zero-shot", "clip", "--clip", "tiny", "--data", f"{benchmark}:{root}"
+    )
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("mlgen: error:"), done.stderr
     assert named in lines[0], lines[0]
@@ -182,7 +184,7 @@ def _run_with_unseen_labels(root: Path, labels: list[str]) -> Path:
     (root / "classes.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
     (root / "sets.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
     run = root / "run"
-    generate = [*FAST_GENERATE, "--prompts-per-set", "1", "--images-per-prompt", "1"]
+    generate = [*FAST_GENERATE, "--model", "tiny", "--prompts-per-set", "1", "--images-per-prompt", "1"]
     for args in (
         [
             "prompts",
@@ -212,6 +214,8 @@ def test_train_on_coco_seen_train_then_evaluate_defaults_zsl_to_the_unseen_label
         run,
         "--source",
         "raw",
+        "--clip",
+        "tiny",
         "--epochs",
         "1",
         "--seen-data",
@@ -237,6 +241,7 @@ def test_train_on_coco_seen_train_then_evaluate_defaults_zsl_to_the_unseen_label
 @pytest.mark.slow
 def test_train_on_nus_seen_train_draws_100_seen_labels_per_real_batch_then_evaluate(layouts, tmp_path) -> None:
     root = layouts["nus-zsl"]
+    seen_train = make_nus_zsl(tmp_path / "nus-all-negative", all_negative=2)  # 2 rows with no seen label
     run = _run_with_unseen_labels(tmp_path, NUS_UNSEEN[:4])  # a few unseen labels generated: fast
     done = mlgen(
         "train-classifier",
@@ -244,14 +249,17 @@ def test_train_on_nus_seen_train_draws_100_seen_labels_per_real_batch_then_evalu
         run,
         "--source",
         "raw",
+        "--clip",
+        "tiny",
         "--epochs",
         "1",
         "--seen-data",
-        f"nus-zsl:{root}:seen-train",
+        f"nus-zsl:{seen_train}:seen-train",
     )
     assert done.returncode == 0, done.stderr
     metrics = json.loads((run / "classifier" / "metrics.json").read_text())
-    assert metrics["seen_classes_per_batch"] == 100 and metrics["seen_images"] == 6
+    assert metrics["seen_classes_per_batch"] == 100 and metrics["seen_images"] == 6  # all kept, as official
+    assert metrics["seen_images_without_a_seen_label"] == 2
     done = mlgen("evaluate", "--run", run, "--data", f"nus-zsl:{root}")
     assert done.returncode == 1 and "does not know 77 label(s) of nus-zsl" in done.stderr  # 81 - 4 generated
     done = mlgen("evaluate", "--run", run, "--data", f"nus-zsl:{root}:unseen-test")

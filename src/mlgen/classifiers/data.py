@@ -1,7 +1,8 @@
 """Labelled real images for training and evaluation, in the three formats users have.
 
 - a CSV with columns ``image`` (path relative to the CSV) and ``labels`` (names joined by ``|``);
-- a COCO-style JSON (``images[].file_name`` relative to the JSON's folder, ``annotations[].category_id``,
+- a COCO-style JSON (``images[].file_name`` relative to the JSON's folder, or in the COCO layout, where
+  annotations/ and the image folders such as train2014/ are siblings; ``annotations[].category_id``,
   ``categories[].name``);
 - a WebDataset: a ``.tar`` file or a folder of them, each sample with an image and a ``json`` holding ``labels``;
 - a split of a zero-shot benchmark in its standard layout: ``coco-zsl:ROOT:SPLIT`` or ``nus-zsl:ROOT:SPLIT``
@@ -16,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mlgen.classifiers.benchmarks import Split, open_split, parse_spec, split_images
+from mlgen.classifiers.benchmarks import Split, inside, open_split, parse_spec, relative_parts, split_images
 from mlgen.errors import MlgenError
 from mlgen.labels import normalise_label
 
@@ -78,14 +80,6 @@ def decodable(image: bytes | None) -> bool:
     return True
 
 
-def _inside(root: Path, relative: str, source: Path) -> Path:
-    """``root / relative``, refusing paths that leave ``root`` (absolute paths, ``..``)."""
-    candidate = (root / relative).resolve()
-    if not candidate.is_relative_to(root.resolve()):
-        raise MlgenError(f"{source}: image path {relative!r} points outside {root}")
-    return candidate
-
-
 def _read_file(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -98,27 +92,76 @@ def _labels(names: list[str]) -> tuple[str, ...]:
 
 
 def _read_csv(path: Path) -> Iterator[LabelledImage]:
-    with path.open(encoding="utf-8-sig", newline="") as handle:
-        reader = csv.DictReader(handle)
-        if not reader.fieldnames or not {"image", "labels"} <= set(reader.fieldnames):
-            raise MlgenError(f"{path}: a labels CSV needs the columns 'image' and 'labels'")
-        for row in reader:
-            image = _inside(path.parent, row["image"], path)
-            yield LabelledImage(row["image"], _read_file(image), _labels((row["labels"] or "").split("|")))
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames:
+                reader.fieldnames = [name.strip() for name in reader.fieldnames]  # "image, labels"
+            if not reader.fieldnames or not {"image", "labels"} <= set(reader.fieldnames):
+                raise MlgenError(f"{path}: a labels CSV needs the columns 'image' and 'labels'")
+            for row in reader:
+                written = (row["image"] or "").strip()
+                image = _read_file(inside(path.parent, written, path)) if written else None  # none: unreadable
+                yield LabelledImage(written, image, _labels((row["labels"] or "").split("|")))
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise MlgenError(f"{path}: not a UTF-8 labels CSV ({type(err).__name__}: {err})") from None
 
 
 def _read_coco(path: Path) -> Iterator[LabelledImage]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))  # a BOM is not part of the JSON
         names = {c["id"]: c["name"] for c in data["categories"]}
         labels: dict[int, list[str]] = {image["id"]: [] for image in data["images"]}
         for annotation in data.get("annotations", []):
             labels[annotation["image_id"]].append(names[annotation["category_id"]])
-        images = [(image["id"], image["file_name"]) for image in data["images"]]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+        images = [(image["id"], image["file_name"], image.get("coco_url")) for image in data["images"]]
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError, RecursionError) as err:
         raise MlgenError(f"{path}: not a COCO-style label file ({type(err).__name__}: {err})") from None
-    for image_id, file_name in images:
-        yield LabelledImage(file_name, _read_file(_inside(path.parent, file_name, path)), _labels(labels[image_id]))
+    except MemoryError:
+        raise MlgenError(f"{path}: too large to read into memory") from None
+    bad = next((name for _, name, _ in images if not isinstance(name, str)), None)
+    if bad is not None:
+        raise MlgenError(f"{path}: a file_name that is not a string ({bad!r})")
+    folders = coco_image_folders(path, [name for _, name, _ in images] + [str(url) for *_, url in images if url])
+    for image_id, file_name, _ in images:
+        inside(path.parent, file_name, path)  # refused at once if it leaves its folder (absolute, '..')
+        found = _find_image(folders, file_name, path)
+        yield LabelledImage(file_name, _read_file(found), _labels(labels[image_id]))
+
+
+_COCO_SPLIT = re.compile(r"(?:train|val|test|minival|unlabeled)20\d\d", re.IGNORECASE)
+
+
+def coco_image_folders(path: Path, hints: list[str]) -> list[Path]:
+    """Where a COCO JSON's ``file_name``s may be: the JSON's own folder; in the COCO layout (the JSON in
+    ``annotations/``) the sibling image folders, the one its split names first (``train2014`` from
+    ``instances_train2014.json``, ``COCO_train2014_...`` file names or ``coco_url``), then ``images/<split>``,
+    then the other siblings. Only folders that exist are listed; file names are never built from the hints."""
+    here = path.parent
+    if here.name.lower() != "annotations":
+        return [here]
+    try:
+        siblings = sorted(p for p in here.parent.iterdir() if p.is_dir() and p != here)
+    except OSError:
+        return [here]
+    named = {match.group(0).lower() for text in [path.stem, *hints[:1000]] for match in _COCO_SPLIT.finditer(text)}
+    first = [p for p in siblings if p.name.lower() in named]
+    nested = [c for p in siblings if p.name.lower() == "images" for c in sorted(p.iterdir()) if c.is_dir()]
+    nested = [c for c in nested if c.name.lower() in named] + [c for c in nested if c.name.lower() not in named]
+    return list(dict.fromkeys([here, *first, *nested, *siblings]))
+
+
+def _find_image(folders: list[Path], file_name: str, source: Path) -> Path:
+    """The first folder where ``file_name`` (as written, containment checked) is a file; else the first."""
+    parts = relative_parts(file_name)
+    for folder in folders:
+        candidate = folder.joinpath(*parts) if parts else inside(folder, file_name, source)
+        if candidate.is_file():
+            if folder is not folders[0]:  # the folder of this image first for the next ones
+                folders.remove(folder)
+                folders.insert(0, folder)
+            return candidate
+    return inside(folders[0], file_name, source)
 
 
 def _read_webdataset(path: Path) -> Iterator[LabelledImage]:

@@ -47,7 +47,9 @@ def held_out(groups: list[int], fraction: float) -> torch.Tensor:
 
 
 def seen_rows(labels: list[tuple[str, ...]], unseen: list[str]) -> list[bool]:
-    """Which real images have a seen label (one that is not among the generated ``unseen``)."""
+    """Which real images have a seen label (one that is not among the generated ``unseen``), for the counts.
+    Every real image is trained on, as the official loader: one without a seen label is an all-negative
+    example on the seen columns its batch is scored on."""
     generated = set(unseen)
     return [any(label not in generated for label in row) for row in labels]
 
@@ -122,7 +124,8 @@ class ClassifierStage(Stage):
             return [synthetic_pass]
         labels, images = seen
         columns = None if synthetic.columns is None else ~synthetic.columns
-        rows = torch.tensor(seen_rows(labels, self.classes))  # official: only images with a seen label
+        rows = torch.ones(len(labels), dtype=torch.bool)  # every row, as the official loader (see seen_rows)
+        self.seen_trained = int(rows.sum())  # metrics.json's seen_images: what the real pass trains on
         draw = c.seen_classes_per_batch or None
         real = self._source(model, cache, multi_hot(labels, classes), rows, images, columns, c.augment, draw)
         real_pass = Pass(lambda epoch: real.batches(epoch, c.batch_size, c.seed + 1), columns, "real")
@@ -211,12 +214,12 @@ class ClassifierStage(Stage):
             select_every=c.select_every,
         )
         self.model, self.fit_result = model, result  # for callers that drive the stage themselves (tests)
-        used = sum(seen_rows(seen_labels, self.classes))
+        with_seen = sum(seen_rows(seen_labels, self.classes))
         metrics = {
             "train_images": len(synthetic),
-            "seen_images": used,
+            "seen_images": self.seen_trained if seen_images else 0,
             "seen_images_skipped": seen_skipped,
-            "seen_images_without_a_seen_label": len(seen_labels) - used,  # dropped, as the official loader
+            "seen_images_without_a_seen_label": len(seen_labels) - with_seen,  # kept: all-negative, as official
             "seen_classes_per_batch": c.seen_classes_per_batch or "all",
             "optimizer_steps": result.optimizer_steps,
             "steps_by_pass": result.steps_by_pass,

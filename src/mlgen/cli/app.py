@@ -507,9 +507,17 @@ def evaluate(
             "label's names, s3 adds them to its point set.",
         ),
     ] = None,
+    skip_missing: Annotated[
+        bool,
+        typer.Option(help="A benchmark --data: go on without the images that are not there (counted, three named)."),
+    ] = False,
 ) -> None:
     """Score the classifier on real labelled images (ZSL, GZSL, beside CLIP zero-shot); no --data: print metrics."""
     run_dir = _existing_run(run)
+    if skip_missing and data is not None:
+        from mlgen.classifiers.benchmarks import with_skip_missing  # numpy only
+
+        data = Path(with_skip_missing(data))
     if label_aliases is not None and zero_shot is None:
         raise MlgenError("--label-aliases is read by --zero-shot clip|s3 only (the classifier learned its labels)")
     if zero_shot is not None:

@@ -84,11 +84,13 @@ def read_label_lines(path: str, what: str) -> tuple[tuple[str, ...], ...]:
     """A file of comma-separated labels, one entry a line; blank lines and # comments skipped."""
     from pathlib import Path
 
+    from mlgen.labels import read_text_file  # a BOM dropped, bad bytes one line
+
     file = Path(path)
     if not file.is_file():
         raise MlgenError(f"{what} file not found: {path}")
     entries = []
-    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text_file(file, f"{what} file").splitlines(), start=1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
