@@ -103,6 +103,7 @@ class FilterConfig:
     # >0: each label's text column blended with W x its image prototype (the mean embedding of the images asked
     # for it, leave-one-out); the gate still reads the text alone (README: The filter)
     prototype: float = added(0.0)
+    parents: str | None = added(None)  # nus-wide (the official class relationship, shipped) or a 'parent: child' file
     batch_size: int = runtime(64)
     workers: int = runtime(2)  # DataLoader processes decoding images while CLIP runs (0: inline)
 
