@@ -140,6 +140,11 @@ class ClassifierConfig:
     passes_per_epoch: int | None = None  # pad the epoch with empty passes: the cosine steps this often per epoch
     val_data: str | None = None  # labelled validation images: keep the best epoch's weights (never the test set)
     select_every: int = 1  # with val_data: evaluate every N epochs (and after the last)
+    # validation (val_data or val_holdout; else the final weights), official (the epoch of the best TEST F1@3 of
+    # test_data, a ZSL and a GZSL checkpoint, as the official code; labelled so everywhere), or both side by side
+    select: str = added("validation")
+    val_holdout: float = added(0.0)  # >0: this share of seen_data's images held out of training, validated on
+    test_data: str | None = added(None)  # select official/both: the benchmark (coco-zsl:ROOT, nus-zsl:ROOT)
     cache: bool = runtime(True)  # frozen features cached on disk (float16) when only a head trains
 
 
@@ -277,6 +282,8 @@ def validate(config: Any) -> None:
         "rule": lambda v: v in ("exact", "topk"),
         "text": lambda v: v in ("bare", "ensemble", "s3", "best"),
         "holdout": lambda v: 0 <= v < 1,
+        "val_holdout": lambda v: 0 <= v < 1,
+        "select": lambda v: v in ("validation", "official", "both"),
         "soft_targets": lambda v: 0 <= v <= 1,
         "temperature": lambda v: v >= 0,
         "top_p": lambda v: 0 < v <= 1,

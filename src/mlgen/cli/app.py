@@ -381,6 +381,19 @@ def train_classifier(
         typer.Option(help="Labelled validation images: keep the best epoch's weights by their mAP (never test data)."),
     ] = None,
     select_every: Annotated[int | None, typer.Option(min=1, help="With --val-data: validate every N epochs.")] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(
+            help="validation (--val-data or --val-holdout; else the final weights), official (best TEST F1@3 of "
+            "--test-data, a ZSL and a GZSL checkpoint, as the official code) or both, side by side."
+        ),
+    ] = None,
+    val_holdout: Annotated[
+        float | None, typer.Option(help="Share of --seen-data held out of training and validated on (0: none).")
+    ] = None,
+    test_data: Annotated[
+        str | None, typer.Option(help="--select official/both: the benchmark, coco-zsl:ROOT or nus-zsl:ROOT.")
+    ] = None,
     pass_steps: Annotated[
         int | None,
         typer.Option(min=1, help="Exactly N batches in every pass of an epoch (equal steps whatever the image count)."),
@@ -417,6 +430,9 @@ def train_classifier(
         val_data=val_data,
         select_every=select_every,
         pass_steps=pass_steps,
+        select=select,
+        val_holdout=val_holdout,
+        test_data=test_data,
     )
     _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
     _print_metrics(run)
