@@ -234,7 +234,7 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
         raise MlgenError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise MlgenError(f"{path} must be a mapping of sections (prompts:, generate:, filter:, classifier:)")
-    unknown = set(data) - set(STAGE_CONFIGS) - {"run", "classes"}
+    unknown = set(data) - set(STAGE_CONFIGS) - {"run", "classes", "rounds"}  # rounds: mlgen.recipe
     if unknown:
         raise MlgenError(f"{path}: unknown section '{sorted(unknown)[0]}'")
     return data

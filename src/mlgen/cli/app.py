@@ -511,9 +511,17 @@ def _print_metrics(run: Path) -> None:
     if "zero_shot_clip" in metrics:
         rows = {"zsl": rows.pop("zsl"), "zero_shot_clip": metrics["zero_shot_clip"]["zsl"], **rows}
     titles = {**METRIC_TITLES, "zero_shot_clip": "CLIP zero-shot, real images, ZSL"}
+    if metrics.get("selected"):  # --select official: these weights were chosen on the test split
+        titles = {**titles, **{n: f"{titles[n]}, {metrics['selected']}" for n in ("zsl", "gzsl")}}
+    elif metrics.get("official"):
+        titles = {**titles, **{n: f"{titles[n]}, selected on validation" for n in ("zsl", "gzsl")}}
     for name, values in rows.items():
         shown = "  ".join(f"{k} {values[k]:.3f}" for k in SHOWN if k in values)
         typer.echo(f"{titles[name]:<40} {shown}  ({values['images']} images)")
+    from mlgen.recipe import selection_lines
+
+    for line in selection_lines(metrics):  # the test-selected checkpoints beside, and the optimism
+        typer.echo(line)
     if metrics.get("corrupt_images_skipped"):
         typer.echo(f"skipped {metrics['corrupt_images_skipped']} unreadable images")
     if metrics.get("unknown_labels"):
@@ -556,7 +564,17 @@ def run_all(
         int | None,
         typer.Option(min=1, help="Generate and filter in rounds until every label has this many kept images."),
     ] = None,
-    max_rounds: Annotated[int, typer.Option(min=1, help="Most quota rounds before the run stops.")] = 5,
+    max_rounds: Annotated[
+        int | None, typer.Option(min=1, help="Most quota rounds before the run stops (default: rounds: or 5).")
+    ] = None,
+    benchmark: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="Reproduce a benchmark: coco-zsl:ROOT or nus-zsl:ROOT (its unseen labels generated, seen-train "
+            "trained on, ZSL and GZSL test splits scored; examples/paper-*.yaml, docs/reproduce.md).",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would run, its time and disk; load and write nothing.")
     ] = False,
@@ -568,10 +586,17 @@ def run_all(
     data = read_config_file(config)
     run_dir = RunDir(run or Path(data.get("run", DEFAULT_RUN)))
     classes = _labels(Path(data["classes"])) if data.get("classes") else None
+    from mlgen.recipe import benchmark_setup, benchmark_spec, rounds_settings
+
+    quota, max_rounds = rounds_settings(data, quota, max_rounds)
+    spec = benchmark_spec(benchmark) if benchmark is not None else None
+    implied: dict[str, Any] = {}  # what the benchmark sets: its unseen labels, seen-train, its test splits
+    if spec is not None:
+        classes, implied = benchmark_setup(spec, data)
     if dry_run:
         from mlgen.dryrun import dry_run_lines
 
-        typer.echo("\n".join(dry_run_lines(data, run_dir, classes, quota, bench)))
+        typer.echo("\n".join(dry_run_lines(data, run_dir, classes, quota, bench, spec, implied)))
         return
     section = {
         name: build_config(cls, data.get(name))
@@ -579,9 +604,9 @@ def run_all(
             ("prompts", PromptsConfig),
             ("generate", GenerateConfig),
             ("filter", FilterConfig),
-            ("classifier", ClassifierConfig),
         ]
     }
+    section["classifier"] = build_config(ClassifierConfig, implied, data.get("classifier"))
     if "finetune" in data:  # the optional stage runs when the config has a finetune: section
         from mlgen.finetune.stage import finetune
 
@@ -598,6 +623,8 @@ def run_all(
         workflow.generate(run_dir, section["generate"], section["prompts"], classes, overwrite)
         workflow.filter_images(run_dir, section["filter"], overwrite)
     workflow.train_classifier(run_dir, section["classifier"], overwrite)
+    if spec is not None:  # the papers' tables: ZSL and GZSL on the test splits (both selections when made)
+        workflow.evaluate(run_dir, Path(str(spec)))
     _print_metrics(run_dir.root)
 
 
