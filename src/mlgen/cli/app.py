@@ -463,6 +463,13 @@ def evaluate(
         ),
     ] = None,
     clip: Annotated[str, typer.Option(help="The CLIP model of --zero-shot.")] = "tiny",
+    ap_rule: Annotated[
+        str | None,
+        typer.Option(
+            help="A label without a positive image: official (AP 0, in the mean; the default on coco-zsl:/nus-zsl:) "
+            "or sklearn (left out of mAP; the default elsewhere)."
+        ),
+    ] = None,
     label_aliases: Annotated[
         Path | None,
         typer.Option(
@@ -473,6 +480,8 @@ def evaluate(
     ] = None,
 ) -> None:
     """Score the classifier on real labelled images (ZSL, GZSL, beside CLIP zero-shot); no --data: print metrics."""
+    if ap_rule not in (None, "official", "sklearn"):
+        raise MlgenError(f"--ap-rule must be official or sklearn, not {ap_rule!r}")
     run_dir = _existing_run(run)
     if label_aliases is not None and zero_shot is None:
         raise MlgenError("--label-aliases is read by --zero-shot clip|s3 only (the classifier learned its labels)")
@@ -492,7 +501,7 @@ def evaluate(
         return
     run_dir.require("classifier")
     if data is not None:
-        workflow.evaluate(run_dir, data, _labels(labels))
+        workflow.evaluate(run_dir, data, _labels(labels), ap_rule)
     _print_metrics(run)
 
 
