@@ -140,6 +140,7 @@ def test_official_selection_keeps_each_settings_test_best_epoch() -> None:
                 assert torch.equal(state[key].cpu(), value), (setting, key)
     final = model.trainable_state()
     assert any(not torch.equal(final[k], weights[1][k]) for k in final)  # the model keeps its own weights
+    assert OFFICIAL_SELECTION == "selected on the test split, as the official code does"  # the label everywhere
 
 
 # --- the recipe, end to end on the miniature benchmarks (tiny models, small counts) ---------------------------
