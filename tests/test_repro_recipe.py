@@ -268,6 +268,11 @@ def test_recipe_inputs_fail_in_one_line(tmp_path: Path) -> None:
     config = EXAMPLES / "paper-coco.yaml"
     done = mlgen("run", "--config", config, "--data", f"coco-zsl:{tmp_path}:seen-train", "--dry-run", cwd=tmp_path)
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "without a split" in done.stderr
+    (tmp_path / "mine.txt").write_text("zebra\nkite\n", encoding="utf-8")
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"classes: {tmp_path / 'mine.txt'}\n", encoding="utf-8")
+    done = mlgen("run", "--config", mine, "--data", f"coco-zsl:{tmp_path}", "--dry-run", cwd=tmp_path)
+    assert done.returncode == 1 and "not the 17 unseen labels of coco-zsl" in done.stderr, done.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("rounds:\n  quota: 0\n", encoding="utf-8")
     done = mlgen("run", "--config", bad, "--dry-run", cwd=tmp_path)

@@ -34,10 +34,19 @@ def benchmark_spec(data: str) -> Spec:
     return spec
 
 
-def benchmark_setup(spec: Spec, config: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
+def benchmark_setup(
+    spec: Spec, config: dict[str, Any], classes: list[str] | None = None
+) -> tuple[list[str], dict[str, Any]]:
     """(the run's labels: the benchmark's unseen ones, the classifier settings the benchmark implies, which the
-    config file's ``classifier:`` section may still override)."""
+    config file's ``classifier:`` section may still override). ``classes``: the config's own labels, if any,
+    which must be those unseen ones."""
     unseen = split_labels(spec.benchmark)["unseen-test"]
+    if classes is not None and sorted(classes) != sorted(unseen):
+        other = (sorted(set(classes) ^ set(unseen)) or classes)[0]
+        raise MlgenError(
+            f"the config's classes are not the {len(unseen)} unseen labels of {spec.benchmark} (e.g. '{other}'): "
+            "leave classes: out, --data sets them"
+        )
     return unseen, {"seen_data": f"{spec}:seen-train", "test_data": str(spec)}
 
 

@@ -601,7 +601,7 @@ def run_all(
     spec = benchmark_spec(benchmark) if benchmark is not None else None
     implied: dict[str, Any] = {}  # what the benchmark sets: its unseen labels, seen-train, its test splits
     if spec is not None:
-        classes, implied = benchmark_setup(spec, data)
+        classes, implied = benchmark_setup(spec, data, classes)
     if dry_run:
         from mlgen.dryrun import dry_run_lines
 
