@@ -110,6 +110,7 @@ class FilterConfig:
     # >0: each label's text column blended with W x its image prototype (the mean embedding of the images asked
     # for it, leave-one-out); the gate still reads the text alone (README: The filter)
     prototype: float = added(0.0)
+    parents: str | None = added(None)  # nus-wide (the official class relationship, shipped) or a 'parent: child' file
     batch_size: int = runtime(64)
     workers: int = runtime(2)  # DataLoader processes decoding images while CLIP runs (0: inline)
 
@@ -146,6 +147,11 @@ class ClassifierConfig:
     passes_per_epoch: int | None = None  # pad the epoch with empty passes: the cosine steps this often per epoch
     val_data: str | None = None  # labelled validation images: keep the best epoch's weights (never the test set)
     select_every: int = 1  # with val_data: evaluate every N epochs (and after the last)
+    # validation (val_data or val_holdout; else the final weights), official (the epoch of the best TEST F1@3 of
+    # test_data, a ZSL and a GZSL checkpoint, as the official code; labelled so everywhere), or both side by side
+    select: str = added("validation")
+    val_holdout: float = added(0.0)  # >0: this share of seen_data's images held out of training, validated on
+    test_data: str | None = added(None)  # select official/both: the benchmark (coco-zsl:ROOT, nus-zsl:ROOT)
     cache: bool = runtime(True)  # frozen features cached on disk (float16) when only a head trains
 
 
@@ -235,7 +241,7 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
         raise MlgenError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise MlgenError(f"{path} must be a mapping of sections (prompts:, generate:, filter:, classifier:)")
-    unknown = set(data) - set(STAGE_CONFIGS) - {"run", "classes"}
+    unknown = set(data) - set(STAGE_CONFIGS) - {"run", "classes", "rounds"}  # rounds: mlgen.recipe
     if unknown:
         raise MlgenError(f"{path}: unknown section '{sorted(unknown)[0]}'")
     return data
@@ -334,6 +340,8 @@ def validate(config: Any) -> None:
         "rule": lambda v: v in ("exact", "topk"),
         "text": lambda v: v in ("bare", "ensemble", "s3", "best"),
         "holdout": lambda v: 0 <= v < 1,
+        "val_holdout": lambda v: 0 <= v < 1,
+        "select": lambda v: v in ("validation", "official", "both"),
         "soft_targets": lambda v: 0 <= v <= 1,
         "temperature": lambda v: v >= 0,
         "top_p": lambda v: 0 < v <= 1,

@@ -58,22 +58,51 @@ class Job:
 
 
 def dry_run_lines(
-    data: dict[str, Any], run: RunDir, classes: list[str] | None, quota: int | None, bench_path: Path | None
+    data: dict[str, Any],
+    run: RunDir,
+    classes: list[str] | None,
+    quota: int | None,
+    bench_path: Path | None,
+    benchmark: Any = None,
+    implied: dict[str, Any] | None = None,
 ) -> list[str]:
-    """What ``mlgen run`` would do with this config (``data``: the config file's sections)."""
+    """What ``mlgen run`` would do with this config (``data``: the config file's sections; ``benchmark``: the
+    ``--data`` benchmark it reproduces, whose ``implied`` classifier settings go under the config's)."""
     for name, cls in STAGE_CONFIGS.items():  # every section, used by `run` or not: a typo fails now
-        build_config(cls, data.get(name), env_settings(name))
-    job = plan_job(data, classes or run.classes(), quota)
+        build_config(cls, implied if name == "classifier" else None, data.get(name), env_settings(name))
+    job = plan_job(data, classes or run.classes(), quota, implied)
     if bench_path is None:  # the run's own, else the one `mlgen bench` left in this folder
         bench_path = next((p for p in (run.root / "bench.json", Path("bench.json")) if p.is_file()), None)
     elif not bench_path.is_file():
         raise MlgenError(f"bench file not found: {bench_path}")
-    return describe(job, read_bench(bench_path), bench_path)
+    lines = describe(job, read_bench(bench_path), bench_path)
+    return lines + (benchmark_lines(job, benchmark) if benchmark is not None else [])
 
 
-def plan_job(data: dict[str, Any], classes: list[str], quota: int | None) -> Job:
+def benchmark_lines(job: Job, spec: Any) -> list[str]:
+    """What ``--data`` adds: the real images trained on, the splits scored and how the epochs are chosen."""
+    c = job.sections["classifier"]
+    on = {
+        "validation": "validation",
+        "official": "the TEST split (as the official code)",
+        "both": "validation and, beside, on the TEST split (as the official code)",
+    }[c.select]
+    val = c.val_data or (f"{c.val_holdout:.0%} of seen-train held out" if c.val_holdout else "none: final weights")
+    return [
+        f"benchmark   {spec}: {len(job.classes)} unseen labels generated; real images of {c.seen_data}",
+        f"            scored on {spec}:unseen-test (ZSL) and :gzsl-test (GZSL), mAP with AP 0 for a label without",
+        "            positives, test images squash-resized to the input side (bilinear), as the official code",
+        f"selection   epochs chosen on {on}; validation: {val}"
+        + ("; official: best test F1@3, a ZSL and a GZSL checkpoint" if c.select != "validation" else ""),
+    ]
+
+
+def plan_job(data: dict[str, Any], classes: list[str], quota: int | None, implied: dict | None = None) -> Job:
     """Every section built (an unknown key fails here, with one line) and the counts it implies."""
-    sections = {name: build_config(cls, data.get(name), env_settings(name)) for name, cls in SECTIONS.items()}
+    sections = {
+        name: build_config(cls, implied if name == "classifier" else None, data.get(name), env_settings(name))
+        for name, cls in SECTIONS.items()
+    }
     finetune = build_config(FinetuneConfig, data["finetune"], env_settings("finetune")) if "finetune" in data else None
     p, g = sections["prompts"], apply_preset(sections["generate"])
     sets, method = compose_sets(classes, p.exclude_pairs, p.set_size, p.sets_per_label, p.label_sets, p.seed)
@@ -159,8 +188,11 @@ def describe(job: Job, bench: dict[str, Any] | None, bench_path: Path | None) ->
         f"shards      raw {job.shards} x {g.shard_size} images; filtered {job.shards}",
         f"generate    {g.model} (preset {g.preset}: {g.size or 'native'} px, {g.steps} steps, {g.scheduler}, "
         f"guidance {g.guidance})",
-        f"filter      CLIP {s['filter'].clip}, threshold {s['filter'].threshold}, text {s['filter'].text}",
-        f"classifier  CLIP {s['classifier'].clip}, head {s['classifier'].head}, "
+        _filter_line(s["filter"]),
+        f"classifier  CLIP {s['classifier'].clip}, head {s['classifier'].head}"
+        + (" + fusion" if s["classifier"].fusion else "")
+        + f", {s['classifier'].optimizer or 'sgd'} lr {s['classifier'].lr or 'default'}, "
+        f"batch {s['classifier'].batch_size}, "
         + (f"{s['classifier'].steps} steps" if s["classifier"].steps else f"{s['classifier'].epochs} epochs"),
     ]
     if job.finetune is not None:
@@ -173,16 +205,35 @@ def describe(job: Job, bench: dict[str, Any] | None, bench_path: Path | None) ->
     return lines
 
 
+def _filter_line(f: FilterConfig) -> str:
+    rule = f"top-{f.topk or 'auto'} (extra labels above {f.extra_threshold})" if f.rule == "topk" else "exact set"
+    parents = f", parents {f.parents}" if f.parents else ""
+    return (
+        f"filter      CLIP {f.clip}, rule {rule}, threshold {f.threshold}, text {f.text}, gate {f.gate}, "
+        f"min-keep {f.min_keep}{parents}"
+    )
+
+
 def _time_lines(job: Job, bench: dict[str, Any] | None, bench_path: Path | None) -> list[str]:
     if bench is None:
-        return ["time        unknown: no bench.json (run `mlgen bench` with these models, then --bench FILE)"]
+        g = job.generate
+        return [
+            "time        unknown: no bench.json (run `mlgen bench` with these models, then --bench FILE)",
+            f"GPU hours   unknown: on the GPU to book, `mlgen bench --model {g.model} --size {g.size or 512} "
+            f"--steps {g.steps} --dtype {g.dtype}` (or --arch sd2: the architecture with random weights) measures it",
+        ]
     seconds = projected_seconds(job, bench)
     parts = ", ".join(f"{stage} {_duration(value)}" for stage, value in seconds.items())
     measured = bench["generate"]
     source = (
         f"{bench_path}: {measured['model']} at {measured['size']} px, {measured['steps']} steps on {bench['device']}"
     )
-    return [f"time        about {_duration(sum(seconds.values()))} ({parts}; from {source})"]
+    hours = sum(seconds.values()) / 3600
+    first = " (round 1; later rounds add what the filter drops)" if job.quota is not None else ""
+    return [
+        f"time        about {_duration(sum(seconds.values()))} ({parts}; from {source})",
+        f"GPU hours   about {hours:.1f}{first}; classifier training not included",
+    ]
 
 
 def _size(value: float) -> str:

@@ -116,12 +116,13 @@ def train_classifier(run: RunDir, config: ClassifierConfig, overwrite: bool = Fa
     return run_stage(ClassifierStage(run, config), overwrite)
 
 
-def evaluate(run: RunDir, data: Path, labels: list[str] | None = None) -> dict[str, Any]:
-    """Score the run's classifier on real labelled images; adds zsl/gzsl/zero_shot_clip to metrics.json."""
+def evaluate(run: RunDir, data: Path, labels: list[str] | None = None, ap_rule: str | None = None) -> dict[str, Any]:
+    """Score the run's classifier on real labelled images; adds zsl/gzsl/zero_shot_clip to metrics.json.
+    ``ap_rule``: sklearn or official (AP 0 for a label without positives); None: official on a benchmark."""
     from mlgen.classifiers.evaluate import evaluate_on_data, plot_per_class_ap
 
     folder = run.stage_dir("classifier")
-    metrics = evaluate_on_data(run, data, labels)
+    metrics = evaluate_on_data(run, data, labels, ap_rule)
     stored = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     write_json_atomic(folder / "metrics.json", {**stored, **metrics})
     plot_per_class_ap(metrics, folder / "plots" / "per_class_ap.png")

@@ -200,13 +200,16 @@ def _normalize(preprocess):
     return found[-1]
 
 
-def squash_transform(preprocess):
+def squash_transform(preprocess, interpolation: str = "bicubic"):
     """The model's preprocessing with the official squash ``Resize((S, S))`` instead of resize + centre crop:
-    the whole image is seen, its aspect ratio not kept (as the official test transform)."""
+    the whole image is seen, its aspect ratio not kept (as the official test transform). ``bilinear``: the
+    official test transform's own interpolation (torchvision's default, benchmark evaluation); ``bicubic``:
+    CLIP's, mlgen's default elsewhere."""
     from torchvision import transforms as T
 
     size = _input_size(preprocess)
-    resize = T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC, antialias=True)
+    mode = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[interpolation]
+    resize = T.Resize((size, size), interpolation=mode, antialias=True)
     return T.Compose([resize, _RGB(), T.ToTensor(), _normalize(preprocess)])
 
 

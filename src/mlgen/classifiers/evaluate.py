@@ -4,7 +4,10 @@ ZSL: only the unseen labels (``--labels``) are scored, on the images with at lea
 GZSL: every label the model knows, on the images with at least one label (the official subsets). Beside
 both, CLIP zero-shot (a prompt ensemble) on the same images and labels. Every ranking metric reads logits
 (a float32 sigmoid saturates to 1.0 above ~17 and then ties). Classes with no positive image are reported
-and left out of mAP (sklearn's rule; the papers' helper counts them as AP 0).
+and left out of mAP (sklearn's rule; the papers' helper counts them as AP 0). On a whole benchmark
+(``coco-zsl:ROOT``, ``nus-zsl:ROOT``) the figures are the published ones by default: AP 0 for such a class,
+images squash-resized with bilinear interpolation as the official test transform, and beside the saved
+weights the checkpoints chosen on the test split (``--select official``/``both``), labelled as such.
 """
 
 from __future__ import annotations
@@ -38,6 +41,10 @@ ZERO_SHOT_TEMPLATES = (
 )
 PLOT_LABELS = 100
 AP_RULE = "classes without a positive image are left out of mAP (sklearn); the papers' helper counts them as AP 0"
+AP_RULES = {
+    "sklearn": AP_RULE,
+    "official": "a class without a positive image counts as AP 0 and stays in mAP (the official helper's rule)",
+}
 SUBSETS = {
     "zsl": "test images with at least one unseen label (official)",
     "gzsl": "test images with at least one label (official)",
@@ -77,7 +84,12 @@ def load_eval_set(data: Path, classes: list[str]) -> tuple[list[bytes], np.ndarr
 
 
 def _setting(
-    scores: np.ndarray, targets: np.ndarray, classes: list[str], logits: bool, top_k: tuple[int, ...] = (3,)
+    scores: np.ndarray,
+    targets: np.ndarray,
+    classes: list[str],
+    logits: bool,
+    top_k: tuple[int, ...] = (3,),
+    ap_rule: str = "sklearn",
 ) -> dict[str, Any]:
     """All figures of one setting: mAP, per-class AP, P/R/F1 at each ``top_k`` and (for logits) CP/CR/CF1/OP/OR/OF1
     at probability 0.5 (logit 0)."""
@@ -86,7 +98,7 @@ def _setting(
     ap = per_class_average_precision(scores, targets)
     metrics: dict[str, Any] = {}
     for k in top_k:
-        metrics.update(evaluate_scores(scores, targets, k))
+        metrics.update(evaluate_scores(scores, targets, k, ap_rule))
     metrics["labels"] = list(classes)
     metrics["per_class_AP"] = {c: (None if np.isnan(v) else float(v)) for c, v in zip(classes, ap, strict=True)}
     metrics["classes_without_positives"] = [c for c, v in zip(classes, ap, strict=True) if np.isnan(v)]
@@ -125,12 +137,14 @@ def default_unseen(classes: list[str], seen_labels: list[str]) -> list[str]:
     return [label for label in classes if label not in set(seen_labels)] or classes
 
 
-def evaluate_on_data(run: RunDir, data: Path, unseen: list[str] | None = None) -> dict[str, Any]:
+def evaluate_on_data(
+    run: RunDir, data: Path, unseen: list[str] | None = None, ap_rule: str | None = None
+) -> dict[str, Any]:
     """ZSL, GZSL and CLIP zero-shot figures of the run's classifier on the labelled images in ``data``
     (a whole benchmark, ``coco-zsl:ROOT``: its unseen and GZSL test splits, as the papers)."""
     spec = parse_spec(data)
     if spec is not None and spec.split is None:
-        return _evaluate_benchmark(run, spec, unseen)
+        return _evaluate_benchmark(run, spec, unseen, ap_rule or "official")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, preprocess, config = load_run_classifier(run, device)
     classes: list[str] = config["classes"]
@@ -145,20 +159,22 @@ def evaluate_on_data(run: RunDir, data: Path, unseen: list[str] | None = None) -
     pick = [classes.index(label) for label in unseen]
     rows = subsets(targets, pick)
     zsl, gzsl = (np.ix_(rows["zsl"], pick), rows["gzsl"])
-    zero_shot_zsl = _setting(zero_shot[zsl], targets[zsl], unseen, logits=False)
+    rule = ap_rule or "sklearn"
+    zero_shot_zsl = _setting(zero_shot[zsl], targets[zsl], unseen, logits=False, ap_rule=rule)
     return {
         "data": str(data),
-        "ap_rule": AP_RULE,
+        "ap_rule": AP_RULES[rule],
+        "ap_rule_name": rule,
         "subsets": SUBSETS,
         "ranked_by": "logits (probabilities saturate in float32)",
         "zsl_labels": "--labels" if unseen_given else "the labels the classifier saw no real image of",
         **report,
-        "zsl": _setting(logits[zsl], targets[zsl], unseen, logits=True),
-        "gzsl": _setting(logits[gzsl], targets[gzsl], classes, logits=True),
+        "zsl": _setting(logits[zsl], targets[zsl], unseen, logits=True, ap_rule=rule),
+        "gzsl": _setting(logits[gzsl], targets[gzsl], classes, logits=True, ap_rule=rule),
         "zero_shot_clip": {
             "mAP": zero_shot_zsl["mAP"],  # the ZSL figure, beside the classifier's zsl mAP
             "zsl": zero_shot_zsl,
-            "gzsl": _setting(zero_shot[gzsl], targets[gzsl], classes, logits=False),
+            "gzsl": _setting(zero_shot[gzsl], targets[gzsl], classes, logits=False, ap_rule=rule),
             "templates": list(ZERO_SHOT_TEMPLATES),
         },
     }
@@ -300,11 +316,13 @@ def _benchmark_splits(spec: Spec, unseen: list[str] | None) -> dict[str, Split]:
     return {"zsl": open_split(spec, "unseen-test"), "gzsl": open_split(spec, "gzsl-test")}
 
 
-def _benchmark_metrics(spec: Spec, splits: dict[str, Split], scores_of, logits: bool) -> dict[str, Any]:
+def _benchmark_metrics(
+    spec: Spec, splits: dict[str, Split], scores_of, logits: bool, ap_rule: str = "official"
+) -> dict[str, Any]:
     """Each setting scored as the official code: every image of its split, its labels' columns (ZSL: the
     unseen labels; GZSL: all). ``scores_of(images, labels)`` scores the union of both splits' images once."""
     files = list(dict.fromkeys(path for split in splits.values() for path in split.files))
-    labels = splits["gzsl"].classes
+    labels = (splits.get("gzsl") or next(iter(splits.values()))).classes
     try:
         scores = scores_of(LazyImages(files), labels)
     except OSError as err:  # PIL: a file that is not an image
@@ -317,7 +335,7 @@ def _benchmark_metrics(spec: Spec, splits: dict[str, Split], scores_of, logits: 
         index = {label: c for c, label in enumerate(split.classes)}
         for r, found in enumerate(split.labels):
             targets[r, [index[label] for label in found if label in index]] = 1
-        out[name] = _setting(scores[np.ix_(rows, cols)], targets, split.classes, logits, TOP_K[spec.benchmark])
+        out[name] = _setting(scores[np.ix_(rows, cols)], targets, split.classes, logits, TOP_K[spec.benchmark], ap_rule)
         out["settings"][name] = {
             "split": split.spec.split,
             "annotations": str(split.annotation),
@@ -328,11 +346,13 @@ def _benchmark_metrics(spec: Spec, splits: dict[str, Split], scores_of, logits: 
     return out
 
 
-def _benchmark_header(spec: Spec) -> dict[str, Any]:
+def _benchmark_header(spec: Spec, ap_rule: str = "official") -> dict[str, Any]:
     return {
         "data": str(spec),
         "benchmark": spec.benchmark,
-        "ap_rule": AP_RULE,
+        "ap_rule": AP_RULES[ap_rule],
+        "ap_rule_name": ap_rule,
+        "test_resize": "squash to the model's input side, bilinear (the official test transform)",
         "subsets": {
             "zsl": "every image of the unseen test split, scored on the unseen labels (official)",
             "gzsl": "every image of the GZSL test split, scored on every label (official)",
@@ -342,12 +362,14 @@ def _benchmark_header(spec: Spec) -> dict[str, Any]:
     }
 
 
-def _evaluate_benchmark(run: RunDir, spec: Spec, unseen: list[str] | None) -> dict[str, Any]:
-    """The classifier and CLIP zero-shot on a benchmark's ZSL and GZSL test splits."""
+def _evaluate_benchmark(run: RunDir, spec: Spec, unseen: list[str] | None, ap_rule: str = "official") -> dict:
+    """The classifier and CLIP zero-shot on a benchmark's ZSL and GZSL test splits; with test-selected
+    checkpoints (``classifier/official/``) their figures too, each setting scored with its own checkpoint."""
     splits = _benchmark_splits(spec, unseen)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, preprocess, config = load_run_classifier(run, device)
     classes: list[str] = config["classes"]
+    official = _official_checkpoints(run, spec, splits, ap_rule, device)
     missing = [label for label in splits["gzsl"].classes if label not in set(classes)]
     if missing:
         raise MlgenError(
@@ -355,16 +377,17 @@ def _evaluate_benchmark(run: RunDir, spec: Spec, unseen: list[str] | None) -> di
             f"it on the {len(splits['zsl'].classes)} unseen labels with --seen-data {spec.benchmark}:ROOT:seen-train"
         )
 
-    def classifier(images, labels: list[str]) -> np.ndarray:
-        logits = predict_logits(model, squash_transform(preprocess), images)
-        return logits[:, [classes.index(label) for label in labels]]
-
-    ours = _benchmark_metrics(spec, splits, classifier, logits=True)
-    clip = _benchmark_metrics(spec, splits, lambda im, lab: zero_shot_scores(config["clip"], im, lab, device), False)
+    ours = _benchmark_metrics(spec, splits, _scorer(model, preprocess, classes), True, ap_rule)
+    clip = _benchmark_metrics(
+        spec, splits, lambda im, lab: zero_shot_scores(config["clip"], im, lab, device), False, ap_rule
+    )
+    if config.get("selected"):  # --select official: the saved weights are the ZSL choice; GZSL has its own
+        ours = {**ours, "zsl": official["zsl"], "gzsl": official["gzsl"], "selected": official["label"]}
     return {
-        **_benchmark_header(spec),
+        **_benchmark_header(spec, ap_rule),
         "ranked_by": "logits (probabilities saturate in float32)",
         **ours,
+        **({"official": official} if official and not config.get("selected") else {}),
         "zero_shot_clip": {
             "mAP": clip["zsl"]["mAP"],
             "zsl": clip["zsl"],
@@ -372,6 +395,36 @@ def _evaluate_benchmark(run: RunDir, spec: Spec, unseen: list[str] | None) -> di
             "templates": list(ZERO_SHOT_TEMPLATES),
         },
     }
+
+
+def _scorer(model, preprocess, classes: list[str]):
+    """``scores_of(images, labels)`` of a trained classifier: logits of the bilinear squash view (official test)."""
+
+    def scores_of(images, labels: list[str]) -> np.ndarray:
+        logits = predict_logits(model, squash_transform(preprocess, "bilinear"), images)
+        return logits[:, [classes.index(label) for label in labels]]
+
+    return scores_of
+
+
+def _official_checkpoints(run: RunDir, spec: Spec, splits: dict[str, Split], ap_rule: str, device) -> dict | None:
+    """The figures of the checkpoints chosen on the TEST split (``--select official``/``both``): ZSL with the
+    ZSL-best one, GZSL with the GZSL-best one, as the official script reports them; None without them."""
+    from mlgen.classifiers.model import load_trained
+    from mlgen.classifiers.stage import OFFICIAL_FOLDER, OFFICIAL_SELECTION
+
+    folder = run.stage_dir("classifier") / OFFICIAL_FOLDER
+    if not all((folder / name / "config.json").is_file() for name in splits):
+        return None
+    out: dict[str, Any] = {"label": OFFICIAL_SELECTION, "epochs": {}}
+    for name in splits:
+        model, preprocess, config = load_trained(folder / name, device)
+        scored = _benchmark_metrics(
+            spec, {name: splits[name]}, _scorer(model, preprocess, config["classes"]), True, ap_rule
+        )
+        out[name] = scored[name]
+        out["epochs"][name] = config.get("selected_epoch")
+    return out
 
 
 def _zero_shot_benchmark(

@@ -34,9 +34,19 @@ def per_class_average_precision(scores: np.ndarray, targets: np.ndarray) -> np.n
     return np.array([average_precision(scores[:, c], positive[:, c]) for c in range(scores.shape[1])])
 
 
-def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Mean AP over the classes that have at least one positive (nan if none has)."""
+# How a class with no positive image enters mAP: left out (sklearn's rule, mlgen's default) or counted as AP 0
+# (the ``official`` rule of the ASL / Diff-ZS-MLC mAP helper, what the papers' tables used).
+AP_RULES = ("sklearn", "official")
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray, ap_rule: str = "sklearn") -> float:
+    """Mean AP over the classes that have at least one positive (nan if none has); ``ap_rule="official"``:
+    a class without positives counts as AP 0 and stays in the mean."""
+    if ap_rule not in AP_RULES:
+        raise ValueError(f"unknown AP rule {ap_rule!r}: use one of {AP_RULES}")
     ap = per_class_average_precision(scores, targets)
+    if ap_rule == "official":
+        return float(np.nan_to_num(ap, nan=0.0).mean())
     valid = ~np.isnan(ap)
     return float(ap[valid].mean()) if valid.any() else float("nan")
 
@@ -59,12 +69,12 @@ def precision_recall_f1_at_k(scores: np.ndarray, targets: np.ndarray, k: int = 3
     return {"precision": float(precision), "recall": float(recall), "f1": float(f1)}
 
 
-def evaluate_scores(scores: np.ndarray, targets: np.ndarray, k: int = 3) -> dict[str, float]:
-    """mAP and overall P/R/F1@k (fractions in [0, 1]) plus the number of images."""
+def evaluate_scores(scores: np.ndarray, targets: np.ndarray, k: int = 3, ap_rule: str = "sklearn") -> dict[str, float]:
+    """mAP (by ``ap_rule``) and overall P/R/F1@k (fractions in [0, 1]) plus the number of images."""
     scores, positive = _as_pair(scores, targets, ndim=2)
     prf = precision_recall_f1_at_k(scores, positive, k)
     return {
-        "mAP": mean_average_precision(scores, positive),
+        "mAP": mean_average_precision(scores, positive, ap_rule),
         f"precision@{k}": prf["precision"],
         f"recall@{k}": prf["recall"],
         f"f1@{k}": prf["f1"],

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlgen.classifiers.benchmarks import data_exists, split_classes
+from mlgen.classifiers.benchmarks import NUS_SELECTION_FILES, data_exists, open_split, parse_spec, split_classes
 from mlgen.classifiers.cache import FeatureCache
 from mlgen.classifiers.data import AugmentedView, squash_transform, train_transform
 from mlgen.classifiers.features import label_embeddings
-from mlgen.classifiers.metrics import evaluate_scores
+from mlgen.classifiers.metrics import evaluate_scores, precision_recall_f1_at_k
 from mlgen.classifiers.model import MultiLabelClassifier, build_classifier, head_options, load_clip, save_classifier
 from mlgen.classifiers.source import Source, labelled_samples, mixed, multi_hot, shard_samples, synthetic_targets
 from mlgen.classifiers.train import Pass, alternating, fit, fixed_length, idle_pass
@@ -32,6 +32,9 @@ from mlgen.pipeline.ranks import Ranks, current_ranks
 from mlgen.pipeline.runner import Stage
 
 THRESHOLD = 0.5  # the decision threshold saved with the model (CP/CR/CF1 and OP/OR/OF1 use it)
+# Every figure of a checkpoint chosen on the test split carries this label (metrics.json, printed tables).
+OFFICIAL_SELECTION = "selected on the test split, as the official code does"
+OFFICIAL_FOLDER = "official"  # classifier/official/{zsl,gzsl}/: the test-selected checkpoints
 
 
 def held_out(groups: list[int], fraction: float) -> torch.Tensor:
@@ -70,6 +73,17 @@ class ClassifierStage(Stage):
             raise MlgenError(f"--seen-data not found: {config.seen_data}")
         if config.val_data and not data_exists(config.val_data):
             raise MlgenError(f"--val-data not found: {config.val_data}")
+        if config.val_holdout and not config.seen_data:
+            raise MlgenError("--val-holdout holds out a share of --seen-data: give --seen-data too")
+        if config.select != "validation":
+            spec = parse_spec(config.test_data) if config.test_data else None
+            if spec is None or spec.split is not None:
+                raise MlgenError(
+                    f"--select {config.select} picks epochs on a benchmark's test splits: give --test-data "
+                    "coco-zsl:ROOT or nus-zsl:ROOT (the whole benchmark, no split)"
+                )
+            if not data_exists(config.test_data):
+                raise MlgenError(f"--test-data not found: {config.test_data}")
 
     def settings(self) -> dict[str, Any]:
         settings = super().settings()
@@ -85,19 +99,20 @@ class ClassifierStage(Stage):
         self.device = ranks.device
         self.clip_model, self.preprocess, self.tokenizer = load_clip(self.config.clip, ranks.device)
         self.squash = squash_transform(self.preprocess)  # the official evaluation view (and training's base)
+        self.test_view = squash_transform(self.preprocess, "bilinear")  # the official test transform, exactly
 
     def _source(
-        self, model: MultiLabelClassifier, cache, targets, rows, images, columns, augment: bool, draw=None
+        self, model: MultiLabelClassifier, cache, targets, rows, images, columns, augment: bool, draw=None, test=False
     ) -> Source:
-        """Cached features (or K cached augmented views) when the encoder is frozen, else streamed pixels."""
+        """Cached features (or K cached augmented views) when the encoder is frozen, else streamed pixels;
+        ``test``: the official test view (bilinear squash)."""
         c = self.config
         train_view = train_transform(self.preprocess) if augment else None
+        view, tag = (self.test_view, "bilinear") if test else (self.squash, "squash")
         if cache is None:
-            return Source(
-                targets, rows, images=images, preprocess=self.squash, columns=columns, augment=train_view, draw=draw
-            )
+            return Source(targets, rows, images=images, preprocess=view, columns=columns, augment=train_view, draw=draw)
         if not augment:
-            features = cache.features(images(), self.squash, c.batch_size, tag="squash")
+            features = cache.features(images(), view, c.batch_size, tag=tag)
             return Source(targets, rows, features=features, columns=columns, draw=draw)
         views = [
             cache.features(images(), AugmentedView(train_view, v), c.batch_size, tag=f"aug{v}")
@@ -125,6 +140,7 @@ class ClassifierStage(Stage):
         labels, images = seen
         columns = None if synthetic.columns is None else ~synthetic.columns
         rows = torch.ones(len(labels), dtype=torch.bool)  # every row, as the official loader (see seen_rows)
+        rows &= ~self._val_rows(len(labels))  # --val-holdout: those are validated on, never trained on
         self.seen_trained = int(rows.sum())  # metrics.json's seen_images: what the real pass trains on
         draw = c.seen_classes_per_batch or None
         real = self._source(model, cache, multi_hot(labels, classes), rows, images, columns, c.augment, draw)
@@ -143,10 +159,27 @@ class ClassifierStage(Stage):
             passes = passes + [idle_pass() for _ in range(c.passes_per_epoch - len(passes))]
         return passes
 
-    def _selector(self, model: MultiLabelClassifier, cache, classes: list[str]):
-        """The validation score of ``val_data`` (mAP over this run's labels, on the images that hold one), or
+    def _val_rows(self, count: int) -> torch.Tensor:
+        """bool [count]: the seen-data images held out for validation (``val_holdout``; a seeded draw)."""
+        held = torch.zeros(count, dtype=torch.bool)
+        if self.config.val_holdout:
+            order = torch.randperm(count, generator=torch.Generator().manual_seed(self.config.seed + 7))
+            held[order[: max(1, round(count * self.config.val_holdout))]] = True
+        return held
+
+    def _selector(self, model: MultiLabelClassifier, cache, classes: list[str], seen=None):
+        """The validation score of ``val_data`` (mAP over this run's labels, on the images that hold one), or with
+        ``val_holdout`` of the held-out seen-data images (mAP over the seen labels: the only ones they show), or
         None without validation data."""
         c = self.config
+        if not c.val_data and c.val_holdout and seen is not None:
+            labels, images = seen
+            targets = multi_hot(labels, classes)
+            rows = self._val_rows(len(labels))
+            columns = [i for i, label in enumerate(classes) if label not in set(self.classes)]
+            source = self._source(model, cache, targets, rows, images, None, False)
+            truth = targets[rows][:, columns].numpy()
+            return lambda trained: evaluate_scores(self._logits(trained, source)[:, columns], truth)["mAP"]
         if not c.val_data:
             return None
         labels, images, _ = labelled_samples(Path(c.val_data))
@@ -200,7 +233,8 @@ class ClassifierStage(Stage):
         zero_shot = self._zero_shot(model, heldout, classes) if heldout is not None else None
         passes = self._passes(model, cache, classes, synthetic, (seen_labels, seen_images) if seen_images else None)
         passes = self._shaped(passes)
-        select = self._selector(model, cache, classes)
+        select = self._selector(model, cache, classes, (seen_labels, seen_images) if seen_images else None)
+        test_select = self._test_selector(model, cache, classes)
         result = fit(
             model,
             passes,
@@ -212,12 +246,15 @@ class ClassifierStage(Stage):
             optimizer=c.optimizer,
             select=select,
             select_every=c.select_every,
+            test_select=test_select,
         )
         self.model, self.fit_result = model, result  # for callers that drive the stage themselves (tests)
         with_seen = sum(seen_rows(seen_labels, self.classes))
+        held = int(self._val_rows(len(seen_labels)).sum()) if seen_images else 0
         metrics = {
             "train_images": len(synthetic),
             "seen_images": self.seen_trained if seen_images else 0,
+            **({"seen_images_validation": held} if c.val_holdout else {}),
             "seen_images_skipped": seen_skipped,
             "seen_images_without_a_seen_label": len(seen_labels) - with_seen,  # kept: all-negative, as official
             "seen_classes_per_batch": c.seen_classes_per_batch or "all",
@@ -225,6 +262,7 @@ class ClassifierStage(Stage):
             "steps_by_pass": result.steps_by_pass,
             "validation": [{"epoch": e, "mAP": round(v, 4)} for e, v in result.validation] or None,
             "selected_epoch": result.selected_epoch,
+            "selection": self._selection(result),
             "epochs": len(result.history),
             "schedule": c.schedule if seen_images else "synthetic only",
             "soft_targets": c.soft_targets or "off",
@@ -240,6 +278,9 @@ class ClassifierStage(Stage):
             metrics["synthetic_heldout_split"] = "by label set: no prompt's images on both sides"
         if shard["shard"] != 0:  # the other ranks trained the same model; rank 0 writes it
             return {}
+        self._save_official(model, result, classes, extra)  # before: --select official saves the ZSL choice below
+        if c.select == "official":
+            model.load_state_dict(result.official_best["zsl"][1], strict=False)
         save_classifier(
             model,
             self.folder,
@@ -248,9 +289,90 @@ class ClassifierStage(Stage):
             loss=c.loss,
             thresholds=dict.fromkeys(classes, THRESHOLD),
             seen_labels=extra,
+            **({"selected": OFFICIAL_SELECTION} if c.select == "official" else {}),
         )
         write_json_atomic(self.folder / "metrics.json", metrics)
         return {"train_images": metrics["train_images"], "test_images": int(test.sum())}
+
+    def _test_selector(self, model: MultiLabelClassifier, cache, classes: list[str]):
+        """``select`` official/both: each epoch's TEST F1@3, as the official training script computes it: ZSL on the
+        unseen test split (unseen labels), GZSL on the GZSL test split (NUS-WIDE: on val-gzsl-small), every label."""
+        c = self.config
+        if c.select == "validation":
+            return None
+        spec = parse_spec(c.test_data)
+        chosen = {"zsl": "unseen-test", "gzsl": "gzsl-test"}
+        if spec.benchmark == "nus-zsl":
+            chosen["gzsl"] = next(iter(NUS_SELECTION_FILES))
+        settings = {}
+        for name, split_name in chosen.items():
+            split = open_split(spec, split_name)
+            unknown = [label for label in split.classes if label not in set(classes)]
+            if unknown:
+                raise MlgenError(
+                    f"--select {c.select}: the classifier does not know {len(unknown)} label(s) of {spec} "
+                    f"(e.g. '{unknown[0]}'): train with --seen-data {spec.benchmark}:ROOT:seen-train"
+                )
+            targets = multi_hot(split.labels, classes)
+            rows = torch.ones(len(split.labels), dtype=torch.bool)
+
+            def images(files=split.files):
+                return (path.read_bytes() for path in files)
+
+            source = self._source(model, cache, targets, rows, images, None, False, test=True)
+            columns = [classes.index(label) for label in split.classes]
+            settings[name] = (source, columns, targets[:, columns].numpy())
+        self.selection_splits = chosen
+
+        def score(trained: MultiLabelClassifier) -> dict[str, float]:
+            return {
+                name: precision_recall_f1_at_k(self._logits(trained, source)[:, columns], truth, 3)["f1"]
+                for name, (source, columns, truth) in settings.items()
+            }
+
+        return score
+
+    def _selection(self, result) -> dict[str, Any]:
+        """metrics.json's ``selection``: how the saved weights were chosen, and the official choice beside."""
+        c = self.config
+        if c.val_data or c.val_holdout:
+            on = c.val_data or f"{c.val_holdout:.0%} of --seen-data held out (mAP over the seen labels)"
+            validation = {"on": on, "epoch": result.selected_epoch}
+        else:
+            validation = {"on": "no validation data: the final weights", "epoch": len(result.history) - 1}
+        out: dict[str, Any] = {"select": c.select, "validation": validation}
+        if result.official_best:
+            out["official"] = {
+                "label": OFFICIAL_SELECTION,
+                "data": c.test_data,
+                "splits": self.selection_splits,
+                "metric": "f1@3",
+                "epochs": {name: epoch for name, (epoch, _) in result.official_best.items()},
+                "scores": [{"epoch": e, **{k: round(v, 4) for k, v in s.items()}} for e, s in result.official],
+            }
+        return out
+
+    def _save_official(self, model: MultiLabelClassifier, result, classes: list[str], extra: list[str]) -> None:
+        """classifier/official/{zsl,gzsl}/: each setting's test-selected weights (``select`` official or both);
+        the weights the model ends with are put back afterwards."""
+        if not result.official_best:
+            return
+        c = self.config
+        final = model.trainable_state()
+        for name, (epoch, state) in result.official_best.items():
+            model.load_state_dict(state, strict=False)
+            save_classifier(
+                model,
+                self.folder / OFFICIAL_FOLDER / name,
+                clip=c.clip,
+                backbone=c.clip,
+                loss=c.loss,
+                thresholds=dict.fromkeys(classes, THRESHOLD),
+                seen_labels=extra,
+                selected=OFFICIAL_SELECTION,
+                selected_epoch=epoch,
+            )
+        model.load_state_dict(final, strict=False)
 
     def _logits(self, model: MultiLabelClassifier, source: Source) -> np.ndarray:
         """Logits of the source's rows, in order (ranked as they are: sigmoid saturates in float32)."""

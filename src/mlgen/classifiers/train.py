@@ -57,6 +57,10 @@ class FitResult:
     steps_by_pass: dict[str, int] = field(default_factory=dict)
     validation: list[tuple[int, float]] = field(default_factory=list)  # (epoch, score)
     selected_epoch: int | None = None
+    # ``official`` selection (the official code's): each epoch's TEST scores by setting, and per setting the
+    # epoch of the best one with a copy of its weights
+    official: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    official_best: dict[str, tuple[int, dict[str, Tensor]]] = field(default_factory=dict)
 
 
 def fixed_length(one: Pass, steps: int) -> Pass:
@@ -238,6 +242,7 @@ def fit(
     steps_per_epoch: int | None = None,  # accepted for old callers: the schedule counts passes
     select: Callable[[MultiLabelClassifier], float] | None = None,
     select_every: int = 1,
+    test_select: Callable[[MultiLabelClassifier], dict[str, float]] | None = None,
 ) -> FitResult:
     """Train ``model``'s trainable parameters on ``train_batches``: passes run in order every epoch (a bare
     callable is one pass on every column). ``steps`` trains exactly that many optimizer steps instead of
@@ -250,6 +255,10 @@ def fit(
     ``select`` (a validation score, higher is better) is called every ``select_every`` epochs and after the
     last one; the model ends with the weights of the best-scoring epoch (the official code keeps its best epoch;
     here it is chosen on validation data, never on the test set).
+
+    ``test_select`` (the official code's selection: TEST F1@3 by setting, e.g. ZSL and GZSL) is called after every
+    epoch; each setting's best epoch and its weights are kept in ``FitResult.official_best`` (the first epoch
+    wins a tie, as the official strict ``>``). It never changes the weights the model ends with.
     """
     torch.manual_seed(seed)
     passes = _as_passes(train_batches)
@@ -286,6 +295,8 @@ def fit(
             last = done or (epochs is not None and steps is None and epoch == epochs - 1)
             if select is not None and ((epoch + 1) % select_every == 0 or last):
                 best = _validate(model, select, epoch, result, best, official[2] if official else None)
+            if test_select is not None:
+                _select_on_test(model, test_select, epoch, result, official[2] if official else None)
         if done:
             break
     if official:
@@ -315,6 +326,23 @@ def _validate(model, select, epoch: int, result: FitResult, best, ema) -> dict[s
     if live is not None:
         model.load_state_dict(live, strict=False)
     return best
+
+
+def _select_on_test(model, score_of, epoch: int, result: FitResult, ema) -> None:
+    """The official selection: score the epoch on the test settings; keep a copy of the weights of each
+    setting's best epoch (strictly better only, as the official ``is_best = f1 > best_f1``)."""
+    live = _trained_state(model) if ema is not None else None
+    if ema is not None:
+        ema.copy_to(model)
+    scores = {name: float(value) for name, value in score_of(model).items()}
+    model.train()
+    result.official.append((epoch, scores))
+    for name, value in scores.items():
+        previous = [s[name] for _, s in result.official[:-1]]
+        if not previous or value > max(previous):
+            result.official_best[name] = (epoch, _trained_state(model))
+    if live is not None:
+        model.load_state_dict(live, strict=False)
 
 
 def _steps_in(passes: list[Pass], epochs: int) -> int:

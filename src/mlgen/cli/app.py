@@ -28,6 +28,7 @@ from mlgen.config import (
     FinetuneConfig,
     GenerateConfig,
     PromptsConfig,
+    build_config,
     env_settings,
     read_config_file,
     stage_settings,
@@ -429,6 +430,19 @@ def train_classifier(
     select_every: Annotated[
         int | None, typer.Option(min=1, hidden=True, help="With --val-data: validate every N epochs.")
     ] = None,
+    select: Annotated[
+        str | None,
+        typer.Option(
+            help="validation (--val-data or --val-holdout; else the final weights), official (best TEST F1@3 of "
+            "--test-data, a ZSL and a GZSL checkpoint, as the official code) or both, side by side."
+        ),
+    ] = None,
+    val_holdout: Annotated[
+        float | None, typer.Option(help="Share of --seen-data held out of training and validated on (0: none).")
+    ] = None,
+    test_data: Annotated[
+        str | None, typer.Option(help="--select official/both: the benchmark, coco-zsl:ROOT or nus-zsl:ROOT.")
+    ] = None,
     pass_steps: Annotated[
         int | None,
         typer.Option(
@@ -469,6 +483,9 @@ def train_classifier(
         val_data=val_data,
         select_every=select_every,
         pass_steps=pass_steps,
+        select=select,
+        val_holdout=val_holdout,
+        test_data=test_data,
     )
     _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
     _print_metrics(run)
@@ -499,6 +516,13 @@ def evaluate(
         ),
     ] = None,
     clip: Annotated[str, typer.Option(help="The CLIP model of --zero-shot.")] = PAPER_FILTER_CLIP,
+    ap_rule: Annotated[
+        str | None,
+        typer.Option(
+            help="A label without a positive image: official (AP 0, in the mean; the default on coco-zsl:/nus-zsl:) "
+            "or sklearn (left out of mAP; the default elsewhere)."
+        ),
+    ] = None,
     label_aliases: Annotated[
         Path | None,
         typer.Option(
@@ -513,6 +537,8 @@ def evaluate(
     ] = False,
 ) -> None:
     """Score the classifier on real labelled images (ZSL, GZSL, beside CLIP zero-shot); no --data: print metrics."""
+    if ap_rule not in (None, "official", "sklearn"):
+        raise MlgenError(f"--ap-rule must be official or sklearn, not {ap_rule!r}")
     run_dir = _existing_run(run)
     if skip_missing and data is not None:
         from mlgen.classifiers.benchmarks import with_skip_missing  # numpy only
@@ -536,7 +562,7 @@ def evaluate(
         return
     run_dir.require("classifier")
     if data is not None:
-        workflow.evaluate(run_dir, data, _labels(labels))
+        workflow.evaluate(run_dir, data, _labels(labels), ap_rule)
     _print_metrics(run)
 
 
@@ -555,9 +581,17 @@ def _print_metrics(run: Path) -> None:
     if "zero_shot_clip" in metrics:
         rows = {"zsl": rows.pop("zsl"), "zero_shot_clip": metrics["zero_shot_clip"]["zsl"], **rows}
     titles = {**METRIC_TITLES, "zero_shot_clip": "CLIP zero-shot, real images, ZSL"}
+    if metrics.get("selected"):  # --select official: these weights were chosen on the test split
+        titles = {**titles, **{n: f"{titles[n]}, {metrics['selected']}" for n in ("zsl", "gzsl")}}
+    elif metrics.get("official"):
+        titles = {**titles, **{n: f"{titles[n]}, selected on validation" for n in ("zsl", "gzsl")}}
     for name, values in rows.items():
         shown = "  ".join(f"{k} {values[k]:.3f}" for k in SHOWN if k in values)
         typer.echo(f"{titles[name]:<40} {shown}  ({values['images']} images)")
+    from mlgen.recipe import selection_lines
+
+    for line in selection_lines(metrics):  # the test-selected checkpoints beside, and the optimism
+        typer.echo(line)
     if metrics.get("corrupt_images_skipped"):
         typer.echo(f"skipped {metrics['corrupt_images_skipped']} unreadable images")
     if metrics.get("unknown_labels"):
@@ -600,7 +634,17 @@ def run_all(
         int | None,
         typer.Option(min=1, help="Generate and filter in rounds until every label has this many kept images."),
     ] = None,
-    max_rounds: Annotated[int, typer.Option(min=1, help="Most quota rounds before the run stops.")] = 5,
+    max_rounds: Annotated[
+        int | None, typer.Option(min=1, help="Most quota rounds before the run stops (default: rounds: or 5).")
+    ] = None,
+    benchmark: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="Reproduce a benchmark: coco-zsl:ROOT or nus-zsl:ROOT (its unseen labels generated, seen-train "
+            "trained on, ZSL and GZSL test splits scored; examples/paper-*.yaml, docs/reproduce.md).",
+        ),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print what would run, its time and disk; load and write nothing.")
     ] = False,
@@ -612,10 +656,17 @@ def run_all(
     data = read_config_file(config)
     run_dir = RunDir(run or Path(data.get("run", DEFAULT_RUN)))
     classes = _labels(Path(data["classes"])) if data.get("classes") else None
+    from mlgen.recipe import benchmark_setup, benchmark_spec, rounds_settings
+
+    quota, max_rounds = rounds_settings(data, quota, max_rounds)
+    spec = benchmark_spec(benchmark) if benchmark is not None else None
+    implied: dict[str, Any] = {}  # what the benchmark sets: its unseen labels, seen-train, its test splits
+    if spec is not None:
+        classes, implied = benchmark_setup(spec, data, classes)
     if dry_run:
         from mlgen.dryrun import dry_run_lines
 
-        typer.echo("\n".join(dry_run_lines(data, run_dir, classes, quota, bench)))
+        typer.echo("\n".join(dry_run_lines(data, run_dir, classes, quota, bench, spec, implied)))
         return
     section = {
         name: stage_settings(cls, name, data.get(name), {})
@@ -623,9 +674,9 @@ def run_all(
             ("prompts", PromptsConfig),
             ("generate", GenerateConfig),
             ("filter", FilterConfig),
-            ("classifier", ClassifierConfig),
         ]
     }
+    section["classifier"] = build_config(ClassifierConfig, implied, data.get("classifier"), env_settings("classifier"))
     tuned = stage_settings(FinetuneConfig, "finetune", data["finetune"], {}) if "finetune" in data else None
     workflow.check_models(
         [section["generate"].model, *([tuned.model] if tuned else [])],
@@ -647,6 +698,8 @@ def run_all(
         workflow.generate(run_dir, section["generate"], section["prompts"], classes, overwrite)
         workflow.filter_images(run_dir, section["filter"], overwrite)
     workflow.train_classifier(run_dir, section["classifier"], overwrite)
+    if spec is not None:  # the papers' tables: ZSL and GZSL on the test splits (both selections when made)
+        workflow.evaluate(run_dir, Path(str(spec)))
     _print_metrics(run_dir.root)
 
 

@@ -26,6 +26,23 @@ def auto_topk(num_classes: int, requested: Tensor) -> Tensor:
     return (requested.sum(-1) + 1).clamp(min=share).clamp(max=num_classes)
 
 
+def rule_topk(topk: int | None, columns: int, requested: Tensor) -> int | Tensor:
+    """k of the top-k rule: ``topk`` when set, else :func:`auto_topk` of ``columns``, EVERY column the rule could
+    rank (the run's labels and the competitors), gated or not: gating a label changes what is ranked, never k
+    (the official script's k is 7 whatever it ranks)."""
+    return topk or auto_topk(columns, requested)
+
+
+def parents_of(labels: list[str], parents: dict[str, list[str]], known: set[str] | dict) -> list[str]:
+    """``labels`` followed by the parent of each label that has one (``parents``: parent -> children), each once
+    and only if the parent is a label of the run, as the official NUS-WIDE script adds its class relationship."""
+    out = list(labels)
+    for parent, children in parents.items():
+        if parent in known and parent not in out and any(label in children for label in labels):
+            out.append(parent)
+    return out
+
+
 def topk_keep(
     probs: Tensor, requested: Tensor, k: int | Tensor, extra_threshold: float = EXTRA_THRESHOLD
 ) -> tuple[Tensor, Tensor]:

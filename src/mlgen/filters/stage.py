@@ -14,7 +14,7 @@ import torch
 
 from mlgen.config import FilterConfig
 from mlgen.errors import MlgenError, ShardFailed
-from mlgen.filters.decide import auto_topk, fallback, topk_keep
+from mlgen.filters.decide import fallback, parents_of, rule_topk, topk_keep
 from mlgen.filters.discriminator import detected, exact_set_keep, grouping_softmax, requested_mask
 from mlgen.filters.loader import decoded_batches, image_of
 from mlgen.filters.text import TextSide
@@ -49,6 +49,40 @@ def rejection_reason(labels: list[str], detected_labels: list[str]) -> str:
     missing = [f"missing:{label}" for label in labels if label not in detected_labels]
     extra = [f"extra:{label}" for label in detected_labels if label not in labels]
     return ",".join(missing + extra)
+
+
+SHIPPED_PARENTS = {"nus-wide": "nus_81_parents"}  # --parents NAME: a table shipped beside the benchmark splits
+
+
+def read_parents(value: str) -> dict[str, list[str]]:
+    """The parent table of ``--parents``: ``nus-wide`` (the official NUS-WIDE class relationship, shipped with
+    mlgen) or a file of ``parent: child, child`` lines (# comments); any problem is one MlgenError."""
+    if value in SHIPPED_PARENTS:
+        from importlib import resources
+
+        name = f"{SHIPPED_PARENTS[value]}.txt"
+        text = resources.files("mlgen.classifiers").joinpath("splits", name).read_text(encoding="utf-8")
+        where = f"the shipped {value} table"
+    else:
+        path = Path(value)
+        if not path.is_file():
+            raise MlgenError(f"parents file not found: {path} (or use --parents nus-wide)")
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as err:
+            raise MlgenError(f"{path}: not a readable text file ({type(err).__name__})") from None
+        where = str(path)
+    table: dict[str, list[str]] = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parent, sep, children = line.partition(":")
+        names = [name.strip() for name in children.split(",") if name.strip()]
+        if not sep or not parent.strip() or not names:
+            raise MlgenError(f"{where}, line {number}: expected 'parent: child, child', got {line!r}")
+        table.setdefault(parent.strip(), []).extend(names)
+    return table
 
 
 class EmbeddingCache:
@@ -121,6 +155,7 @@ class FilterStage(Stage):
         self.cache = EmbeddingCache(run.root, config.clip, run.require("raw")["config_hash"])
         self.aliases = read_aliases(Path(config.label_aliases), self.classes) if config.label_aliases else {}
         self.competitors = self.read_competitors()
+        self.parents = read_parents(config.parents) if config.parents else {}
         self.model: Any = None
 
     def settings(self) -> dict[str, Any]:
@@ -128,6 +163,8 @@ class FilterStage(Stage):
         # what the files say, not where they are: an edited file is a changed setting
         settings["label_aliases"] = alias_setting(self.aliases)
         settings["competitors"] = self.competitors or None
+        if self.parents:  # the table, not its name: an edited file is a changed setting
+            settings["parents"] = self.parents
         return settings
 
     def read_competitors(self) -> list[str]:
@@ -220,7 +257,7 @@ class FilterStage(Stage):
         asked = torch.cat([text.requested[:, active], text.requested.new_zeros(len(keys), text.competitor_count)], 1)
         probs = grouping_softmax(logits, asked)
         if self.config.rule == "topk":
-            k = self.config.topk or auto_topk(logits.shape[1], asked)
+            k = rule_topk(self.config.topk, len(self.classes) + text.competitor_count, asked)
             kept, found = topk_keep(probs, asked, k, self.config.extra_threshold)
         else:
             found = detected(probs, asked, self.config.threshold)
@@ -271,6 +308,7 @@ class FilterStage(Stage):
                 if self.config.rule == "topk"
                 else requested
             )
+            training = parents_of(training, self.parents, self.class_index) if self.parents else training
             reasons = [] if kept[row] or added[row] else [rejection_reason(requested, detected_labels)]
             if duplicate[row]:
                 reasons = ["duplicate"]

@@ -122,7 +122,14 @@ def round_plan(
     short = [label for label in classes if kept[label] < quota]
     known = {frozenset(s["labels"]): s["set_id"] for s in sets}
     rng = np.random.default_rng([seed, number])
-    drawn = draw_sets(rng, short, known, {label: quota - kept[label] for label in short})
+    need = {label: quota - kept[label] for label in short}
+    drawn = draw_sets(rng, short, known, need)
+    left = [label for label in short if need[label] > 0]  # its sets are (almost) never drawn: few, not pairs
+    if drawn and left:  # each such label's deficit shared over the sets that have it, so no round misses it
+        with_left = [s for s in sets if set(s["labels"]) & set(left)]
+        sets_with = Counter(label for s in with_left for label in set(s["labels"]))
+        for s in with_left:
+            drawn[s["set_id"]] += max(math.ceil(need[x] / sets_with[x]) for x in set(s["labels"]) if x in left)
     if drawn or not short:
         return dict(sorted(drawn.items()))
     open_sets = [s for s in sets if set(s["labels"]) <= set(short)]
