@@ -89,14 +89,14 @@ if [[ $MODE == cuda ]]; then
     step finetune 120 bench finetune --arch sd2 --clip-arch ViT-L-14 --size 768 --steps 2 \
         --images 1 --batch-size 1 --filter-images 1 --finetune-steps 2
     step gpu_tests 150 helper pytest "$OUT" gpu_tests -- -m gpu -q "$ROOT/tests"
-    step tiling 90 bench tiling --arch sd2 --size 1152 --steps 2 --batch-size 2 --images 2 \
+    step tiling 90 bench tiling --arch sd2 --clip-arch ViT-B-32 --size 1152 --steps 2 --batch-size 2 --images 2 \
         --filter-images 2 --finetune-steps 0
-    step compile 150 bench compile --arch sd2 --size 512 --steps 4 --batch-size 4 --images 8 \
+    step compile 150 bench compile --arch sd2 --clip-arch ViT-B-32 --size 512 --steps 4 --batch-size 4 --images 8 \
         --compile --filter-images 4 --finetune-steps 0
 else
-    step generate 120 bench generate --model tiny --size 64 --steps 2 --images 2 \
+    step generate 120 bench generate --model tiny --clip tiny --size 64 --steps 2 --images 2 \
         --filter-images 4 --finetune-steps 0
-    step finetune 120 bench finetune --model tiny --size 64 --steps 2 --images 1 \
+    step finetune 120 bench finetune --model tiny --clip tiny --size 64 --steps 2 --images 1 \
         --filter-images 1 --finetune-steps 1
     step gpu_tests 120 helper pytest "$OUT" gpu_tests -- -m gpu -q "$ROOT/tests"
     skip_step tiling "--cpu: VAE tiling is a CUDA path (configure_memory leaves CPU pipelines alone)"

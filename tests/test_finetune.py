@@ -31,7 +31,7 @@ from mlgen.prompts.stage import PromptStage
 CLASSES = ["zebra", "kite", "surfboard"]
 # Tiny and fast: 32 px, 2 denoising steps; tiny models need a far larger lr than the paper's 7e-8.
 FAST = ["--size", "32", "--denoising-steps", "2", "--learning-rate", "1e-3"]
-FAST_SETTINGS = {"size": 32, "steps": 2, "learning_rate": 1e-3}
+FAST_SETTINGS = {"model": "tiny", "clip": "tiny", "size": 32, "steps": 2, "learning_rate": 1e-3}
 
 
 def make_run(tmp_path: Path, name: str = "run", one_set: bool = True) -> Path:

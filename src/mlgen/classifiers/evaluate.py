@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mlgen.classifiers.benchmarks import TOP_K, LazyImages, Spec, Split, open_split, parse_spec
+from mlgen.classifiers.benchmarks import TOP_K, LazyImages, Spec, Split, data_exists, open_split, parse_spec
 from mlgen.classifiers.data import decodable, read_labelled, squash_transform
 from mlgen.classifiers.features import image_features, label_embeddings
 from mlgen.classifiers.inputs import check_zero_shot_inputs, synonyms_table
@@ -145,6 +145,8 @@ def evaluate_on_data(
     spec = parse_spec(data)
     if spec is not None and spec.split is None:
         return _evaluate_benchmark(run, spec, unseen, ap_rule or "official")
+    if not data_exists(data):  # before the classifier and CLIP load
+        raise MlgenError(f"evaluation data not found: {data}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, preprocess, config = load_run_classifier(run, device)
     classes: list[str] = config["classes"]
