@@ -44,7 +44,7 @@ def test_tiny_tokenizer_matches_open_clip() -> None:
 
 
 def test_unknown_model_names_fail_with_one_line() -> None:
-    with pytest.raises(MlgenError, match="no-such-org/no-such-model.* cannot be loaded"):
+    with pytest.raises(MlgenError, match=r"no-such-org/no-such-model.* cannot be loaded"):
         diffusers_folder("no-such-org/no-such-model")
     with pytest.raises(MlgenError, match="unknown CLIP model"):
         open_clip_name("NoSuchArch/openai")
