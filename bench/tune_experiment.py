@@ -17,7 +17,11 @@ rendered or read here. Prints one table per question and the candidate each choo
 - the filter's default (arm ``mlgen`` on the seed's images filtered again with each candidate: rule, gate, best
   name, fallback, competitors; ``no filter`` as the reference the default must not fall below).
 
-Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--llm template] [--out DIR]
+Seeds: tuning uses seeds ``--first-seed`` (1000 by default; below 1000 is refused) .. first + seeds - 1, disjoint
+from every experiment seed (the headline uses 10-19), and every table printed names its seeds.
+
+Usage: HF_HUB_OFFLINE=1 python bench/tune_experiment.py [--world toy] [--seeds 2] [--first-seed 1000]
+       [--llm template] [--out DIR]
        [--questions head,init,sets,paper,soft,filter,interpolate,arms] [--model FOLDER]
        [--images-per-prompt 4] [--oracle-images 512] [--generate-steps 10]
 """
@@ -144,28 +148,31 @@ def interpolated_val_scores(ctx: Context, seed: int) -> list[float]:
     return scores
 
 
-def choose(ctx: Context, seeds: int, arm: str, candidates: dict[str, dict], question: str) -> str:
+def choose(ctx: Context, seeds: list[int], arm: str, candidates: dict[str, dict], question: str) -> str:
     rows = {}
     for index, (name, changes) in enumerate(candidates.items()):  # a folder per question and candidate
         if question == "filter":
-            rows[name] = [filter_val_score(ctx, seed, changes, f"{question}{index}") for seed in range(seeds)]
+            rows[name] = [filter_val_score(ctx, seed, changes, f"{question}{index}") for seed in seeds]
         else:
-            rows[name] = [val_score(ctx, seed, arm, changes, f"{question}{index}") for seed in range(seeds)]
+            rows[name] = [val_score(ctx, seed, arm, changes, f"{question}{index}") for seed in seeds]
     return print_choice(f"{arm}: candidate", rows, seeds)
 
 
-def choose_arms(ctx: Context, seeds: int, candidates: dict[str, tuple[str, dict]]) -> str:
+def choose_arms(ctx: Context, seeds: list[int], candidates: dict[str, tuple[str, dict]]) -> str:
     """Like :func:`choose`, but each candidate is a whole arm (its own generation) with changes to its head."""
     rows = {
-        name: [val_score(ctx, s, arm, changes, "sets") for s in range(seeds)]
-        for name, (arm, changes) in candidates.items()
+        name: [val_score(ctx, s, arm, changes, "sets") for s in seeds] for name, (arm, changes) in candidates.items()
     }
     return print_choice("candidate", rows, seeds)
 
 
-def print_choice(title: str, rows: dict[str, list[float]], seeds: int) -> str:
+def seed_names(seeds: list[int]) -> str:
+    return f"seeds {seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else f"seed {seeds[0]}"
+
+
+def print_choice(title: str, rows: dict[str, list[float]], seeds: list[int]) -> str:
     """Print the candidates' validation table; the best mean (a failed candidate, NaN, never) is the choice."""
-    print(f"\n| {title} | val mAP (mean over {seeds} seeds) | per seed |\n|---|---|---|")
+    print(f"\n| {title} | val mAP (mean over {seed_names(seeds)}) | per seed |\n|---|---|---|")
     for name, scores in rows.items():
         print(f"| {name} | {statistics.fmean(scores):.3f} | {', '.join(f'{s:.3f}' for s in scores)} |")
     best = max(
@@ -180,6 +187,7 @@ def main() -> None:
     parser.add_argument("--world", default="toy")
     parser.add_argument("--unseen", default="circle,triangle,star,heart")
     parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--first-seed", type=int, default=1000, help="tuning seeds start here (1000 or more)")
     parser.add_argument("--llm", default="template", help="template (fast) or smollm2 (the experiment's)")
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp dir)")
     parser.add_argument(
@@ -192,6 +200,9 @@ def main() -> None:
     parser.add_argument("--oracle-images", type=int, default=ExperimentConfig.oracle_images)
     parser.add_argument("--generate-steps", type=int, default=ExperimentConfig.generate_steps)
     args = parser.parse_args()
+    if args.first_seed < 1000:
+        parser.error("--first-seed: tuning seeds are 1000 or more (below are the experiment's)")
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     import torch
 
     torch.set_num_threads(1)
@@ -199,6 +210,7 @@ def main() -> None:
         world=args.world,
         unseen=args.unseen,
         seeds=args.seeds,
+        first_seed=args.first_seed,
         llm=args.llm,
         model=args.model,
         images_per_prompt=args.images_per_prompt,
@@ -209,29 +221,26 @@ def main() -> None:
         root = (args.out or Path(tmp)) / "experiment"
         ctx = Context(root, config, resolve(config), DEFAULT_CLASSIFIER)  # no test set: nothing here scores on it
         if "head" in args.questions:
-            choose(ctx, args.seeds, "mlgen", HEAD, "head")
+            choose(ctx, seeds, "mlgen", HEAD, "head")
         if "init" in args.questions:
             for arm in args.init_arms.split(","):
-                choose(ctx, args.seeds, arm, INIT, f"init-{arm.strip('+')}")
+                choose(ctx, seeds, arm, INIT, f"init-{arm.strip('+')}")
         if "sets" in args.questions:  # label sets of the LLM's pairs (the paper) or one label per image
             sets = {"pairs (mlgen)": ("mlgen", {}), "one label per image (singletons)": ("singletons", {})}
-            choose_arms(ctx, args.seeds, sets)
+            choose_arms(ctx, seeds, sets)
         if "paper" in args.questions:
-            choose(ctx, args.seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR}, "paper")
+            choose(ctx, seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR}, "paper")
         if "filter" in args.questions:
-            choose(ctx, args.seeds, "mlgen", FILTER, "filter")
+            choose(ctx, seeds, "mlgen", FILTER, "filter")
         if "arms" in args.questions:  # the default head on each arm's images: what each source gives
-            rows = {
-                arm: [val_score(ctx, seed, arm, {}, "arms") for seed in range(args.seeds)]
-                for arm in args.arms.split(",")
-            }
-            print_choice("arm (default head)", rows, args.seeds)
+            rows = {arm: [val_score(ctx, seed, arm, {}, "arms") for seed in seeds] for arm in args.arms.split(",")}
+            print_choice("arm (default head)", rows, seeds)
         if "interpolate" in args.questions:
-            per_seed = [interpolated_val_scores(ctx, seed) for seed in range(args.seeds)]
+            per_seed = [interpolated_val_scores(ctx, seed) for seed in seeds]
             rows = {f"alpha {alpha}": [scores[i] for scores in per_seed] for i, alpha in enumerate(ALPHAS)}
-            print_choice("mlgen: trained head blended with zero-shot, alpha", rows, args.seeds)
+            print_choice("mlgen: trained head blended with zero-shot, alpha", rows, seeds)
         if "soft" in args.questions:
-            choose(ctx, args.seeds, "mlgen", {f"soft targets {w}": dict(soft_targets=w) for w in SOFT_TARGETS}, "soft")
+            choose(ctx, seeds, "mlgen", {f"soft targets {w}": dict(soft_targets=w) for w in SOFT_TARGETS}, "soft")
 
 
 if __name__ == "__main__":

@@ -328,7 +328,7 @@ def test_pooled_differences_pair_each_split_and_seed() -> None:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        pooled = write_pooled_report(Path(tmp), cells_, select_arms("zero-shot,mlgen"), [["a"], ["b"]], 3)
+        pooled = write_pooled_report(Path(tmp), cells_, select_arms("zero-shot,mlgen"), [["a"], ["b"]], [0, 1, 2])
     (comparison,) = pooled["zsl"]["comparisons"]
     assert (comparison["arm"], comparison["reference"], comparison["paired_seeds"]) == ("zero-shot", "mlgen", 6)
     assert comparison["mean"] == pytest.approx(-0.11)  # the split offsets cancel in the pairs
@@ -414,3 +414,29 @@ def test_an_experiment_made_with_other_models_under_the_same_names_is_refused(
     settings.write_text(json.dumps(recorded))
     with pytest.raises(MlgenError, match="older mlgen"):
         run_experiment(run, config, log=lambda _: None)
+
+
+def test_first_seed_runs_only_its_seeds_and_a_dir_holds_one_range(tmp_path: Path) -> None:
+    """``--first-seed 20 --seeds 2``: seeds 20 and 21 only, each drawing its own scenes (seed 20's test set is the
+    ``test`` stream's seed 20); the range is a recorded setting, so the DIR refuses another."""
+    from mlgen.errors import MlgenError
+
+    small = dict(test_images=24, val_images=16, seen_images=16, oracle_images=12, prompts_per_set=1)
+    config = ExperimentConfig(
+        world="toy-classic", unseen="circle,star", clip="tiny", model="tiny", llm="template", seeds=2,
+        first_seed=20, arms="zero-shot,oracle", epochs=2, pass_steps=2, workers=1, **small,
+    )  # fmt: skip
+    summary = run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    root = tmp_path / "experiment"
+    assert sorted(p.name for p in (root / "cells").iterdir()) == ["20", "21"]
+    assert {p.name.split("-")[-1] for p in (root / "data").iterdir()} == {"20", "21"}
+    with (root / "results.csv").open() as handle:
+        assert {int(row["seed"]) for row in csv.DictReader(handle)} == {20, 21}
+    assert summary["seed_list"] == [20, 21] and summary["zsl"]["oracle"]["seeds_ok"] == 2
+    from mlgen.world.render import SHAPES
+
+    classes = ["circle", "star", *sorted(c for c in SHAPES if c not in ("circle", "star"))]
+    render_dataset(tmp_path / "expected", 24, 20, classes, world="classic", stream="test")
+    assert (root / "data" / "test-20" / "labels.csv").read_text() == (tmp_path / "expected" / "labels.csv").read_text()
+    with pytest.raises(MlgenError, match="setting 'first_seed' differs"):
+        run_experiment(tmp_path, dataclasses.replace(config, first_seed=0), TINY_CLASSIFIER, log=lambda _: None)

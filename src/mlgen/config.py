@@ -181,6 +181,7 @@ class ExperimentConfig:
     unseen: str | None = None  # comma-separated unseen labels (the generated ones)
     seen: str | None = None  # comma-separated seen labels; None: the world's other shapes / --seen-data's labels
     seeds: int = 10
+    first_seed: int = 0  # seeds first_seed .. first_seed + seeds - 1 (scenes, generation, training, test draws)
     splits: int = 1  # unseen-label splits: the given --unseen, then others drawn from the world (toy worlds)
     arms: str = "ALL"  # ALL or a comma-separated subset (mlgen experiment --help lists them)
     data: str | None = None  # real test set (labels CSV, COCO JSON or WebDataset); the toy world renders one

@@ -75,9 +75,10 @@ def comparisons(arms: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def summarise(cells: list[dict[str, Any]], arms: list[str], seeds: int) -> dict[str, Any]:
+def summarise(cells: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> dict[str, Any]:
     summary: dict[str, Any] = {
-        "seeds": seeds,
+        "seeds": len(seeds),
+        "seed_list": list(seeds),
         "reference": REFERENCE,
         "interval": "95% Student t over seeds, paired",
         "verdicts": "paired t-test, Holm-corrected over each setting's comparisons (family-wise 5%)",
@@ -231,7 +232,11 @@ def plot(summary: dict[str, Any], arms: list[str], out: Path) -> None:
 
 
 def write_report(
-    root: Path, cells: list[dict[str, Any]], arms: list[str], seeds: int, audits: list[dict[str, Any]] | None = None
+    root: Path,
+    cells: list[dict[str, Any]],
+    arms: list[str],
+    seeds: list[int],
+    audits: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """results.csv, summary.json, table.md (with the filter audit's table when seeds were audited), plot.png."""
     from mlgen.experiment.audit import audit_summary, audit_table
@@ -242,7 +247,7 @@ def write_report(
     writer.writerows(result_rows(cells))
     write_text_atomic(root / "results.csv", buffer.getvalue())
     summary = summarise(cells, arms, seeds)
-    text = table(summary, arms)
+    text = f"Seeds {_seed_range(seeds)}.\n\n" + table(summary, arms)
     if audits:
         summary["filter_audit"] = audit_summary(audits)
         text += audit_table(summary["filter_audit"])
@@ -255,15 +260,24 @@ def write_report(
 POOLED_ARMS = ("zero-shot", "mlgen", "no-filter", "no-filter-matched", "oracle")
 
 
-def write_pooled_report(root: Path, cells: list[dict[str, Any]], arms, splits: list[list[str]], seeds: int) -> dict:
+def _seed_range(seeds: list[int]) -> str:
+    seeds = sorted(seeds)
+    if seeds and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+    return ", ".join(map(str, seeds))
+
+
+def write_pooled_report(
+    root: Path, cells: list[dict[str, Any]], arms, splits: list[list[str]], seeds: list[int]
+) -> dict:
     """``splits.md`` and ``splits.json``: each split's means, and the paired differences pooled over every
     (split, seed) pair (each pair counted as one observation)."""
     names = [arm.name for arm in arms]
     pairs = [{**cell, "seed": cell["split"] * 100_000 + cell["seed"]} for cell in cells]
-    pooled = summarise(pairs, names, len(splits) * seeds)
+    pooled = summarise(pairs, names, list(range(len(splits) * len(seeds))))
     shown = [arm for arm in names if arm in POOLED_ARMS] or names
     lines = [
-        f"# {len(splits)} unseen-label splits x {seeds} seeds",
+        f"# {len(splits)} unseen-label splits x {len(seeds)} seeds ({_seed_range(seeds)})",
         "",
         "| split | unseen | " + " | ".join(f"{arm} ZSL" for arm in shown) + " |",
         "|---|---|" + "---|" * len(shown),
@@ -277,5 +291,7 @@ def write_pooled_report(root: Path, cells: list[dict[str, Any]], arms, splits: l
         lines.append(f"| {number} | {', '.join(unseen)} | " + " | ".join(means) + " |")
     lines += ["", "Pooled over (split, seed) pairs:", "", table(pooled, names)]
     write_text_atomic(root / "splits.md", "\n".join(lines))
-    write_json_atomic(root / "splits.json", {"splits": splits, "seeds": seeds, "pooled": pooled})
+    write_json_atomic(
+        root / "splits.json", {"splits": splits, "seeds": len(seeds), "seed_list": seeds, "pooled": pooled}
+    )
     return pooled
