@@ -310,28 +310,39 @@ def test_splits_are_drawn_anew_each_in_its_own_folder(tmp_path: Path) -> None:
             tmp_path / "experiment" / "splits" / str(number) / "runs" / "0" / "oracle" / "classes.txt"
         ).read_text()
         assert classes.split() == unseen
-    assert summary["pooled"]["zsl"]["oracle"]["seeds_ok"] == 3  # one per (split, seed) pair
+    assert summary["pooled"]["zsl"]["oracle"]["seeds_ok"] == 1  # the seed is the unit, whatever the splits
     report = (tmp_path / "experiment" / "splits.md").read_text()
-    assert all(", ".join(s) in report for s in splits) and "Pooled over (split, seed) pairs" in report
+    assert all(", ".join(s) in report for s in splits) and "the seed as the unit (n = 1 seeds" in report
+    assert json.loads((tmp_path / "experiment" / "splits.json").read_text())["n"] == 1
 
 
-def test_pooled_differences_pair_each_split_and_seed() -> None:
+def test_pooled_differences_take_the_seed_as_the_unit() -> None:
+    """A seed's splits share its scenes: pooled over splits, each seed's difference is averaged over its splits
+    first, and the interval has seeds - 1 degrees of freedom (not one observation per (split, seed) pair)."""
+    import tempfile
+
     from mlgen.experiment.arms import select_arms
     from mlgen.experiment.report import write_pooled_report
 
+    noise = {(0, 0): 0.03, (1, 0): -0.03, (0, 1): 0.0, (1, 1): 0.02, (0, 2): -0.01, (1, 2): 0.0}
     cells_ = [
         {"split": k, "seed": s, "arm": arm, "status": "ok", "zsl": {"mAP": m, "f1@3": 0}, "gzsl": {"mAP": m, "f1@3": 0}}
         for k in range(2)
-        for s in range(3)
-        for arm, m in (("zero-shot", 0.5 + 0.1 * k), ("mlgen", 0.6 + 0.1 * k + 0.01 * s))
+        for s in range(10, 13)
+        for arm, m in (("zero-shot", 0.5 + 0.1 * k), ("mlgen", 0.6 + 0.1 * k + 0.01 * s + noise[k, s - 10]))
     ]
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
-        pooled = write_pooled_report(Path(tmp), cells_, select_arms("zero-shot,mlgen"), [["a"], ["b"]], [0, 1, 2])
+        pooled = write_pooled_report(Path(tmp), cells_, select_arms("zero-shot,mlgen"), [["a"], ["b"]], [10, 11, 12])
+        record = json.loads((Path(tmp) / "splits.json").read_text())
+    assert record["n"] == 3 and record["seed_list"] == [10, 11, 12]
     (comparison,) = pooled["zsl"]["comparisons"]
-    assert (comparison["arm"], comparison["reference"], comparison["paired_seeds"]) == ("zero-shot", "mlgen", 6)
-    assert comparison["mean"] == pytest.approx(-0.11)  # the split offsets cancel in the pairs
+    assert (comparison["arm"], comparison["reference"], comparison["paired_seeds"]) == ("zero-shot", "mlgen", 3)
+    per_seed = [-(0.1 + 0.01 * s + (noise[0, s - 10] + noise[1, s - 10]) / 2) for s in range(10, 13)]
+    expected = mean_interval(per_seed)  # t with 2 degrees of freedom over the seeds' split means
+    assert comparison["n"] == 3
+    assert (comparison["mean"], comparison["low"], comparison["high"]) == pytest.approx(
+        (expected.mean, expected.low, expected.high), abs=1e-4
+    )
 
 
 @pytest.mark.slow
