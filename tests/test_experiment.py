@@ -451,3 +451,50 @@ def test_first_seed_runs_only_its_seeds_and_a_dir_holds_one_range(tmp_path: Path
     assert (root / "data" / "test-20" / "labels.csv").read_text() == (tmp_path / "expected" / "labels.csv").read_text()
     with pytest.raises(MlgenError, match="setting 'first_seed' differs"):
         run_experiment(tmp_path, dataclasses.replace(config, first_seed=0), TINY_CLASSIFIER, log=lambda _: None)
+
+
+def test_probe_arm_trains_on_every_label_for_its_own_budget_and_the_gap_has_an_interval(tmp_path: Path) -> None:
+    """The probe (the ceiling) trains on real scenes of every label from the ``probe`` stream, for ``probe_epochs``
+    (not the arms' budget), and the gap closed is reported against the oracle and the probe, each with an
+    interval over seeds."""
+    small = dict(test_images=24, val_images=16, seen_images=16, oracle_images=12, probe_images=20, prompts_per_set=1)
+    config = ExperimentConfig(
+        world="toy-classic", unseen="circle,star", clip="tiny", model="tiny", llm="template", seeds=2,
+        arms="zero-shot,mlgen,oracle,probe", epochs=2, pass_steps=2, probe_epochs=5, images_per_prompt=2,
+        generate_steps=2, workers=1, **small,
+    )  # fmt: skip
+    summary = run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    probes = [c for c in cells(tmp_path) if c["arm"] == "probe"]
+    assert [c["status"] for c in probes] == ["ok", "ok"], probes
+    assert all(c["steps"] == 5 * 2 and c["real_steps"] == 10 for c in probes)  # its own budget, one real pass
+    classes = (tmp_path / "experiment" / "runs" / "0" / "probe" / "classes.txt").read_text().split()
+    assert classes[:2] == ["circle", "star"] and len(classes) == 8  # every label of the world
+    assert (tmp_path / "experiment" / "data" / "probe-0" / "labels.csv").is_file()
+    for key in ("gap_closed", "gap_closed_probe"):
+        gap = summary["zsl"][key]
+        assert gap["seeds"] == 2 and set(gap) >= {"value", "low", "high", "per_seed"}, gap
+    assert "(probe - zero-shot)" in (tmp_path / "experiment" / "table.md").read_text()
+
+
+def test_gap_closed_interval_is_a_bootstrap_over_seeds() -> None:
+    from mlgen.experiment.report import _gap
+
+    values = {"zero-shot": [0.60, 0.62, 0.58, 0.61, 0.59], "mlgen": [0.70, 0.75, 0.66, 0.72, 0.69]}
+    values["oracle"] = [0.80, 0.79, 0.81, 0.83, 0.78]
+    cells_ = [
+        {"seed": s, "arm": arm, "status": "ok", "zsl": {"mAP": v[i], "f1@3": 0}}
+        for arm, v in values.items()
+        for i, s in enumerate(range(10, 15))
+    ]
+    gap = _gap(cells_, "zsl", "oracle")
+    means = {arm: np.mean(v) for arm, v in values.items()}
+    assert gap["value"] == pytest.approx(
+        (means["mlgen"] - means["zero-shot"]) / (means["oracle"] - means["zero-shot"]), abs=1e-4
+    )
+    assert gap["low"] < gap["value"] < gap["high"] and gap["seeds"] == 5
+    rng = np.random.default_rng(0)
+    table_ = np.array([values[a] for a in ("mlgen", "zero-shot", "oracle")]).T
+    draws = table_[rng.integers(0, 5, size=(2000, 5))].mean(1)
+    ratios = (draws[:, 0] - draws[:, 1]) / (draws[:, 2] - draws[:, 1])
+    assert (gap["low"], gap["high"]) == pytest.approx(tuple(np.percentile(ratios, [2.5, 97.5])), abs=1e-4)
+    assert gap["high"] - gap["low"] > 0.05  # the seeds disagree: the interval is not a point

@@ -202,6 +202,9 @@ class ExperimentConfig:
     val_data: str | None = None  # your own validation images (checkpoint selection); None: final weights
     seen_images: int = 256  # toy world: rendered seen-label scenes per seed
     oracle_images: int = 512  # toy world: rendered unseen-label scenes per seed (the oracle arm)
+    probe_images: int = 768  # toy world: rendered scenes of every label per seed (the probe arm: the ceiling)
+    probe_epochs: int = 60  # the probe arm's epochs (pass_steps each), chosen on validation (seeds >= 1000)
+    probe_data: str | None = None  # your own real images of every label (the probe arm)
     workers: int | None = None  # seeds run at once, one process each; None: one per CPU core on the toy world
 
 

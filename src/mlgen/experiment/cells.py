@@ -92,7 +92,7 @@ def classifier_config(ctx: Context, seed: int, arm: Arm) -> ClassifierConfig:
     return dataclasses.replace(
         base,
         clip=ctx.setup.clip,
-        epochs=ctx.config.epochs,
+        epochs=ctx.config.probe_epochs if arm.probe else ctx.config.epochs,
         steps=None,
         pass_steps=ctx.config.pass_steps,
         passes_per_epoch=PASSES_PER_EPOCH,

@@ -97,7 +97,8 @@ def summarise(cells: list[dict[str, Any]], arms: list[str], seeds: list[int]) ->
         for entry in block["comparisons"]:
             if entry["reference"] == reference_of(entry["arm"]):
                 block[entry["arm"]]["minus_reference"] = entry
-        block["gap_closed"] = _gap(cells, setting)
+        block["gap_closed"] = _gap(cells, setting, "oracle")
+        block["gap_closed_probe"] = _gap(cells, setting, "probe")
         summary[setting] = block
     return summary
 
@@ -132,17 +133,36 @@ def _interval(interval) -> dict[str, float | int | None]:
     return {"mean": clean[0], "low": clean[1], "high": clean[2], "n": interval.n}
 
 
-def _gap(cells: list[dict[str, Any]], setting: str) -> dict[str, Any] | None:
-    """(mlgen - zero-shot) / (oracle - zero-shot) on the means over the seeds all three have, and per seed."""
-    parts = [_by_seed(cells, arm, setting) for arm in (REFERENCE, "zero-shot", "oracle")]
+CEILINGS = ("oracle", "probe")  # the gap closed is reported against each that ran
+BOOTSTRAP = 2000  # resamples of the seeds for the gap's interval
+
+
+def _gap(cells: list[dict[str, Any]], setting: str, ceiling: str = "oracle") -> dict[str, Any] | None:
+    """(mlgen - zero-shot) / (ceiling - zero-shot) on the means over the seeds all three have, per seed, and a 95%
+    percentile bootstrap interval over seeds (the seeds resampled with replacement, the ratio of means redone;
+    resamples with no gap to close are left out and counted)."""
+    import numpy as np
+
+    parts = [_by_seed(cells, arm, setting) for arm in (REFERENCE, "zero-shot", ceiling)]
     seeds = sorted(set(parts[0]) & set(parts[1]) & set(parts[2]))
     if not seeds:
         return None
-    means = [sum(p[s] for s in seeds) / len(seeds) for p in parts]
-    value = gap_closed(*means)
-    per_seed = {s: gap_closed(parts[0][s], parts[1][s], parts[2][s]) for s in seeds}
+    table_ = np.array([[p[s] for p in parts] for s in seeds])  # [seeds, (mlgen, zero-shot, ceiling)]
+    value = gap_closed(*table_.mean(0))
+    per_seed = {s: gap_closed(*row) for s, row in zip(seeds, table_, strict=True)}
+    draws = np.random.default_rng(0).integers(0, len(seeds), size=(BOOTSTRAP, len(seeds)))
+    means = table_[draws].mean(1)  # [BOOTSTRAP, 3]
+    span = means[:, 2] - means[:, 1]
+    ok = span > 1e-12
+    ratios = (means[ok, 0] - means[ok, 1]) / span[ok]
+    low, high = (None, None) if len(seeds) < 2 or not ok.any() else np.percentile(ratios, [2.5, 97.5])
     return {
+        "ceiling": ceiling,
         "value": None if math.isnan(value) else round(value, 4),
+        "low": None if low is None else round(float(low), 4),
+        "high": None if high is None else round(float(high), 4),
+        "interval": f"95% percentile bootstrap over seeds ({BOOTSTRAP} resamples)",
+        "resamples_without_a_gap": int((~ok).sum()),
         "per_seed": {str(s): None if math.isnan(v) else round(v, 4) for s, v in per_seed.items()},
         "seeds": len(seeds),
     }
@@ -182,13 +202,17 @@ def table(summary: dict[str, Any], arms: list[str]) -> str:
             lines.append(f"| {e['arm']} - {e['reference']} | " + " | ".join(cols) + f" | {e['paired_seeds']} |")
     lines.append(f"\nVerdicts: {summary['verdicts']}; p is the raw paired t-test p, Holm's adjusted p in brackets.")
     for setting in SETTINGS:
-        gap = summary[setting]["gap_closed"]
-        text = (
-            "n/a (needs mlgen, zero-shot and an oracle above zero-shot)"
-            if gap is None or gap["value"] is None
-            else f"{gap['value']:.3f}"
-        )
-        lines.append(f"\nGap closed {setting.upper()} = (mlgen - zero-shot) / (oracle - zero-shot) = {text}")
+        for key, ceiling in (("gap_closed", "oracle"), ("gap_closed_probe", "probe")):
+            gap = summary[setting].get(key)
+            if gap is None and ceiling == "probe":
+                continue
+            if gap is None or gap["value"] is None:
+                text = f"n/a (needs mlgen, zero-shot and a {ceiling} above zero-shot)"
+            elif gap["low"] is None:
+                text = f"{gap['value']:.3f} [n={gap['seeds']}]"
+            else:
+                text = f"{gap['value']:.3f} [{gap['low']:.3f}, {gap['high']:.3f}] (bootstrap over {gap['seeds']} seeds)"
+            lines.append(f"\nGap closed {setting.upper()} = (mlgen - zero-shot) / ({ceiling} - zero-shot) = {text}")
     return "\n".join(lines) + "\n"
 
 
@@ -257,7 +281,7 @@ def write_report(
     return summary
 
 
-POOLED_ARMS = ("zero-shot", "mlgen", "no-filter", "no-filter-matched", "oracle")
+POOLED_ARMS = ("zero-shot", "mlgen", "no-filter", "no-filter-matched", "oracle", "probe")
 
 
 def _seed_range(seeds: list[int]) -> str:

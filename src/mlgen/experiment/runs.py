@@ -25,7 +25,7 @@ from mlgen.config import (
     GenerateConfig,
     PromptsConfig,
 )
-from mlgen.experiment.data import Setup, import_run, oracle_set, seen_set
+from mlgen.experiment.data import Setup, import_run, oracle_set, probe_set, seen_set
 from mlgen.pipeline.rundir import RunDir
 from mlgen.world.streams import stream_rng
 
@@ -216,8 +216,11 @@ def _finetune(
 
 
 def real_run(root: Path, config: ExperimentConfig, setup: Setup, seed: int, name: str) -> RunDir:
-    """The oracle's (real unseen-label images) or seen-only's (real seen-label images) run."""
+    """The oracle's (real unseen-label images), the probe's (real images of every label) or seen-only's (real
+    seen-label images) run."""
     run = seed_run(root, seed, name)
+    if name == "probe":
+        return import_run(run, probe_set(config, setup, root, seed), setup.classes)
     if name == "oracle":
         return import_run(run, oracle_set(config, setup, root, seed), setup.unseen)
     return import_run(run, seen_set(config, setup, root, seed), setup.seen)
