@@ -93,6 +93,17 @@ def test_every_trained_arm_takes_the_same_steps_per_pass_kind(tmp_path: Path, da
     mlgen_row = next(r for r in rows if r["arm"] == "mlgen")
     assert mlgen_row["real_steps"] == mlgen_row["synthetic_steps"] == "12" and mlgen_row["selected_epoch"] != ""
     assert sum(int(part.split(":")[1]) for part in mlgen_row["images_per_label"].split("|")) >= images["mlgen"]
+    # the filter's share beside every arm that trains on a filter's choice, empty for the others
+    by_arm = {r["arm"]: r for r in rows if r["setting"] == "zsl"}
+    filtered = {"paper", "mlgen", "paper-filter", "mlgen-uncached", "+fusion"}
+    assert {arm for arm, r in by_arm.items() if r["kept_share"] != ""} == filtered
+    assert {arm for arm, r in by_arm.items() if r["gated"] != ""} == filtered
+    generated = images["no-filter"]
+    for arm in ("mlgen", "paper-filter"):
+        assert float(by_arm[arm]["kept_share"]) == pytest.approx(images[arm] / generated, abs=1e-4)
+    table = (tmp_path / "experiment" / "table.md").read_text()
+    assert "| kept share | gated (seeds) |" in table
+    assert f"| {images['paper-filter'] / generated:.3f} |" in table
 
 
 def test_matched_control_draws_as_many_raw_images_per_label_set_as_the_filter_kept(tmp_path: Path, data) -> None:

@@ -28,6 +28,8 @@ FIELDS = (
     "synthetic_steps",
     "images_per_label",
     "selected_epoch",
+    "kept_share",
+    "gated",
     "status",
     "error",
 )
@@ -52,6 +54,8 @@ def result_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "synthetic_steps": cell.get("synthetic_steps", ""),
                     "images_per_label": "|".join(f"{k}:{v}" for k, v in (cell.get("images_per_label") or {}).items()),
                     "selected_epoch": "" if cell.get("selected_epoch") is None else cell["selected_epoch"],
+                    "kept_share": "" if cell.get("kept_share") is None else f"{cell['kept_share']:.4f}",
+                    "gated": "" if cell.get("gated") is None else ("|".join(cell["gated"]) or "none"),
                     "status": cell["status"],
                     "error": cell.get("error", ""),
                 }
@@ -92,6 +96,7 @@ def summarise(cells: list[dict[str, Any]], arms: list[str], seeds: list[int]) ->
                 "F1@3": _interval(mean_interval(list(_by_seed(cells, arm, setting, "f1@3").values()))),
                 "seeds_ok": len(values),
                 "failed_seeds": sorted(c["seed"] for c in cells if c["arm"] == arm and c["status"] != "ok"),
+                **_filter_share(cells, arm),
             }
         block["comparisons"] = _compare(cells, arms, setting)
         for entry in block["comparisons"]:
@@ -101,6 +106,19 @@ def summarise(cells: list[dict[str, Any]], arms: list[str], seeds: list[int]) ->
         block["gap_closed_probe"] = _gap(cells, setting, "probe")
         summary[setting] = block
     return summary
+
+
+def _filter_share(cells: list[dict[str, Any]], arm: str) -> dict[str, Any]:
+    """The arm's filter over its seeds: mean kept share (kept / generated) and, per label it did not filter on
+    (gated), on how many seeds; None for an arm without a filter."""
+    mine = [c for c in cells if c["arm"] == arm and c["status"] == "ok" and c.get("kept_share") is not None]
+    if not mine:
+        return {"kept_share": None, "gated": None}
+    gated: dict[str, int] = {}
+    for cell in mine:
+        for label in cell.get("gated") or []:
+            gated[label] = gated.get(label, 0) + 1
+    return {"kept_share": round(sum(c["kept_share"] for c in mine) / len(mine), 4), "gated": gated}
 
 
 def _compare(cells: list[dict[str, Any]], arms: list[str], setting: str) -> list[dict[str, Any]]:
@@ -173,8 +191,8 @@ def table(summary: dict[str, Any], arms: list[str]) -> str:
     its raw and Holm-adjusted p and verdict; then the further comparisons and the gap closed."""
     lines = [
         "| arm | ZSL mAP [95% CI] | GZSL mAP [95% CI] | compared with | ZSL diff [95% CI] | p (Holm) | verdict "
-        "| GZSL diff [95% CI] | p (Holm) | verdict | paired seeds | failed seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GZSL diff [95% CI] | p (Holm) | verdict | kept share | gated (seeds) | paired seeds | failed seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
         zsl, gzsl = summary["zsl"][arm], summary["gzsl"][arm]
@@ -183,6 +201,7 @@ def table(summary: dict[str, Any], arms: list[str]) -> str:
         cols.append(diffs[0]["reference"] if diffs[0] else "(reference)")
         for diff in diffs:
             cols += [_ci(diff, signed=True), _p(diff), diff["verdict"]] if diff else ["", "", ""]
+        cols += _filter_cols(zsl)
         paired = str(diffs[0]["paired_seeds"]) if diffs[0] else f"{zsl['seeds_ok']}"
         failed = ", ".join(map(str, zsl["failed_seeds"])) or "-"
         lines.append(f"| {arm} | " + " | ".join(cols) + f" | {paired} | {failed} |")
@@ -214,6 +233,14 @@ def table(summary: dict[str, Any], arms: list[str]) -> str:
                 text = f"{gap['value']:.3f} [{gap['low']:.3f}, {gap['high']:.3f}] (bootstrap over {gap['seeds']} seeds)"
             lines.append(f"\nGap closed {setting.upper()} = (mlgen - zero-shot) / ({ceiling} - zero-shot) = {text}")
     return "\n".join(lines) + "\n"
+
+
+def _filter_cols(entry: dict[str, Any]) -> list[str]:
+    """kept share and gated labels of an arm with a filter; '-' for an arm without one."""
+    if entry.get("kept_share") is None:
+        return ["-", "-"]
+    gated = ", ".join(f"{label} ({n})" for label, n in sorted(entry["gated"].items())) or "none"
+    return [f"{entry['kept_share']:.3f}", gated]
 
 
 def _p(entry: dict[str, Any]) -> str:
@@ -302,6 +329,9 @@ def seed_units(cells: list[dict[str, Any]], splits: int) -> list[dict[str, Any]]
             out.append({"seed": seed, "arm": arm, "status": "failed", "error": "a split of this seed failed"})
             continue
         unit: dict[str, Any] = {"seed": seed, "arm": arm, "status": "ok"}
+        if all(c.get("kept_share") is not None for c in mine):  # the filter's share over the seed's splits
+            unit["kept_share"] = sum(c["kept_share"] for c in mine) / splits
+            unit["gated"] = sorted({f"{label} (split {c['split']})" for c in mine for label in c.get("gated") or []})
         for setting in SETTINGS:
             unit[setting] = {k: sum(c[setting][k] for c in mine) / splits for k in ("mAP", "f1@3")}
         out.append(unit)
