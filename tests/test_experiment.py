@@ -509,3 +509,37 @@ def test_gap_closed_interval_is_a_bootstrap_over_seeds() -> None:
     ratios = (draws[:, 0] - draws[:, 1]) / (draws[:, 2] - draws[:, 1])
     assert (gap["low"], gap["high"]) == pytest.approx(tuple(np.percentile(ratios, [2.5, 97.5])), abs=1e-4)
     assert gap["high"] - gap["low"] > 0.05  # the seeds disagree: the interval is not a point
+
+
+def test_every_arm_selects_its_epoch_on_the_unseen_labels_validation_map(tmp_path: Path, data) -> None:
+    """One selection metric for every arm: the unseen labels' mAP on the validation images that hold one, seen-only
+    included (its shared context scores the unseen names it never trained on)."""
+    import torch
+
+    from mlgen.classifiers.data import squash_transform
+    from mlgen.classifiers.metrics import evaluate_scores
+    from mlgen.classifiers.model import load_classifier, load_clip, read_config
+    from mlgen.classifiers.predict import predict_logits
+    from mlgen.classifiers.source import labelled_samples, multi_hot
+
+    config = tiny(data, seeds=1, arms="seen-only,mlgen", epochs=4, pass_steps=2)
+    run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    assert {c["arm"]: c["status"] for c in cells(tmp_path)} == {"seen-only": "ok", "mlgen": "ok"}
+    unseen = UNSEEN.split(",")
+    labels, images, _ = labelled_samples(Path(data["val_data"]))
+    rows = [i for i, row in enumerate(labels) if any(label in unseen for label in row)]
+    truth = multi_hot([labels[i] for i in rows], unseen).numpy()
+    held = [image for i, image in enumerate(images()) if i in set(rows)]
+    for arm in ("seen-only", "mlgen"):
+        folder = tmp_path / "experiment" / "runs" / "0" / arm / "classifier"
+        assert json.loads((folder / "plan.json").read_text())["settings"]["val_labels"] == unseen
+        clip_model, preprocess, tokenizer = load_clip(read_config(folder)["clip"], torch.device("cpu"))
+        model = load_classifier(clip_model, tokenizer, folder, torch.device("cpu"))
+        if arm == "seen-only":
+            model.head.set_classes(tokenizer, unseen)
+            model.classes = unseen
+        logits = predict_logits(model, squash_transform(preprocess), held)
+        scored = evaluate_scores(logits[:, [model.classes.index(u) for u in unseen]], truth)["mAP"]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        chosen = next(e for e in metrics["validation"] if e["epoch"] == metrics["selected_epoch"])
+        assert scored == pytest.approx(chosen["mAP"], abs=2e-3), (arm, scored, metrics["validation"])

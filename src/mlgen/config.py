@@ -139,6 +139,8 @@ class ClassifierConfig:
     passes_per_epoch: int | None = None  # pad the epoch with empty passes: the cosine steps this often per epoch
     val_data: str | None = None  # labelled validation images: keep the best epoch's weights (never the test set)
     select_every: int = 1  # with val_data: evaluate every N epochs (and after the last)
+    val_labels: tuple[str, ...] | None = added(None)  # with val_data: select on these labels' mAP (None: the run's);
+    # a label the head never trained on is scored by name (a shared-context DualCoOp: mlgen experiment's seen-only)
     cache: bool = runtime(True)  # frozen features cached on disk (float16) when only a head trains
 
 

@@ -97,6 +97,7 @@ def classifier_config(ctx: Context, seed: int, arm: Arm) -> ClassifierConfig:
         pass_steps=ctx.config.pass_steps,
         passes_per_epoch=PASSES_PER_EPOCH,
         val_data=str(val) if val else None,
+        val_labels=tuple(ctx.setup.unseen),  # every arm, seen-only and the probe included: one selection metric
         seed=SeedSeeds.of(seed).classifier,
         source=arm.source,
         soft_targets=arm.soft_targets,
