@@ -15,7 +15,11 @@ rendered or read here. Prints one table per question and the candidate each choo
 - blending mlgen's trained head with the teacher's zero-shot head in weight space (``interpolate``; WiSE-FT);
 - soft targets (arm ``mlgen`` with ``--soft-targets W``: its non-training labels on W x the teacher's probability);
 - the filter's default (arm ``mlgen`` on the seed's images filtered again with each candidate: rule, gate, best
-  name, fallback, competitors; ``no filter`` as the reference the default must not fall below).
+  name, fallback, competitors; ``no filter`` as the reference the default must not fall below);
+- the training budget (``budget``: epochs of ``mlgen`` and ``oracle``, with the epoch each selects: a budget whose
+  best epoch is the last one is cut short) and the probe's (``probe``: its ``probe_epochs``);
+- why the paper arm is below zero-shot (``paper-why``: budget, DualCoOp context length, SGD rate, fusion rate, no
+  fusion, the shared head's optimizer), beside the teacher's zero-shot validation mAP.
 
 Seeds: tuning uses seeds ``--first-seed`` (1000 by default; below 1000 is refused) .. first + seeds - 1, disjoint
 from every experiment seed (the headline uses 10-19), and every table printed names its seeds.
@@ -82,19 +86,78 @@ FILTER = {  # name -> changes to the default filter (the seed's mlgen images fil
     "exact, gate 0.75, min-keep 0.5, prototype 0.5": {"rule": "exact", "gate": 0.75, "min_keep": 0.5, "prototype": 0.5},
     "exact, prototype 0.5, no gate": {"rule": "exact", "gate": 0.0, "min_keep": 0.0, "prototype": 0.5},
 }
+BUDGETS = (20, 40, 80)  # epochs of every trained arm (pass_steps each of a real and a synthetic pass)
+PROBE_BUDGETS = (30, 60, 120, 240)  # the probe's epochs (one real pass of pass_steps each)
+# the paper arm (DualCoOp shared context 4 + fusion, ASL, SGD 0.002, 20 epochs) changed one thing at a time
+PAPER_WHY = {
+    "as run (20 epochs, context 4, sgd 0.002, fusion lr 1e-4)": {},
+    "80 epochs": {"epochs": 80},
+    "context 2": {"prompt_context": 2},
+    "context 8": {"prompt_context": 8},
+    "sgd 0.02": {"lr": 0.02},
+    "fusion lr 1e-2": {"fusion_lr": 1e-2},
+    "no fusion (DualCoOp alone, sgd 0.002)": {"fusion": False, "cache": True},
+    "no fusion, adamw 3e-2 (the shared head's optimizer)": {
+        "fusion": False,
+        "cache": True,
+        "optimizer": "adamw",
+        "lr": 3e-2,
+    },
+    "no fusion, bce (not asl)": {"fusion": False, "cache": True, "loss": "bce"},
+}
 SOFT_TARGETS = (0.0, 0.25, 0.5)  # 0: hard targets (the default); 0.5: He et al. 2023's mix
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # weight of the trained head against the teacher's zero-shot head
 
 
-def val_score(ctx: Context, seed: int, arm: str, changes: dict, tag: str) -> float:
-    """The arm's best validation mAP with ``changes`` to its ClassifierConfig (its own stage folder)."""
+def val_metrics(ctx: Context, seed: int, arm: str, changes: dict, tag: str) -> dict:
+    """The arm's metrics.json with ``changes`` to its ClassifierConfig (its own stage folder): ``validation`` holds
+    the unseen labels' validation mAP of every epoch, ``selected_epoch`` the best."""
     spec = BY_NAME[arm]
     run = prepare(ctx.root, ctx.config, ctx.setup, seed, spec.run)
     config = dataclasses.replace(classifier_config(ctx, seed, spec), **changes)
     stage = _stage_class(f"tune-{arm.strip('+')}-{tag}")(run, config)
     run_stage(stage)
-    metrics = json.loads((stage.folder / "metrics.json").read_text(encoding="utf-8"))
-    return max(entry["mAP"] for entry in metrics["validation"])
+    return json.loads((stage.folder / "metrics.json").read_text(encoding="utf-8"))
+
+
+def val_score(ctx: Context, seed: int, arm: str, changes: dict, tag: str) -> float:
+    """The arm's best validation mAP with ``changes`` to its ClassifierConfig (its own stage folder)."""
+    return max(entry["mAP"] for entry in val_metrics(ctx, seed, arm, changes, tag)["validation"])
+
+
+def zero_shot_val(ctx: Context, seed: int) -> float:
+    """The teacher's zero-shot (prompt ensemble) mAP on the unseen labels of the seed's validation images that hold
+    one: the level the paper arm is compared with, on validation."""
+    import torch
+
+    from mlgen.classifiers.evaluate import load_eval_set, zero_shot_scores
+    from mlgen.classifiers.metrics import mean_average_precision
+    from mlgen.experiment.data import val_set
+
+    images, targets, _ = load_eval_set(val_set(ctx.config, ctx.setup, ctx.root, seed), ctx.setup.classes)
+    unseen = len(ctx.setup.unseen)
+    rows = targets[:, :unseen].any(axis=1)
+    held = [image for image, keep in zip(images, rows, strict=True) if keep]
+    scores = zero_shot_scores(ctx.setup.clip, held, ctx.setup.classes, torch.device("cpu"))
+    return mean_average_precision(scores[:, :unseen], targets[rows][:, :unseen])
+
+
+def budget_table(ctx: Context, seeds: list[int], arm: str, candidates: dict[str, dict], tag: str) -> None:
+    """Each candidate's best validation mAP and the epoch it selects, per seed ("last" when the best epoch is the
+    budget's last one: cut short)."""
+    print(f"\n| {arm}: candidate | val mAP (mean, {seed_names(seeds)}) | per seed | selected epoch per seed |")
+    print("|---|---|---|---|")
+    for index, (name, changes) in enumerate(candidates.items()):
+        scores, chosen = [], []
+        for seed in seeds:
+            metrics = val_metrics(ctx, seed, arm, changes, f"{tag}{index}")
+            scores.append(max(entry["mAP"] for entry in metrics["validation"]))
+            last = metrics["validation"][-1]["epoch"]
+            chosen.append(
+                f"{metrics['selected_epoch']}/{last}" + (" last" if metrics["selected_epoch"] == last else "")
+            )
+        per_seed = ", ".join(f"{x:.3f}" for x in scores)
+        print(f"| {name} | {statistics.fmean(scores):.3f} | {per_seed} | {', '.join(chosen)} |", flush=True)
 
 
 def filter_val_score(ctx: Context, seed: int, changes: dict | None, tag: str) -> float:
@@ -146,6 +209,33 @@ def interpolated_val_scores(ctx: Context, seed: int) -> list[float]:
         logits = predict_logits(model, squash_transform(preprocess), held)
         scores.append(mean_average_precision(logits[:, columns], targets[rows][:, columns]))
     return scores
+
+
+def paper_why(ctx: Context, seeds: list[int]) -> None:
+    """The paper arm with one change at a time (``PAPER_WHY``); the fusion modules' learning rate is a module
+    constant of the trainer (official 1e-4), set here for its candidate only."""
+    from mlgen.classifiers import train
+
+    candidates = {}
+    for name, changes in PAPER_WHY.items():
+        changes = dict(changes)
+        candidates[name] = changes
+    print(f"\n| paper: candidate | val mAP (mean, {seed_names(seeds)}) | per seed | selected epoch per seed |")
+    print("|---|---|---|---|")
+    for index, (name, changes) in enumerate(candidates.items()):
+        fusion_lr = changes.pop("fusion_lr", None)
+        official = train.FUSION_LR
+        train.FUSION_LR = fusion_lr or official
+        try:
+            scores, chosen = [], []
+            for seed in seeds:
+                metrics = val_metrics(ctx, seed, "paper", changes, f"why{index}")
+                scores.append(max(entry["mAP"] for entry in metrics["validation"]))
+                chosen.append(f"{metrics['selected_epoch']}/{metrics['validation'][-1]['epoch']}")
+        finally:
+            train.FUSION_LR = official
+        per_seed = ", ".join(f"{x:.3f}" for x in scores)
+        print(f"| {name} | {statistics.fmean(scores):.3f} | {per_seed} | {', '.join(chosen)} |", flush=True)
 
 
 def choose(ctx: Context, seeds: list[int], arm: str, candidates: dict[str, dict], question: str) -> str:
@@ -228,7 +318,7 @@ def main() -> None:
         if "sets" in args.questions:  # label sets of the LLM's pairs (the paper) or one label per image
             sets = {"pairs (mlgen)": ("mlgen", {}), "one label per image (singletons)": ("singletons", {})}
             choose_arms(ctx, seeds, sets)
-        if "paper" in args.questions:
+        if "paper" in args.questions.split(","):
             choose(ctx, seeds, "paper", {f"sgd {lr}": dict(lr=lr) for lr in PAPER_LR}, "paper")
         if "filter" in args.questions:
             choose(ctx, seeds, "mlgen", FILTER, "filter")
@@ -239,6 +329,16 @@ def main() -> None:
             per_seed = [interpolated_val_scores(ctx, seed) for seed in seeds]
             rows = {f"alpha {alpha}": [scores[i] for scores in per_seed] for i, alpha in enumerate(ALPHAS)}
             print_choice("mlgen: trained head blended with zero-shot, alpha", rows, seeds)
+        if "budget" in args.questions:
+            for arm in ("mlgen", "oracle"):
+                budget_table(ctx, seeds, arm, {f"{e} epochs": {"epochs": e} for e in BUDGETS}, "budget")
+        if "probe" in args.questions.split(","):
+            budget_table(ctx, seeds, "probe", {f"{e} epochs": {"epochs": e} for e in PROBE_BUDGETS}, "probe")
+        if "paper-why" in args.questions:
+            rows = [zero_shot_val(ctx, seed) for seed in seeds]
+            each = ", ".join(f"{x:.3f}" for x in rows)
+            print(f"\nzero-shot val mAP ({seed_names(seeds)}): {statistics.fmean(rows):.3f} ({each})")
+            paper_why(ctx, seeds)
         if "soft" in args.questions:
             choose(ctx, seeds, "mlgen", {f"soft targets {w}": dict(soft_targets=w) for w in SOFT_TARGETS}, "soft")
 

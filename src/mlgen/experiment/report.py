@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mlgen.experiment.arms import BY_NAME, EXTRA_COMPARISONS, REFERENCE
+from mlgen.experiment.runs import PROMPTS_NOTE
 from mlgen.experiment.stats import gap_closed, holm, holm_verdict, mean_interval, paired_interval, paired_p
 from mlgen.paths import write_atomic, write_json_atomic, write_text_atomic
 
@@ -86,6 +87,7 @@ def summarise(cells: list[dict[str, Any]], arms: list[str], seeds: list[int]) ->
         "reference": REFERENCE,
         "interval": "95% Student t over seeds, paired",
         "verdicts": "paired t-test, Holm-corrected over each setting's comparisons (family-wise 5%)",
+        "prompts": PROMPTS_NOTE,
     }
     for setting in SETTINGS:
         block: dict[str, Any] = {}
@@ -298,7 +300,7 @@ def write_report(
     writer.writerows(result_rows(cells))
     write_text_atomic(root / "results.csv", buffer.getvalue())
     summary = summarise(cells, arms, seeds)
-    text = f"Seeds {_seed_range(seeds)}.\n\n" + table(summary, arms)
+    text = f"Seeds {_seed_range(seeds)}. Prompts: {PROMPTS_NOTE}.\n\n" + table(summary, arms)
     if audits:
         summary["filter_audit"] = audit_summary(audits)
         text += audit_table(summary["filter_audit"])

@@ -1,8 +1,10 @@
 """The runs an experiment seed trains from: generated (prompts -> images -> filter) or imported real images.
 
-One prompt stage serves all seeds (the LLM is the slow part on a CPU): ``shared/prompts-llm`` (every pair of
-unseen labels, as the paper), ``shared/prompts-template`` (one template sentence per pair) and
-``shared/prompts-singletons`` (one label per set). Each seed's generation runs (``runs/SEED/NAME``) link to
+The prompts are FIXED ACROSS SEEDS: one prompt stage, drawn with prompt seed 0, serves every seed (the LLM is the
+slow part on a CPU; a prompt stage per seed would multiply it by the seeds), so the intervals over seeds hold the
+scenes, generation and training draws but not the prompts' randomness (``PROMPTS_NOTE``, in every summary):
+``shared/prompts-llm`` (every pair of unseen labels, as the paper), ``shared/prompts-template`` (one template
+sentence per pair) and ``shared/prompts-singletons`` (one label per set). Each seed's generation runs (``runs/SEED/NAME``) link to
 them; generation, fine-tuning, filtering and training draw their seeds from the seed's ``experiment`` stream.
 The seed's runs share one feature cache (``runs/SEED/cache``): the seen images are encoded once per seed.
 """
@@ -29,6 +31,11 @@ from mlgen.experiment.data import Setup, import_run, oracle_set, probe_set, seen
 from mlgen.pipeline.rundir import RunDir
 from mlgen.world.streams import stream_rng
 
+PROMPT_SEED = 0
+PROMPTS_NOTE = (
+    f"fixed across seeds: one prompt stage (prompt seed {PROMPT_SEED}) serves every seed, so the intervals over "
+    "seeds do not include the prompts' randomness"
+)
 # run name -> shared prompt folder it links
 PROMPTS = {
     "mlgen": "llm",
@@ -64,7 +71,7 @@ def prompts_config(config: ExperimentConfig, setup: Setup, kind: str) -> Prompts
         synonyms_per_label=3,
         max_new_tokens=40,
         sets_per_shard=16,
-        seed=0,
+        seed=PROMPT_SEED,
         negative_prompt="" if toy else PAPER_NEGATIVE_PROMPT,
     )
     if kind == "template":
