@@ -4,8 +4,8 @@ The prompts are FIXED ACROSS SEEDS: one prompt stage, drawn with prompt seed 0, 
 slow part on a CPU; a prompt stage per seed would multiply it by the seeds), so the intervals over seeds hold the
 scenes, generation and training draws but not the prompts' randomness (``PROMPTS_NOTE``, in every summary):
 ``shared/prompts-llm`` (every pair of unseen labels, as the paper), ``shared/prompts-template`` (one template
-sentence per pair) and ``shared/prompts-singletons`` (one label per set). Each seed's generation runs (``runs/SEED/NAME``) link to
-them; generation, fine-tuning, filtering and training draw their seeds from the seed's ``experiment`` stream.
+sentence per pair) and ``shared/prompts-singletons`` (one label per set). Each seed's generation runs
+(``runs/SEED/NAME``) link to them; generation, fine-tuning, filtering and training draw their seeds from the seed's ``experiment`` stream.
 The seed's runs share one feature cache (``runs/SEED/cache``): the seen images are encoded once per seed.
 """
 
