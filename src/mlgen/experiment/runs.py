@@ -5,8 +5,9 @@ slow part on a CPU; a prompt stage per seed would multiply it by the seeds), so 
 scenes, generation and training draws but not the prompts' randomness (``PROMPTS_NOTE``, in every summary):
 ``shared/prompts-llm`` (every pair of unseen labels, as the paper), ``shared/prompts-template`` (one template
 sentence per pair) and ``shared/prompts-singletons`` (one label per set). Each seed's generation runs
-(``runs/SEED/NAME``) link to them; generation, fine-tuning, filtering and training draw their seeds from the seed's ``experiment`` stream.
-The seed's runs share one feature cache (``runs/SEED/cache``): the seen images are encoded once per seed.
+(``runs/SEED/NAME``) link to them; generation, fine-tuning, filtering and training draw their seeds from the
+seed's ``experiment`` stream. The seed's runs share one feature cache (``runs/SEED/cache``): the seen images are
+encoded once per seed.
 """
 
 from __future__ import annotations
