@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from scipy import stats  # a hard dependency (paired_p): its tests never skip
 
 from conftest import mlgen
 from mlgen.config import ClassifierConfig, ExperimentConfig
@@ -178,7 +179,6 @@ def test_holm_adjusts_step_down_and_verdicts_follow_the_adjusted_p() -> None:
 
     assert holm([0.01, 0.04, 0.03, float("nan")]) == pytest.approx([0.03, 0.06, 0.06, float("nan")], nan_ok=True)
     arm, ref = {s: 0.70 + 0.01 * (s % 3) for s in range(10)}, {s: 0.68 for s in range(10)}
-    stats = pytest.importorskip("scipy.stats")
     p = paired_p(arm, ref)
     assert p == pytest.approx(stats.ttest_rel(list(arm.values()), list(ref.values())).pvalue)
     interval = paired_interval(arm, ref)
@@ -204,7 +204,6 @@ def test_paired_interval_matches_student_t() -> None:
     assert (interval.low, interval.high) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
     assert verdict(interval).startswith("holds")
     assert verdict(mean_interval([0.1, -0.1, 0.05])) == "not shown"
-    stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 5, 9, 19, 21, 40, 200):
         assert t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), abs=5e-4)
 
