@@ -89,21 +89,23 @@ FILTER = {  # name -> changes to the default filter (the seed's mlgen images fil
 BUDGETS = (20, 40, 80)  # epochs of every trained arm (pass_steps each of a real and a synthetic pass)
 PROBE_BUDGETS = (30, 60, 120, 240)  # the probe's epochs (one real pass of pass_steps each)
 # the paper arm (DualCoOp shared context 4 + fusion, ASL, SGD 0.002, 20 epochs) changed one thing at a time
-PAPER_WHY = {
-    "as run (20 epochs, context 4, sgd 0.002, fusion lr 1e-4)": {},
-    "80 epochs": {"epochs": 80},
-    "context 2": {"prompt_context": 2},
-    "context 8": {"prompt_context": 8},
-    "sgd 0.02": {"lr": 0.02},
-    "fusion lr 1e-2": {"fusion_lr": 1e-2},
-    "no fusion (DualCoOp alone, sgd 0.002)": {"fusion": False, "cache": True},
+PAPER_WHY = {  # cheap candidates (cached features, no fusion) first; the folder of candidate k is tune-paper-whyK
+    "as run (20 epochs, context 4, sgd 0.002, fusion lr 1e-4)": {"epochs": 20},
+    "no fusion (DualCoOp alone)": {"epochs": 20, "fusion": False, "cache": True},
+    "no fusion, 80 epochs": {"epochs": 80, "fusion": False, "cache": True},
+    "no fusion, 320 epochs": {"epochs": 320, "fusion": False, "cache": True},
     "no fusion, adamw 3e-2 (the shared head's optimizer)": {
+        "epochs": 20,
         "fusion": False,
         "cache": True,
         "optimizer": "adamw",
         "lr": 3e-2,
     },
-    "no fusion, bce (not asl)": {"fusion": False, "cache": True, "loss": "bce"},
+    "no fusion, context 8": {"epochs": 20, "fusion": False, "cache": True, "prompt_context": 8},
+    "no fusion, context 2": {"epochs": 20, "fusion": False, "cache": True, "prompt_context": 2},
+    "no fusion, sgd 0.02": {"epochs": 20, "fusion": False, "cache": True, "lr": 0.02},
+    "80 epochs": {"epochs": 80},
+    "fusion lr 1e-2": {"epochs": 20, "fusion_lr": 1e-2},
 }
 SOFT_TARGETS = (0.0, 0.25, 0.5)  # 0: hard targets (the default); 0.5: He et al. 2023's mix
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)  # weight of the trained head against the teacher's zero-shot head
