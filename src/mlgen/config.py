@@ -275,7 +275,7 @@ def validate(config: Any) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int if kind is int else (int, float)):
             raise MlgenError(f"setting '{f.name}' must be a {'whole ' if kind is int else ''}number, got {value!r}")
-        if kind is int and f.name not in ("seed", "request_retries") and value <= 0:
+        if kind is int and f.name not in ("seed", "first_seed", "request_retries") and value <= 0:
             raise MlgenError(f"setting '{f.name}' must be a positive number, got {value}")
     checks = {
         "threshold": lambda v: 0 <= v <= 1,
