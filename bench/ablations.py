@@ -37,7 +37,9 @@ def main() -> None:
         summary = run_experiment(root, config)
         print((root / "experiment" / "table.md").read_text(encoding="utf-8"))
         failed = {
-            arm: e["failed_seeds"] for arm, e in summary["zsl"].items() if arm != "gap_closed" and e["failed_seeds"]
+            arm: e["failed_seeds"]
+            for arm, e in summary["zsl"].items()
+            if isinstance(e, dict) and e.get("failed_seeds")  # arms only: not the gaps or the comparisons
         }
         if failed:
             print("failed (seed, arm) cells, reported above and in results.csv:", json.dumps(failed))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from scipy import stats  # a hard dependency (paired_p): its tests never skip
 
 from conftest import mlgen
 from mlgen.config import ClassifierConfig, ExperimentConfig
@@ -93,6 +94,17 @@ def test_every_trained_arm_takes_the_same_steps_per_pass_kind(tmp_path: Path, da
     mlgen_row = next(r for r in rows if r["arm"] == "mlgen")
     assert mlgen_row["real_steps"] == mlgen_row["synthetic_steps"] == "12" and mlgen_row["selected_epoch"] != ""
     assert sum(int(part.split(":")[1]) for part in mlgen_row["images_per_label"].split("|")) >= images["mlgen"]
+    # the filter's share beside every arm that trains on a filter's choice, empty for the others
+    by_arm = {r["arm"]: r for r in rows if r["setting"] == "zsl"}
+    filtered = {"paper", "mlgen", "paper-filter", "mlgen-uncached", "+fusion"}
+    assert {arm for arm, r in by_arm.items() if r["kept_share"] != ""} == filtered
+    assert {arm for arm, r in by_arm.items() if r["gated"] != ""} == filtered
+    generated = images["no-filter"]
+    for arm in ("mlgen", "paper-filter"):
+        assert float(by_arm[arm]["kept_share"]) == pytest.approx(images[arm] / generated, abs=1e-4)
+    table = (tmp_path / "experiment" / "table.md").read_text()
+    assert "| kept share | gated (seeds) |" in table
+    assert f"| {images['paper-filter'] / generated:.3f} |" in table
 
 
 def test_matched_control_draws_as_many_raw_images_per_label_set_as_the_filter_kept(tmp_path: Path, data) -> None:
@@ -167,7 +179,6 @@ def test_holm_adjusts_step_down_and_verdicts_follow_the_adjusted_p() -> None:
 
     assert holm([0.01, 0.04, 0.03, float("nan")]) == pytest.approx([0.03, 0.06, 0.06, float("nan")], nan_ok=True)
     arm, ref = {s: 0.70 + 0.01 * (s % 3) for s in range(10)}, {s: 0.68 for s in range(10)}
-    stats = pytest.importorskip("scipy.stats")
     p = paired_p(arm, ref)
     assert p == pytest.approx(stats.ttest_rel(list(arm.values()), list(ref.values())).pvalue)
     interval = paired_interval(arm, ref)
@@ -193,7 +204,6 @@ def test_paired_interval_matches_student_t() -> None:
     assert (interval.low, interval.high) == pytest.approx((diffs.mean() - half, diffs.mean() + half))
     assert verdict(interval).startswith("holds")
     assert verdict(mean_interval([0.1, -0.1, 0.05])) == "not shown"
-    stats = pytest.importorskip("scipy.stats")
     for df in (1, 2, 5, 9, 19, 21, 40, 200):
         assert t_quantile(df) == pytest.approx(stats.t.ppf(0.975, df), abs=5e-4)
 
@@ -310,28 +320,39 @@ def test_splits_are_drawn_anew_each_in_its_own_folder(tmp_path: Path) -> None:
             tmp_path / "experiment" / "splits" / str(number) / "runs" / "0" / "oracle" / "classes.txt"
         ).read_text()
         assert classes.split() == unseen
-    assert summary["pooled"]["zsl"]["oracle"]["seeds_ok"] == 3  # one per (split, seed) pair
+    assert summary["pooled"]["zsl"]["oracle"]["seeds_ok"] == 1  # the seed is the unit, whatever the splits
     report = (tmp_path / "experiment" / "splits.md").read_text()
-    assert all(", ".join(s) in report for s in splits) and "Pooled over (split, seed) pairs" in report
+    assert all(", ".join(s) in report for s in splits) and "the seed as the unit (n = 1 seeds" in report
+    assert json.loads((tmp_path / "experiment" / "splits.json").read_text())["n"] == 1
 
 
-def test_pooled_differences_pair_each_split_and_seed() -> None:
+def test_pooled_differences_take_the_seed_as_the_unit() -> None:
+    """A seed's splits share its scenes: pooled over splits, each seed's difference is averaged over its splits
+    first, and the interval has seeds - 1 degrees of freedom (not one observation per (split, seed) pair)."""
+    import tempfile
+
     from mlgen.experiment.arms import select_arms
     from mlgen.experiment.report import write_pooled_report
 
+    noise = {(0, 0): 0.03, (1, 0): -0.03, (0, 1): 0.0, (1, 1): 0.02, (0, 2): -0.01, (1, 2): 0.0}
     cells_ = [
         {"split": k, "seed": s, "arm": arm, "status": "ok", "zsl": {"mAP": m, "f1@3": 0}, "gzsl": {"mAP": m, "f1@3": 0}}
         for k in range(2)
-        for s in range(3)
-        for arm, m in (("zero-shot", 0.5 + 0.1 * k), ("mlgen", 0.6 + 0.1 * k + 0.01 * s))
+        for s in range(10, 13)
+        for arm, m in (("zero-shot", 0.5 + 0.1 * k), ("mlgen", 0.6 + 0.1 * k + 0.01 * s + noise[k, s - 10]))
     ]
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
-        pooled = write_pooled_report(Path(tmp), cells_, select_arms("zero-shot,mlgen"), [["a"], ["b"]], 3)
+        pooled = write_pooled_report(Path(tmp), cells_, select_arms("zero-shot,mlgen"), [["a"], ["b"]], [10, 11, 12])
+        record = json.loads((Path(tmp) / "splits.json").read_text())
+    assert record["n"] == 3 and record["seed_list"] == [10, 11, 12]
     (comparison,) = pooled["zsl"]["comparisons"]
-    assert (comparison["arm"], comparison["reference"], comparison["paired_seeds"]) == ("zero-shot", "mlgen", 6)
-    assert comparison["mean"] == pytest.approx(-0.11)  # the split offsets cancel in the pairs
+    assert (comparison["arm"], comparison["reference"], comparison["paired_seeds"]) == ("zero-shot", "mlgen", 3)
+    per_seed = [-(0.1 + 0.01 * s + (noise[0, s - 10] + noise[1, s - 10]) / 2) for s in range(10, 13)]
+    expected = mean_interval(per_seed)  # t with 2 degrees of freedom over the seeds' split means
+    assert comparison["n"] == 3
+    assert (comparison["mean"], comparison["low"], comparison["high"]) == pytest.approx(
+        (expected.mean, expected.low, expected.high), abs=1e-4
+    )
 
 
 @pytest.mark.slow
@@ -414,3 +435,110 @@ def test_an_experiment_made_with_other_models_under_the_same_names_is_refused(
     settings.write_text(json.dumps(recorded))
     with pytest.raises(MlgenError, match="older mlgen"):
         run_experiment(run, config, log=lambda _: None)
+
+
+def test_first_seed_runs_only_its_seeds_and_a_dir_holds_one_range(tmp_path: Path) -> None:
+    """``--first-seed 20 --seeds 2``: seeds 20 and 21 only, each drawing its own scenes (seed 20's test set is the
+    ``test`` stream's seed 20); the range is a recorded setting, so the DIR refuses another."""
+    from mlgen.errors import MlgenError
+
+    small = dict(test_images=24, val_images=16, seen_images=16, oracle_images=12, prompts_per_set=1)
+    config = ExperimentConfig(
+        world="toy-classic", unseen="circle,star", clip="tiny", model="tiny", llm="template", seeds=2,
+        first_seed=20, arms="zero-shot,oracle", epochs=2, pass_steps=2, workers=1, **small,
+    )  # fmt: skip
+    summary = run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    root = tmp_path / "experiment"
+    assert sorted(p.name for p in (root / "cells").iterdir()) == ["20", "21"]
+    assert {p.name.split("-")[-1] for p in (root / "data").iterdir()} == {"20", "21"}
+    with (root / "results.csv").open() as handle:
+        assert {int(row["seed"]) for row in csv.DictReader(handle)} == {20, 21}
+    assert summary["seed_list"] == [20, 21] and summary["zsl"]["oracle"]["seeds_ok"] == 2
+    from mlgen.world.render import SHAPES
+
+    classes = ["circle", "star", *sorted(c for c in SHAPES if c not in ("circle", "star"))]
+    render_dataset(tmp_path / "expected", 24, 20, classes, world="classic", stream="test")
+    assert (root / "data" / "test-20" / "labels.csv").read_text() == (tmp_path / "expected" / "labels.csv").read_text()
+    with pytest.raises(MlgenError, match="setting 'first_seed' differs"):
+        run_experiment(tmp_path, dataclasses.replace(config, first_seed=0), TINY_CLASSIFIER, log=lambda _: None)
+
+
+def test_probe_arm_trains_on_every_label_for_its_own_budget_and_the_gap_has_an_interval(tmp_path: Path) -> None:
+    """The probe (the ceiling) trains on real scenes of every label from the ``probe`` stream, for ``probe_epochs``
+    (not the arms' budget), and the gap closed is reported against the oracle and the probe, each with an
+    interval over seeds."""
+    small = dict(test_images=24, val_images=16, seen_images=16, oracle_images=12, probe_images=20, prompts_per_set=1)
+    config = ExperimentConfig(
+        world="toy-classic", unseen="circle,star", clip="tiny", model="tiny", llm="template", seeds=2,
+        arms="zero-shot,mlgen,oracle,probe", epochs=2, pass_steps=2, probe_epochs=5, images_per_prompt=2,
+        generate_steps=2, workers=1, **small,
+    )  # fmt: skip
+    summary = run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    probes = [c for c in cells(tmp_path) if c["arm"] == "probe"]
+    assert [c["status"] for c in probes] == ["ok", "ok"], probes
+    assert all(c["steps"] == 5 * 2 and c["real_steps"] == 10 for c in probes)  # its own budget, one real pass
+    classes = (tmp_path / "experiment" / "runs" / "0" / "probe" / "classes.txt").read_text().split()
+    assert classes[:2] == ["circle", "star"] and len(classes) == 8  # every label of the world
+    assert (tmp_path / "experiment" / "data" / "probe-0" / "labels.csv").is_file()
+    for key in ("gap_closed", "gap_closed_probe"):
+        gap = summary["zsl"][key]
+        assert gap["seeds"] == 2 and set(gap) >= {"value", "low", "high", "per_seed"}, gap
+    assert "(probe - zero-shot)" in (tmp_path / "experiment" / "table.md").read_text()
+
+
+def test_gap_closed_interval_is_a_bootstrap_over_seeds() -> None:
+    from mlgen.experiment.report import _gap
+
+    values = {"zero-shot": [0.60, 0.62, 0.58, 0.61, 0.59], "mlgen": [0.70, 0.75, 0.66, 0.72, 0.69]}
+    values["oracle"] = [0.80, 0.79, 0.81, 0.83, 0.78]
+    cells_ = [
+        {"seed": s, "arm": arm, "status": "ok", "zsl": {"mAP": v[i], "f1@3": 0}}
+        for arm, v in values.items()
+        for i, s in enumerate(range(10, 15))
+    ]
+    gap = _gap(cells_, "zsl", "oracle")
+    means = {arm: np.mean(v) for arm, v in values.items()}
+    assert gap["value"] == pytest.approx(
+        (means["mlgen"] - means["zero-shot"]) / (means["oracle"] - means["zero-shot"]), abs=1e-4
+    )
+    assert gap["low"] < gap["value"] < gap["high"] and gap["seeds"] == 5
+    rng = np.random.default_rng(0)
+    table_ = np.array([values[a] for a in ("mlgen", "zero-shot", "oracle")]).T
+    draws = table_[rng.integers(0, 5, size=(2000, 5))].mean(1)
+    ratios = (draws[:, 0] - draws[:, 1]) / (draws[:, 2] - draws[:, 1])
+    assert (gap["low"], gap["high"]) == pytest.approx(tuple(np.percentile(ratios, [2.5, 97.5])), abs=1e-4)
+    assert gap["high"] - gap["low"] > 0.05  # the seeds disagree: the interval is not a point
+
+
+def test_every_arm_selects_its_epoch_on_the_unseen_labels_validation_map(tmp_path: Path, data) -> None:
+    """One selection metric for every arm: the unseen labels' mAP on the validation images that hold one, seen-only
+    included (its shared context scores the unseen names it never trained on)."""
+    import torch
+
+    from mlgen.classifiers.data import squash_transform
+    from mlgen.classifiers.metrics import evaluate_scores
+    from mlgen.classifiers.model import load_classifier, load_clip, read_config
+    from mlgen.classifiers.predict import predict_logits
+    from mlgen.classifiers.source import labelled_samples, multi_hot
+
+    config = tiny(data, seeds=1, arms="seen-only,mlgen", epochs=4, pass_steps=2)
+    run_experiment(tmp_path, config, TINY_CLASSIFIER, log=lambda _: None)
+    assert {c["arm"]: c["status"] for c in cells(tmp_path)} == {"seen-only": "ok", "mlgen": "ok"}
+    unseen = UNSEEN.split(",")
+    labels, images, _ = labelled_samples(Path(data["val_data"]))
+    rows = [i for i, row in enumerate(labels) if any(label in unseen for label in row)]
+    truth = multi_hot([labels[i] for i in rows], unseen).numpy()
+    held = [image for i, image in enumerate(images()) if i in set(rows)]
+    for arm in ("seen-only", "mlgen"):
+        folder = tmp_path / "experiment" / "runs" / "0" / arm / "classifier"
+        assert json.loads((folder / "plan.json").read_text())["settings"]["val_labels"] == unseen
+        clip_model, preprocess, tokenizer = load_clip(read_config(folder)["clip"], torch.device("cpu"))
+        model = load_classifier(clip_model, tokenizer, folder, torch.device("cpu"))
+        if arm == "seen-only":
+            model.head.set_classes(tokenizer, unseen)
+            model.classes = unseen
+        logits = predict_logits(model, squash_transform(preprocess), held)
+        scored = evaluate_scores(logits[:, [model.classes.index(u) for u in unseen]], truth)["mAP"]
+        metrics = json.loads((folder / "metrics.json").read_text())
+        chosen = next(e for e in metrics["validation"] if e["epoch"] == metrics["selected_epoch"])
+        assert scored == pytest.approx(chosen["mAP"], abs=2e-3), (arm, scored, metrics["validation"])

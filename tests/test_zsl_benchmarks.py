@@ -167,7 +167,14 @@ def test_zero_shot_clip_on_a_benchmark_scores_zsl_and_gzsl_as_the_papers(
 ) -> None:
     (tmp_path / "run").mkdir()
     done = mlgen(
-        "evaluate", "--run", tmp_path / "run", "--zero-shot", "clip", "--clip", "tiny", "--data",
+        "evaluate",
+        "--run",
+        tmp_path / "run",
+        "--zero-shot",
+        "clip",
+        "--clip",
+        "tiny",
+        "--data",
         f"{benchmark}:{layouts[benchmark]}",
     )
     assert done.returncode == 0, done.stderr

@@ -182,15 +182,31 @@ class ClassifierStage(Stage):
             return lambda trained: evaluate_scores(self._logits(trained, source)[:, columns], truth)["mAP"]
         if not c.val_data:
             return None
+        chosen = list(c.val_labels) if c.val_labels else self.classes
+        missing = [label for label in chosen if label not in classes]  # scored by name: a shared prompt context
+        if missing and (not hasattr(model.head, "set_classes") or getattr(model.head, "class_specific", True)):
+            raise MlgenError(f"the {c.head} head cannot score '{missing[0]}' on validation (it never trained on it)")
+        scored = classes + missing
         labels, images, _ = labelled_samples(Path(c.val_data))
-        rows = torch.tensor([any(label in self.classes for label in row) for row in labels])
+        rows = torch.tensor([any(label in chosen for label in row) for row in labels])
         if not rows.any():
-            raise MlgenError(f"--val-data {c.val_data}: no image holds one of the labels {', '.join(self.classes)}")
-        targets = multi_hot(labels, classes)
+            raise MlgenError(f"--val-data {c.val_data}: no image holds one of the labels {', '.join(chosen)}")
+        targets = multi_hot(labels, scored)
         source = self._source(model, cache, targets, rows, images, None, False)
-        columns = [classes.index(label) for label in self.classes]
+        columns = [scored.index(label) for label in chosen]
         truth = targets[rows][:, columns].numpy()
-        return lambda trained: evaluate_scores(self._logits(trained, source)[:, columns], truth)["mAP"]
+
+        def score(trained: MultiLabelClassifier) -> float:
+            if missing:
+                trained.head.set_classes(self.tokenizer, scored)
+            try:
+                logits = self._logits(trained, source)
+            finally:
+                if missing:
+                    trained.head.set_classes(self.tokenizer, classes)
+            return evaluate_scores(logits[:, columns], truth)["mAP"]
+
+        return score
 
     def run_shard(self, shard: dict[str, Any]) -> dict[str, Any]:
         c = self.config

@@ -33,6 +33,9 @@ def experiment_command(
     unseen: Annotated[str | None, typer.Option(help="Comma-separated unseen labels (generated).")] = None,
     seen: Annotated[str | None, typer.Option(help="Comma-separated seen labels (default: the rest).")] = None,
     seeds: Annotated[int | None, typer.Option(help="Seeds (paired across arms).")] = None,
+    first_seed: Annotated[
+        int | None, typer.Option(min=0, help="First seed: runs seeds N..N+seeds-1 (recorded; a DIR holds one range).")
+    ] = None,
     splits: Annotated[
         int | None, typer.Option(help="Unseen-label splits: --unseen, then others drawn from the toy world.")
     ] = None,
@@ -40,6 +43,7 @@ def experiment_command(
     data: Annotated[str | None, typer.Option(help="Your real test set (CSV, COCO JSON or WebDataset).")] = None,
     seen_data: Annotated[str | None, typer.Option(help="Your real images of the seen labels.")] = None,
     oracle_data: Annotated[str | None, typer.Option(help="Your real images of the unseen labels (oracle).")] = None,
+    probe_data: Annotated[str | None, typer.Option(help="Your real images of every label (probe).")] = None,
     clip: Annotated[str | None, typer.Option(help="Teacher CLIP (default: the world's).")] = None,
     model: Annotated[str | None, typer.Option(help="Text-to-image model (default: the world's).")] = None,
     llm: Annotated[str | None, typer.Option(help="Prompt LLM: smollm2, template, ...")] = None,
@@ -64,8 +68,16 @@ def experiment_command(
     sections = read_config_file(config)
     section = {k: _joined(v) for k, v in (sections.get("experiment") or {}).items()}
     flags = dict(world=world, unseen=unseen, seen=seen, seeds=seeds, arms=arms, data=data, seen_data=seen_data)
-    flags.update(oracle_data=oracle_data, clip=clip, model=model, llm=llm, workers=workers, val_data=val_data)
-    flags.update(epochs=epochs, pass_steps=pass_steps, splits=splits)
+    flags.update(
+        oracle_data=oracle_data,
+        probe_data=probe_data,
+        clip=clip,
+        model=model,
+        llm=llm,
+        workers=workers,
+        val_data=val_data,
+    )
+    flags.update(epochs=epochs, pass_steps=pass_steps, splits=splits, first_seed=first_seed)
     settings = build_config(ExperimentConfig, section, env_settings("experiment"), flags)
     if settings.world is not None and settings.world.lower() == "none":  # your own data and models
         settings = dataclasses.replace(settings, world=None)

@@ -34,6 +34,7 @@ class Arm:
     paper: bool = False  # the paper's classifier: DualCoOp (shared context) + fusion, ASL, SGD
     cache: bool = True  # False: pixels through the encoder every step (as a fusion model must)
     soft_targets: float = 0.0  # --soft-targets: non-training labels on W x the teacher's filter probability
+    probe: bool = False  # the ceiling: trained to convergence (``probe_epochs``), not on the arms' budget
 
 
 ARMS: tuple[Arm, ...] = (
@@ -126,7 +127,16 @@ ARMS: tuple[Arm, ...] = (
     ),
     Arm("template-prompts", "stage", "template", "mlgen with one template prompt instead of the LLM's"),
     Arm("singletons", "stage", "singletons", "mlgen with one label per image instead of pairs"),
-    Arm("oracle", "stage", "oracle", "the head trained on real images of the unseen labels (the ceiling)"),
+    Arm("oracle", "stage", "oracle", "the head trained on real images of the unseen labels, on the arms' budget"),
+    Arm(
+        "probe",
+        "stage",
+        "probe",
+        "a linear probe on the teacher's frozen features, trained on real scenes of every label to convergence "
+        "(probe_epochs, chosen on validation): the ceiling of the frozen backbone",
+        seen_data=False,
+        probe=True,
+    ),
 )
 BY_NAME = {arm.name: arm for arm in ARMS}
 REFERENCE = "mlgen"

@@ -92,11 +92,12 @@ def classifier_config(ctx: Context, seed: int, arm: Arm) -> ClassifierConfig:
     return dataclasses.replace(
         base,
         clip=ctx.setup.clip,
-        epochs=ctx.config.epochs,
+        epochs=ctx.config.probe_epochs if arm.probe else ctx.config.epochs,
         steps=None,
         pass_steps=ctx.config.pass_steps,
         passes_per_epoch=PASSES_PER_EPOCH,
         val_data=str(val) if val else None,
+        val_labels=tuple(ctx.setup.unseen),  # every arm, seen-only and the probe included: one selection metric
         seed=SeedSeeds.of(seed).classifier,
         source=arm.source,
         soft_targets=arm.soft_targets,
@@ -164,7 +165,31 @@ def _stage_arm(ctx: Context, seed: int, arm: Arm) -> dict[str, Any]:
     metrics = json.loads((stage.folder / "metrics.json").read_text(encoding="utf-8"))
     model, preprocess = _load_for(stage.folder, ctx)
     logits = predict_logits(model, squash_transform(preprocess), ctx.test.images)
-    return {**ctx.test.score(logits, model.classes), **training_figures(arm, metrics, run)}
+    figures = {**ctx.test.score(logits, model.classes), **training_figures(arm, metrics, run)}
+    return {**figures, **filter_figures(config.source, run)}
+
+
+def filter_figures(source: str, run) -> dict[str, Any]:
+    """What the arm's filter did: ``kept_share`` (images kept / generated) and ``gated`` (the labels it did not
+    filter on: the teacher cannot read them, so every image of theirs passes on them); both None for an arm that
+    trains on no filter's choice (raw or matched images, real images, no training)."""
+    import json
+
+    from mlgen.classifiers.source import shard_samples
+    from mlgen.filters.stage import RELIABILITY
+
+    if source != "filtered" or run.success("raw") is None:
+        return {"kept_share": None, "gated": None}
+    kept = sum(1 for _ in shard_samples(run.stage_dir("filtered")))
+    generated = sum(1 for _ in shard_samples(run.stage_dir("raw")))
+    path = run.stage_dir("filtered") / RELIABILITY
+    labels = json.loads(path.read_text(encoding="utf-8"))["labels"] if path.is_file() else []
+    return {
+        "kept_share": round(kept / generated, 4) if generated else None,
+        "kept": kept,
+        "generated": generated,
+        "gated": [entry["label"] for entry in labels if entry.get("gated")],
+    }
 
 
 def training_figures(arm: Arm, metrics: dict[str, Any], run) -> dict[str, Any]:

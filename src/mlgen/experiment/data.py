@@ -5,8 +5,8 @@
   classic world (colour names the class) with the ``toy`` models, whose CLIP is an oracle there.
 - Every seed draws its own test scenes from the ``test`` stream (all shapes), so the intervals over seeds hold
   the test sampling too; its validation scenes from the ``val`` stream (all shapes: checkpoints are chosen
-  there, never on test), its seen-label images from ``seen`` and the oracle's unseen-label images from
-  ``oracle``.
+  there, never on test), its seen-label images from ``seen``, the oracle's unseen-label images from
+  ``oracle`` and the probe's images of every label from ``probe``.
 - Without a world: ``data`` (test, the same for every seed), ``seen_data``, optionally ``oracle_data`` and
   ``val_data`` are the user's files.
 
@@ -82,7 +82,7 @@ def resolve(config: ExperimentConfig) -> Setup:
 def _user_setup(config: ExperimentConfig, unseen: list[str]) -> Setup:
     if not (config.data and config.seen_data and config.clip and config.model):
         raise MlgenError("without --world, pass --data, --seen-data, --clip and --model (your own data and models)")
-    for path in (config.data, config.seen_data, config.oracle_data, config.val_data):
+    for path in (config.data, config.seen_data, config.oracle_data, config.val_data, config.probe_data):
         if path and not data_exists(path):
             raise MlgenError(f"not found: {path}")
     seen = _labels(config.seen, "--seen") or sorted(
@@ -125,6 +125,16 @@ def oracle_set(config: ExperimentConfig, setup: Setup, root: Path, seed: int) ->
             raise MlgenError("the oracle arm needs --oracle-data (real labelled images of the unseen labels)")
         return Path(config.oracle_data)
     return _rendered(root / "data" / f"oracle-{seed}", config.oracle_images, seed, setup.unseen, setup.world, "oracle")
+
+
+def probe_set(config: ExperimentConfig, setup: Setup, root: Path, seed: int) -> Path:
+    """The probe arm's real images of every label: the ``probe`` stream (all shapes), or the user's
+    ``probe_data``."""
+    if setup.world is None:
+        if not config.probe_data:
+            raise MlgenError("the probe arm needs --probe-data (real labelled images of every label)")
+        return Path(config.probe_data)
+    return _rendered(root / "data" / f"probe-{seed}", config.probe_images, seed, setup.classes, setup.world, "probe")
 
 
 def _rendered(out: Path, n: int, seed: int, labels: list[str], world: str, stream: str) -> Path:

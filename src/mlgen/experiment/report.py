@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mlgen.experiment.arms import BY_NAME, EXTRA_COMPARISONS, REFERENCE
+from mlgen.experiment.runs import PROMPTS_NOTE
 from mlgen.experiment.stats import gap_closed, holm, holm_verdict, mean_interval, paired_interval, paired_p
 from mlgen.paths import write_atomic, write_json_atomic, write_text_atomic
 
@@ -28,6 +29,8 @@ FIELDS = (
     "synthetic_steps",
     "images_per_label",
     "selected_epoch",
+    "kept_share",
+    "gated",
     "status",
     "error",
 )
@@ -52,6 +55,8 @@ def result_rows(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "synthetic_steps": cell.get("synthetic_steps", ""),
                     "images_per_label": "|".join(f"{k}:{v}" for k, v in (cell.get("images_per_label") or {}).items()),
                     "selected_epoch": "" if cell.get("selected_epoch") is None else cell["selected_epoch"],
+                    "kept_share": "" if cell.get("kept_share") is None else f"{cell['kept_share']:.4f}",
+                    "gated": "" if cell.get("gated") is None else ("|".join(cell["gated"]) or "none"),
                     "status": cell["status"],
                     "error": cell.get("error", ""),
                 }
@@ -75,12 +80,14 @@ def comparisons(arms: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def summarise(cells: list[dict[str, Any]], arms: list[str], seeds: int) -> dict[str, Any]:
+def summarise(cells: list[dict[str, Any]], arms: list[str], seeds: list[int]) -> dict[str, Any]:
     summary: dict[str, Any] = {
-        "seeds": seeds,
+        "seeds": len(seeds),
+        "seed_list": list(seeds),
         "reference": REFERENCE,
         "interval": "95% Student t over seeds, paired",
         "verdicts": "paired t-test, Holm-corrected over each setting's comparisons (family-wise 5%)",
+        "prompts": PROMPTS_NOTE,
     }
     for setting in SETTINGS:
         block: dict[str, Any] = {}
@@ -91,14 +98,29 @@ def summarise(cells: list[dict[str, Any]], arms: list[str], seeds: int) -> dict[
                 "F1@3": _interval(mean_interval(list(_by_seed(cells, arm, setting, "f1@3").values()))),
                 "seeds_ok": len(values),
                 "failed_seeds": sorted(c["seed"] for c in cells if c["arm"] == arm and c["status"] != "ok"),
+                **_filter_share(cells, arm),
             }
         block["comparisons"] = _compare(cells, arms, setting)
         for entry in block["comparisons"]:
             if entry["reference"] == reference_of(entry["arm"]):
                 block[entry["arm"]]["minus_reference"] = entry
-        block["gap_closed"] = _gap(cells, setting)
+        block["gap_closed"] = _gap(cells, setting, "oracle")
+        block["gap_closed_probe"] = _gap(cells, setting, "probe")
         summary[setting] = block
     return summary
+
+
+def _filter_share(cells: list[dict[str, Any]], arm: str) -> dict[str, Any]:
+    """The arm's filter over its seeds: mean kept share (kept / generated) and, per label it did not filter on
+    (gated), on how many seeds; None for an arm without a filter."""
+    mine = [c for c in cells if c["arm"] == arm and c["status"] == "ok" and c.get("kept_share") is not None]
+    if not mine:
+        return {"kept_share": None, "gated": None}
+    gated: dict[str, int] = {}
+    for cell in mine:
+        for label in cell.get("gated") or []:
+            gated[label] = gated.get(label, 0) + 1
+    return {"kept_share": round(sum(c["kept_share"] for c in mine) / len(mine), 4), "gated": gated}
 
 
 def _compare(cells: list[dict[str, Any]], arms: list[str], setting: str) -> list[dict[str, Any]]:
@@ -131,17 +153,36 @@ def _interval(interval) -> dict[str, float | int | None]:
     return {"mean": clean[0], "low": clean[1], "high": clean[2], "n": interval.n}
 
 
-def _gap(cells: list[dict[str, Any]], setting: str) -> dict[str, Any] | None:
-    """(mlgen - zero-shot) / (oracle - zero-shot) on the means over the seeds all three have, and per seed."""
-    parts = [_by_seed(cells, arm, setting) for arm in (REFERENCE, "zero-shot", "oracle")]
+CEILINGS = ("oracle", "probe")  # the gap closed is reported against each that ran
+BOOTSTRAP = 2000  # resamples of the seeds for the gap's interval
+
+
+def _gap(cells: list[dict[str, Any]], setting: str, ceiling: str = "oracle") -> dict[str, Any] | None:
+    """(mlgen - zero-shot) / (ceiling - zero-shot) on the means over the seeds all three have, per seed, and a 95%
+    percentile bootstrap interval over seeds (the seeds resampled with replacement, the ratio of means redone;
+    resamples with no gap to close are left out and counted)."""
+    import numpy as np
+
+    parts = [_by_seed(cells, arm, setting) for arm in (REFERENCE, "zero-shot", ceiling)]
     seeds = sorted(set(parts[0]) & set(parts[1]) & set(parts[2]))
     if not seeds:
         return None
-    means = [sum(p[s] for s in seeds) / len(seeds) for p in parts]
-    value = gap_closed(*means)
-    per_seed = {s: gap_closed(parts[0][s], parts[1][s], parts[2][s]) for s in seeds}
+    table_ = np.array([[p[s] for p in parts] for s in seeds])  # [seeds, (mlgen, zero-shot, ceiling)]
+    value = gap_closed(*table_.mean(0))
+    per_seed = {s: gap_closed(*row) for s, row in zip(seeds, table_, strict=True)}
+    draws = np.random.default_rng(0).integers(0, len(seeds), size=(BOOTSTRAP, len(seeds)))
+    means = table_[draws].mean(1)  # [BOOTSTRAP, 3]
+    span = means[:, 2] - means[:, 1]
+    ok = span > 1e-12
+    ratios = (means[ok, 0] - means[ok, 1]) / span[ok]
+    low, high = (None, None) if len(seeds) < 2 or not ok.any() else np.percentile(ratios, [2.5, 97.5])
     return {
+        "ceiling": ceiling,
         "value": None if math.isnan(value) else round(value, 4),
+        "low": None if low is None else round(float(low), 4),
+        "high": None if high is None else round(float(high), 4),
+        "interval": f"95% percentile bootstrap over seeds ({BOOTSTRAP} resamples)",
+        "resamples_without_a_gap": int((~ok).sum()),
         "per_seed": {str(s): None if math.isnan(v) else round(v, 4) for s, v in per_seed.items()},
         "seeds": len(seeds),
     }
@@ -152,8 +193,8 @@ def table(summary: dict[str, Any], arms: list[str]) -> str:
     its raw and Holm-adjusted p and verdict; then the further comparisons and the gap closed."""
     lines = [
         "| arm | ZSL mAP [95% CI] | GZSL mAP [95% CI] | compared with | ZSL diff [95% CI] | p (Holm) | verdict "
-        "| GZSL diff [95% CI] | p (Holm) | verdict | paired seeds | failed seeds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| GZSL diff [95% CI] | p (Holm) | verdict | kept share | gated (seeds) | paired seeds | failed seeds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm in arms:
         zsl, gzsl = summary["zsl"][arm], summary["gzsl"][arm]
@@ -162,6 +203,7 @@ def table(summary: dict[str, Any], arms: list[str]) -> str:
         cols.append(diffs[0]["reference"] if diffs[0] else "(reference)")
         for diff in diffs:
             cols += [_ci(diff, signed=True), _p(diff), diff["verdict"]] if diff else ["", "", ""]
+        cols += _filter_cols(zsl)
         paired = str(diffs[0]["paired_seeds"]) if diffs[0] else f"{zsl['seeds_ok']}"
         failed = ", ".join(map(str, zsl["failed_seeds"])) or "-"
         lines.append(f"| {arm} | " + " | ".join(cols) + f" | {paired} | {failed} |")
@@ -181,14 +223,26 @@ def table(summary: dict[str, Any], arms: list[str]) -> str:
             lines.append(f"| {e['arm']} - {e['reference']} | " + " | ".join(cols) + f" | {e['paired_seeds']} |")
     lines.append(f"\nVerdicts: {summary['verdicts']}; p is the raw paired t-test p, Holm's adjusted p in brackets.")
     for setting in SETTINGS:
-        gap = summary[setting]["gap_closed"]
-        text = (
-            "n/a (needs mlgen, zero-shot and an oracle above zero-shot)"
-            if gap is None or gap["value"] is None
-            else f"{gap['value']:.3f}"
-        )
-        lines.append(f"\nGap closed {setting.upper()} = (mlgen - zero-shot) / (oracle - zero-shot) = {text}")
+        for key, ceiling in (("gap_closed", "oracle"), ("gap_closed_probe", "probe")):
+            gap = summary[setting].get(key)
+            if gap is None and ceiling == "probe":
+                continue
+            if gap is None or gap["value"] is None:
+                text = f"n/a (needs mlgen, zero-shot and a {ceiling} above zero-shot)"
+            elif gap["low"] is None:
+                text = f"{gap['value']:.3f} [n={gap['seeds']}]"
+            else:
+                text = f"{gap['value']:.3f} [{gap['low']:.3f}, {gap['high']:.3f}] (bootstrap over {gap['seeds']} seeds)"
+            lines.append(f"\nGap closed {setting.upper()} = (mlgen - zero-shot) / ({ceiling} - zero-shot) = {text}")
     return "\n".join(lines) + "\n"
+
+
+def _filter_cols(entry: dict[str, Any]) -> list[str]:
+    """kept share and gated labels of an arm with a filter; '-' for an arm without one."""
+    if entry.get("kept_share") is None:
+        return ["-", "-"]
+    gated = ", ".join(f"{label} ({n})" for label, n in sorted(entry["gated"].items())) or "none"
+    return [f"{entry['kept_share']:.3f}", gated]
 
 
 def _p(entry: dict[str, Any]) -> str:
@@ -231,7 +285,11 @@ def plot(summary: dict[str, Any], arms: list[str], out: Path) -> None:
 
 
 def write_report(
-    root: Path, cells: list[dict[str, Any]], arms: list[str], seeds: int, audits: list[dict[str, Any]] | None = None
+    root: Path,
+    cells: list[dict[str, Any]],
+    arms: list[str],
+    seeds: list[int],
+    audits: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """results.csv, summary.json, table.md (with the filter audit's table when seeds were audited), plot.png."""
     from mlgen.experiment.audit import audit_summary, audit_table
@@ -242,7 +300,7 @@ def write_report(
     writer.writerows(result_rows(cells))
     write_text_atomic(root / "results.csv", buffer.getvalue())
     summary = summarise(cells, arms, seeds)
-    text = table(summary, arms)
+    text = f"Seeds {_seed_range(seeds)}. Prompts: {PROMPTS_NOTE}.\n\n" + table(summary, arms)
     if audits:
         summary["filter_audit"] = audit_summary(audits)
         text += audit_table(summary["filter_audit"])
@@ -252,18 +310,47 @@ def write_report(
     return summary
 
 
-POOLED_ARMS = ("zero-shot", "mlgen", "no-filter", "no-filter-matched", "oracle")
+POOLED_ARMS = ("zero-shot", "mlgen", "no-filter", "no-filter-matched", "oracle", "probe")
 
 
-def write_pooled_report(root: Path, cells: list[dict[str, Any]], arms, splits: list[list[str]], seeds: int) -> dict:
-    """``splits.md`` and ``splits.json``: each split's means, and the paired differences pooled over every
-    (split, seed) pair (each pair counted as one observation)."""
+def _seed_range(seeds: list[int]) -> str:
+    seeds = sorted(seeds)
+    if seeds and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}-{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+    return ", ".join(map(str, seeds))
+
+
+def seed_units(cells: list[dict[str, Any]], splits: int) -> list[dict[str, Any]]:
+    """One cell per (seed, arm): its figures averaged over the seed's splits. A seed's splits share its scenes
+    (its test draws overlap between splits), so they are not independent observations: the seed is the unit, and
+    an arm's seed counts only when every split of it finished (else the unit is failed)."""
+    out = []
+    for seed, arm in sorted({(c["seed"], c["arm"]) for c in cells}):
+        mine = [c for c in cells if c["seed"] == seed and c["arm"] == arm and c["status"] == "ok"]
+        if len(mine) < splits:
+            out.append({"seed": seed, "arm": arm, "status": "failed", "error": "a split of this seed failed"})
+            continue
+        unit: dict[str, Any] = {"seed": seed, "arm": arm, "status": "ok"}
+        if all(c.get("kept_share") is not None for c in mine):  # the filter's share over the seed's splits
+            unit["kept_share"] = sum(c["kept_share"] for c in mine) / splits
+            unit["gated"] = sorted({f"{label} (split {c['split']})" for c in mine for label in c.get("gated") or []})
+        for setting in SETTINGS:
+            unit[setting] = {k: sum(c[setting][k] for c in mine) / splits for k in ("mAP", "f1@3")}
+        out.append(unit)
+    return out
+
+
+def write_pooled_report(
+    root: Path, cells: list[dict[str, Any]], arms, splits: list[list[str]], seeds: list[int]
+) -> dict:
+    """``splits.md`` and ``splits.json``: each split's means, and the paired differences pooled over splits with
+    the seed as the unit (each seed's figures averaged over its splits first: df = seeds - 1)."""
     names = [arm.name for arm in arms]
-    pairs = [{**cell, "seed": cell["split"] * 100_000 + cell["seed"]} for cell in cells]
-    pooled = summarise(pairs, names, len(splits) * seeds)
+    pooled = summarise(seed_units(cells, len(splits)), names, seeds)
+    pooled["unit"] = "seed: each seed's figures averaged over its splits first (df = seeds - 1)"
     shown = [arm for arm in names if arm in POOLED_ARMS] or names
     lines = [
-        f"# {len(splits)} unseen-label splits x {seeds} seeds",
+        f"# {len(splits)} unseen-label splits x {len(seeds)} seeds ({_seed_range(seeds)})",
         "",
         "| split | unseen | " + " | ".join(f"{arm} ZSL" for arm in shown) + " |",
         "|---|---|" + "---|" * len(shown),
@@ -275,7 +362,8 @@ def write_pooled_report(root: Path, cells: list[dict[str, Any]], arms, splits: l
             values = list(_by_seed(split_cells, arm, "zsl").values())
             means.append(_ci(_interval(mean_interval(values))))
         lines.append(f"| {number} | {', '.join(unseen)} | " + " | ".join(means) + " |")
-    lines += ["", "Pooled over (split, seed) pairs:", "", table(pooled, names)]
+    lines += ["", f"Pooled over splits, the seed as the unit (n = {len(seeds)} seeds, df = {len(seeds) - 1}):", ""]
+    lines.append(table(pooled, names))
     write_text_atomic(root / "splits.md", "\n".join(lines))
-    write_json_atomic(root / "splits.json", {"splits": splits, "seeds": seeds, "pooled": pooled})
+    write_json_atomic(root / "splits.json", {"splits": splits, "n": len(seeds), "seed_list": seeds, "pooled": pooled})
     return pooled

@@ -52,6 +52,15 @@ FREE_SETTINGS = ("seeds", "arms", "workers", "splits")  # may change between run
 DEFAULT_CLASSIFIER = ClassifierConfig(head_init="text", optimizer="adamw", lr=3e-2, augment=False)
 
 
+def experiment_seeds(config: ExperimentConfig) -> list[int]:
+    """The experiment's seeds: ``first_seed`` .. ``first_seed + seeds - 1``. Every draw of a seed (its test,
+    validation, seen and oracle scenes, generation, training) is keyed by the seed itself, so seeds 10-19 are
+    never the draws of seeds 0-9; ``first_seed`` is recorded in the settings, so one DIR cannot mix ranges."""
+    if config.first_seed < 0:
+        raise MlgenError(f"--first-seed {config.first_seed}: seeds are 0 or more")
+    return list(range(config.first_seed, config.first_seed + config.seeds))
+
+
 def cell_path(root: Path, seed: int, arm: str) -> Path:
     return root / "cells" / str(seed) / f"{arm}.json"
 
@@ -108,6 +117,7 @@ def run_experiment(
     each split, and with several splits the pooled table (``splits.md``). Returns the first split's summary (the
     given ``--unseen``) with the pooled one under ``pooled`` when there are several splits."""
     resolve(config)  # bad labels or models: one error line before anything is written
+    experiment_seeds(config)
     classifier = classifier or DEFAULT_CLASSIFIER
     splits = split_labels(config)
     summaries, cells, audits = [], [], []
@@ -122,7 +132,9 @@ def run_experiment(
         audits += split_audits
     if len(splits) == 1:
         return summaries[0]
-    pooled = write_pooled_report(run_root / "experiment", cells, select_arms(config.arms), splits, config.seeds)
+    pooled = write_pooled_report(
+        run_root / "experiment", cells, select_arms(config.arms), splits, experiment_seeds(config)
+    )
     return {**summaries[0], "pooled": pooled}
 
 
@@ -160,7 +172,8 @@ def _run_split(
     arms = select_arms(config.arms)
     root.mkdir(parents=True, exist_ok=True)
     _check_settings(root, config, classifier)
-    todo = [seed for seed in range(config.seeds) if _unfinished(root, seed, arms)]
+    seeds = experiment_seeds(config)
+    todo = [seed for seed in seeds if _unfinished(root, seed, arms)]
     workers = min(worker_count(config), len(todo))
     if workers > 1:
         _prepare_shared(root, config, arms)
@@ -169,9 +182,9 @@ def _run_split(
         ctx = _context(root, config, classifier)
         for seed in todo:
             run_seed(ctx, seed, arms, log)
-    cells = [json.loads(cell_path(root, s, a.name).read_text()) for s in range(config.seeds) for a in arms]
-    audits = [json.loads(audit_path(root, s).read_text()) for s in range(config.seeds) if audit_path(root, s).is_file()]
-    return write_report(root, cells, [a.name for a in arms], config.seeds, audits), cells, audits
+    cells = [json.loads(cell_path(root, s, a.name).read_text()) for s in seeds for a in arms]
+    audits = [json.loads(audit_path(root, s).read_text()) for s in seeds if audit_path(root, s).is_file()]
+    return write_report(root, cells, [a.name for a in arms], seeds, audits), cells, audits
 
 
 def _unfinished(root: Path, seed: int, arms: list[Arm]) -> bool:

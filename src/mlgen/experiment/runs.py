@@ -1,10 +1,13 @@
 """The runs an experiment seed trains from: generated (prompts -> images -> filter) or imported real images.
 
-One prompt stage serves all seeds (the LLM is the slow part on a CPU): ``shared/prompts-llm`` (every pair of
-unseen labels, as the paper), ``shared/prompts-template`` (one template sentence per pair) and
-``shared/prompts-singletons`` (one label per set). Each seed's generation runs (``runs/SEED/NAME``) link to
-them; generation, fine-tuning, filtering and training draw their seeds from the seed's ``experiment`` stream.
-The seed's runs share one feature cache (``runs/SEED/cache``): the seen images are encoded once per seed.
+The prompts are FIXED ACROSS SEEDS: one prompt stage, drawn with prompt seed 0, serves every seed (the LLM is the
+slow part on a CPU; a prompt stage per seed would multiply it by the seeds), so the intervals over seeds hold the
+scenes, generation and training draws but not the prompts' randomness (``PROMPTS_NOTE``, in every summary):
+``shared/prompts-llm`` (every pair of unseen labels, as the paper), ``shared/prompts-template`` (one template
+sentence per pair) and ``shared/prompts-singletons`` (one label per set). Each seed's generation runs
+(``runs/SEED/NAME``) link to them; generation, fine-tuning, filtering and training draw their seeds from the
+seed's ``experiment`` stream. The seed's runs share one feature cache (``runs/SEED/cache``): the seen images are
+encoded once per seed.
 """
 
 from __future__ import annotations
@@ -25,10 +28,15 @@ from mlgen.config import (
     GenerateConfig,
     PromptsConfig,
 )
-from mlgen.experiment.data import Setup, import_run, oracle_set, seen_set
+from mlgen.experiment.data import Setup, import_run, oracle_set, probe_set, seen_set
 from mlgen.pipeline.rundir import RunDir
 from mlgen.world.streams import stream_rng
 
+PROMPT_SEED = 0
+PROMPTS_NOTE = (
+    f"fixed across seeds: one prompt stage (prompt seed {PROMPT_SEED}) serves every seed, so the intervals over "
+    "seeds do not include the prompts' randomness"
+)
 # run name -> shared prompt folder it links
 PROMPTS = {
     "mlgen": "llm",
@@ -64,7 +72,7 @@ def prompts_config(config: ExperimentConfig, setup: Setup, kind: str) -> Prompts
         synonyms_per_label=3,
         max_new_tokens=40,
         sets_per_shard=16,
-        seed=0,
+        seed=PROMPT_SEED,
         negative_prompt="" if toy else PAPER_NEGATIVE_PROMPT,
     )
     if kind == "template":
@@ -216,8 +224,11 @@ def _finetune(
 
 
 def real_run(root: Path, config: ExperimentConfig, setup: Setup, seed: int, name: str) -> RunDir:
-    """The oracle's (real unseen-label images) or seen-only's (real seen-label images) run."""
+    """The oracle's (real unseen-label images), the probe's (real images of every label) or seen-only's (real
+    seen-label images) run."""
     run = seed_run(root, seed, name)
+    if name == "probe":
+        return import_run(run, probe_set(config, setup, root, seed), setup.classes)
     if name == "oracle":
         return import_run(run, oracle_set(config, setup, root, seed), setup.unseen)
     return import_run(run, seen_set(config, setup, root, seed), setup.seen)

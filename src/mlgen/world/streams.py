@@ -15,8 +15,22 @@ import numpy as np
 
 # Training streams of the toy models, the real data a run renders, and the experiment's own draws.
 # ``val`` holds the scenes settings and checkpoints are chosen on (never ``test``); ``judge`` trains the filter
-# audit's judge; ``splits`` draws the unseen label splits of ``mlgen experiment --splits``.
-STREAMS = ("train-clip", "train-vae", "train-unet", "test", "seen", "oracle", "experiment", "val", "judge", "splits")
+# audit's judge; ``splits`` draws the unseen label splits of ``mlgen experiment --splits``; ``probe`` the real
+# scenes of every label the experiment's probe arm (its ceiling) trains on. A new name leaves the others' draws as
+# they were (the name is hashed into the entropy).
+STREAMS = (
+    "train-clip",
+    "train-vae",
+    "train-unet",
+    "test",
+    "seen",
+    "oracle",
+    "experiment",
+    "val",
+    "judge",
+    "splits",
+    "probe",
+)
 
 
 def _entropy(name: str) -> int:
