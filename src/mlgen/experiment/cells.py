@@ -146,7 +146,7 @@ def run_arm(ctx: Context, seed: int, arm: Arm) -> dict[str, Any]:
     if arm.kind == "text":
         from mlgen.experiment.textonly import text_only
 
-        return text_only(ctx, seed, arm)
+        return text_only(ctx, seed, classifier_config(ctx, seed, arm))
     return _stage_arm(ctx, seed, arm)
 
 

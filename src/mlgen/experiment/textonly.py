@@ -42,10 +42,9 @@ def text_features(clip_model, tokenizer, texts: list[str], device) -> dict[str, 
     return {"pooled": emb.cpu(), "dense": emb[:, None, :].cpu()}
 
 
-def text_only(ctx, seed: int, arm) -> dict[str, Any]:
-    from mlgen.experiment.cells import classifier_config
-
-    config = classifier_config(ctx, seed, arm)
+def text_only(ctx, seed: int, config: ClassifierConfig) -> dict[str, Any]:
+    """The text-embedding-head arm under ``config`` (the arms' one classifier config, made by the caller: this
+    module does not import mlgen.experiment.cells, which imports it)."""
     if config.head == "cprfl":
         raise MlgenError("text-embedding-head needs a head on pooled or dense features (linear, dualcoop), not cprfl")
     texts, labels = prompt_texts(shared_prompts(ctx.root, ctx.config, ctx.setup, "llm").stage_dir("prompts"))
