@@ -21,6 +21,7 @@ from mlgen.classifiers.model import build_classifier, head_options, load_clip
 from mlgen.classifiers.predict import predict_logits
 from mlgen.classifiers.source import Source, labelled_samples, multi_hot
 from mlgen.classifiers.train import Pass, fit, fixed_length
+from mlgen.config import ClassifierConfig
 from mlgen.errors import MlgenError
 from mlgen.experiment.runs import seed_run, shared_prompts
 
