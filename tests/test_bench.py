@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import mlgen
+from conftest import BUILTIN_MODELS, mlgen
 
 
 def one_line_error(result, *words: str) -> None:
@@ -85,7 +85,10 @@ def test_dry_run_reads_the_config_and_bench_without_loading(bench_json: Path, tm
         "filter": {"clip": "ViT-B-32/openai"},
     }
     (tmp_path / "mlgen.yaml").write_text(yaml.safe_dump(config))
-    result = mlgen("run", "--config", tmp_path / "mlgen.yaml", "--dry-run", "--bench", bench_json, cwd=tmp_path)
+    unset = dict.fromkeys(BUILTIN_MODELS)  # the config's own models, not the tests' built-in ones
+    result = mlgen(
+        "run", "--config", tmp_path / "mlgen.yaml", "--dry-run", "--bench", bench_json, cwd=tmp_path, env=unset
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
     assert "label sets  6 (pairs)" in out and "prompts     30 (5 per set" in out

@@ -256,7 +256,9 @@ def test_each_example_config_plans_offline_without_loading_a_model(
     for name in BUILTIN_MODELS:
         monkeypatch.delenv(name, raising=False)
     empty_cache = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MLGEN_CACHE": str(tmp_path / "mlgen")}
-    result = mlgen("run", "--config", config, "--dry-run", cwd=ROOT, env=empty_cache, timeout=120)
+    benchmark = {"paper-coco.yaml": "coco-zsl", "paper-nus.yaml": "nus-zsl"}.get(config.name)
+    data = ["--data", f"{benchmark}:{tmp_path / 'not-here'}"] if benchmark else []  # a plan reads no benchmark file
+    result = mlgen("run", "--config", config, *data, "--dry-run", cwd=ROOT, env=empty_cache, timeout=120)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("dry run"), result.stdout

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import mlgen
+from conftest import BUILTIN_MODELS, mlgen
 from mlgen.classifiers.benchmarks import NUS_SELECTION_FILES, shipped
 from mlgen.classifiers.metrics import evaluate_scores, mean_average_precision
 from mlgen.classifiers.stage import OFFICIAL_SELECTION
@@ -243,7 +243,9 @@ def test_the_dry_run_prints_the_plan_with_the_real_models(tmp_path: Path, benchm
         encoding="utf-8",
     )
     data = f"{benchmark}-zsl:{tmp_path / 'not-here'}"  # a plan needs no data, no weights
-    done = mlgen("run", "--config", EXAMPLES / f"paper-{benchmark}.yaml", "--data", data, "--dry-run", cwd=tmp_path)
+    config = EXAMPLES / f"paper-{benchmark}.yaml"
+    unset = dict.fromkeys(BUILTIN_MODELS)  # the config's own models, not the tests' built-in ones
+    done = mlgen("run", "--config", config, "--data", data, "--dry-run", cwd=tmp_path, env=unset)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     for expected in (
