@@ -14,6 +14,7 @@ import typer
 from typer.core import TyperGroup
 
 from mlgen import __version__
+from mlgen.cli import renamed_flag
 from mlgen.cli.bench import bench_command
 from mlgen.cli.experiment import experiment_command
 from mlgen.cli.finetune import finetune_command
@@ -157,14 +158,6 @@ def _settings(config_file: Path | None, section: str, cls: type, **flags: Any) -
     return stage_settings(cls, section, _config_sections(config_file).get(section), flags)
 
 
-def _renamed(new: Any, old: Any, old_flag: str, new_flag: str) -> Any:
-    """The value of a renamed flag; the old name still works, with one warning line."""
-    if old is None:
-        return new
-    typer.echo(f"mlgen: warning: {old_flag} is deprecated: use {new_flag}", err=True)
-    return old if new is None else new
-
-
 def _labels(classes_file: Path | None) -> list[str] | None:
     return read_labels(classes_file) if classes_file else None
 
@@ -225,7 +218,7 @@ def generate(
         images_per_prompt=images_per_prompt,
         shard_size=shard_size,
         batch_size=batch_size,
-        steps=_renamed(denoising_steps, steps, "--steps", "--denoising-steps"),
+        steps=renamed_flag(denoising_steps, steps, "--steps", "--denoising-steps"),
         size=size,
         seed=seed,
         guidance=guidance,
@@ -470,7 +463,7 @@ def train_classifier(
         soft_targets=soft_targets,
         seen_data=seen_data,
         schedule=schedule,
-        steps=_renamed(train_steps, steps, "--steps", "--train-steps"),
+        steps=renamed_flag(train_steps, steps, "--steps", "--train-steps"),
         optimizer=optimizer,
         holdout=holdout,
         augment=augment,

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from mlgen.cli import renamed_flag
 from mlgen.config import FinetuneConfig, read_config_file, stage_settings
 from mlgen.labels import alias_setting, read_aliases
 from mlgen.pipeline.rundir import RunDir
@@ -85,9 +86,7 @@ def finetune_command(
     flags = {
         k: v for k, v in locals().items() if k not in ("run", "config", "overwrite", "files", "denoising_steps", *files)
     }
-    if steps is not None:
-        typer.echo("mlgen: warning: --steps is deprecated: use --denoising-steps", err=True)
-    flags["steps"] = denoising_steps if denoising_steps is not None else steps
+    flags["steps"] = renamed_flag(denoising_steps, steps, "--steps", "--denoising-steps")
     if label_aliases is not None or names_from is not None:  # parsed against the run's labels (the prompt stage's)
         run_dir = RunDir(run)
         run_dir.require("prompts")

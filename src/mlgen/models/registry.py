@@ -7,6 +7,7 @@ Every loader checks the name before any heavy work and turns "not found" into on
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import sys
 from pathlib import Path
@@ -83,8 +84,8 @@ def _cached_clip_weights(cfg: dict) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
     hub = cfg.get("hf_hub", "")
-    if hub:  # 'org/model/' (open_clip's default file names) or 'org/model/file'
-        repo, filename = hub.rstrip("/").rsplit("/", 1) if not hub.endswith("/") else (hub.rstrip("/"), "")
+    if hub:  # 'org/model/' (open_clip's default file names) or 'org/model/file', split as open_clip does
+        repo, filename = os.path.split(hub)
         names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
         if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names):
             return True
