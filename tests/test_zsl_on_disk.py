@@ -113,6 +113,53 @@ def test_a_plain_coco_json_finds_its_images_in_the_coco_layout(standard, tmp_pat
     assert [item.image for item in items if item.labels] == expected
 
 
+def _coco_json_apart_from_its_images(standard, tmp_path: Path) -> tuple[Path, Path, list[bytes]]:
+    """A plain COCO JSON alone in its folder, its images in a folder of their own (no COCO layout)."""
+    root = make_coco_zsl(tmp_path / "coco")
+    annotations = tmp_path / "labels" / "val.json"
+    annotations.parent.mkdir()
+    shutil.copy(root / "annotations" / "instances_val2014_unseen_48_17.json", annotations)
+    shutil.move(root / "val2014", tmp_path / "pictures")
+    return annotations, tmp_path / "pictures", [image for image, _ in standard["coco-zsl"]["unseen-test"]]
+
+
+def test_a_plain_coco_json_finds_its_images_in_the_folder_named_with_images(standard, tmp_path) -> None:
+    annotations, pictures, expected = _coco_json_apart_from_its_images(standard, tmp_path)
+    assert all(item.image is None for item in read_labelled(annotations))  # not beside it, no COCO layout
+    found = [item.image for item in read_labelled(annotations, [tmp_path / "elsewhere", pictures]) if item.labels]
+    assert found == expected
+    labels, images, skipped = labelled_samples(annotations, [pictures])  # what --seen-data / --val-data read
+    assert skipped == 0 and list(images())[: len(expected)] == expected
+
+
+@pytest.mark.slow
+def test_evaluate_images_finds_them_and_metrics_name_the_missing_ones(standard, tmp_path) -> None:
+    annotations, pictures, expected = _coco_json_apart_from_its_images(standard, tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    classes = sorted({label for _, labels in standard["coco-zsl"]["unseen-test"] for label in labels})
+    (run / "classes.txt").write_text("\n".join(classes) + "\n")
+    args = ["evaluate", "--run", run, "--zero-shot", "clip", "--clip", "tiny", "--data", annotations]
+    metrics_file = run / "zero-shot" / "clip" / "metrics.json"
+    done = mlgen(*args, "--images", pictures)
+    assert done.returncode == 0, done.stderr
+    metrics = json.loads(metrics_file.read_text())
+    every = len(json.loads(annotations.read_text())["images"])  # the labelled ones and one without a label
+    assert metrics["images"] == every and metrics["missing_images_skipped"] == 0, metrics
+    first = sorted(pictures.iterdir())[0]
+    first.unlink()  # one image gone: counted and named
+    assert mlgen(*args, "--images", pictures).returncode == 0
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["missing_images_skipped"] == 1 and metrics["missing_images_first"] == [first.name], metrics
+    for bad, said in ((tmp_path / "nowhere", "--images folder not found"), (pictures, "give a .json")):
+        data = annotations if bad != pictures else tmp_path / "labels.csv"
+        if data.suffix == ".csv":
+            data.write_text("image,labels\n")
+        done = mlgen(*args[:-1], data, "--images", bad)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 1 and len(lines) == 1 and said in lines[0], done.stderr
+
+
 def test_symlinks_inside_are_followed_but_dotdot_and_absolute_paths_are_refused(tmp_path) -> None:
     root = make_nus_zsl(tmp_path / "nus", linked=tmp_path / "elsewhere")
     assert all(image for image, _ in _items(f"nus-zsl:{root}:unseen-test"))  # concept folders point outside
@@ -298,6 +345,9 @@ def test_skip_missing_scores_the_benchmark_without_the_missing_images(layouts, t
     assert "going on without 1 missing images" in done.stderr
     metrics = json.loads((tmp_path / "run" / "zero-shot" / "clip" / "metrics.json").read_text())
     assert metrics["settings"]["zsl"]["images"] == 5 and metrics["settings"]["gzsl"]["images"] == 6
+    name = data["images"][0]["file_name"]
+    assert metrics["settings"]["zsl"]["missing_images_skipped"] == 1, metrics["settings"]
+    assert metrics["settings"]["zsl"]["missing_images_first"] == [name]
 
 
 def test_a_bom_crlf_and_bad_bytes_in_a_label_sets_file(tmp_path) -> None:

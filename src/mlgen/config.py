@@ -154,6 +154,7 @@ class ClassifierConfig:
     test_data: str | None = added(None)  # select official/both: the benchmark (coco-zsl:ROOT, nus-zsl:ROOT)
     val_labels: tuple[str, ...] | None = added(None)  # with val_data: select on these labels' mAP (None: the run's);
     # a label the head never trained on is scored by name (a shared-context DualCoOp: mlgen experiment's seen-only)
+    images: tuple[str, ...] = added(())  # folders where a COCO JSON seen_data/val_data's file_names are looked first
     cache: bool = runtime(True)  # frozen features cached on disk (float16) when only a head trains
 
 

@@ -116,13 +116,20 @@ def train_classifier(run: RunDir, config: ClassifierConfig, overwrite: bool = Fa
     return run_stage(ClassifierStage(run, config), overwrite)
 
 
-def evaluate(run: RunDir, data: Path, labels: list[str] | None = None, ap_rule: str | None = None) -> dict[str, Any]:
+def evaluate(
+    run: RunDir,
+    data: Path,
+    labels: list[str] | None = None,
+    ap_rule: str | None = None,
+    image_folders: tuple[Path, ...] = (),
+) -> dict[str, Any]:
     """Score the run's classifier on real labelled images; adds zsl/gzsl/zero_shot_clip to metrics.json.
-    ``ap_rule``: sklearn or official (AP 0 for a label without positives); None: official on a benchmark."""
+    ``ap_rule``: sklearn or official (AP 0 for a label without positives); None: official on a benchmark.
+    ``image_folders`` (``--images``): where a COCO JSON's images are looked up first."""
     from mlgen.classifiers.evaluate import evaluate_on_data, plot_per_class_ap
 
     folder = run.stage_dir("classifier")
-    metrics = evaluate_on_data(run, data, labels, ap_rule)
+    metrics = evaluate_on_data(run, data, labels, ap_rule, image_folders)
     stored = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     write_json_atomic(folder / "metrics.json", {**stored, **metrics})
     plot_per_class_ap(metrics, folder / "plots" / "per_class_ap.png")
@@ -136,13 +143,14 @@ def evaluate_zero_shot(
     clip: str,
     labels: list[str] | None = None,
     aliases: dict[str, list[str]] | None = None,
+    image_folders: tuple[Path, ...] = (),
 ):
     """A training-free baseline (clip or s3) on real labelled images: RUN/zero-shot/METHOD/metrics.json;
     ``aliases`` (``--label-aliases``) join each label's names."""
     from mlgen.classifiers.evaluate import zero_shot_on_data
 
     check_clip_weights(clip)
-    metrics = zero_shot_on_data(run, data, method, clip, labels, aliases)
+    metrics = zero_shot_on_data(run, data, method, clip, labels, aliases, image_folders)
     write_json_atomic(run.root / "zero-shot" / method / "metrics.json", metrics)
     return metrics
 

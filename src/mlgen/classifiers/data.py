@@ -1,9 +1,9 @@
 """Labelled real images for training and evaluation, in the three formats users have.
 
 - a CSV with columns ``image`` (path relative to the CSV) and ``labels`` (names joined by ``|``);
-- a COCO-style JSON (``images[].file_name`` relative to the JSON's folder, or in the COCO layout, where
-  annotations/ and the image folders such as train2014/ are siblings; ``annotations[].category_id``,
-  ``categories[].name``);
+- a COCO-style JSON (``images[].file_name`` relative to a folder named with ``--images``, the JSON's folder, or
+  in the COCO layout, where annotations/ and the image folders such as train2014/ are siblings;
+  ``annotations[].category_id``, ``categories[].name``);
 - a WebDataset: a ``.tar`` file or a folder of them, each sample with an image and a ``json`` holding ``labels``;
 - a split of a zero-shot benchmark in its standard layout: ``coco-zsl:ROOT:SPLIT`` or ``nus-zsl:ROOT:SPLIT``
   (:mod:`mlgen.classifiers.benchmarks`).
@@ -19,7 +19,7 @@ import io
 import json
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +41,9 @@ class LabelledImage:
     labels: tuple[str, ...]  # normalised label names
 
 
-def read_labelled(path: Path | str) -> Iterator[LabelledImage]:
-    """Every labelled image of ``path``, whose format is told by its name (one clear line if unknown).
+def read_labelled(path: Path | str, image_folders: Sequence[Path] = ()) -> Iterator[LabelledImage]:
+    """Every labelled image of ``path``, whose format is told by its name (one clear line if unknown); a COCO
+    JSON's ``file_name``s are looked up in ``image_folders`` (``--images``) first.
 
     A benchmark split is checked whole (files, row counts, class lists, every image there) before this
     returns; the other formats are read as they are iterated."""
@@ -55,7 +56,7 @@ def read_labelled(path: Path | str) -> Iterator[LabelledImage]:
     if path.suffix.lower() == ".csv":
         return _read_csv(path)
     if path.suffix.lower() == ".json":
-        return _read_coco(path)
+        return _read_coco(path, image_folders)
     if path.suffix.lower() == ".tar" or (path.is_dir() and any(path.glob("*.tar"))):
         return _read_webdataset(path)
     if path.is_dir() and (path / "labels.csv").is_file():  # `mlgen world render` output
@@ -107,7 +108,17 @@ def _read_csv(path: Path) -> Iterator[LabelledImage]:
         raise MlgenError(f"{path}: not a UTF-8 labels CSV ({type(err).__name__}: {err})") from None
 
 
-def _read_coco(path: Path) -> Iterator[LabelledImage]:
+def check_image_folders(folders: Sequence[Path], data: Sequence[str | Path | None]) -> None:
+    """One clear line unless every ``--images`` folder is there and some ``data`` value is a COCO JSON (the
+    only format whose images are looked up by file name in another folder)."""
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise MlgenError(f"--images folder not found: {folder}")
+    if folders and not any(value and str(value).lower().endswith(".json") for value in data):
+        raise MlgenError("--images names where a COCO JSON's file_names are: give a .json as the data too")
+
+
+def _read_coco(path: Path, image_folders: Sequence[Path] = ()) -> Iterator[LabelledImage]:
     try:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))  # a BOM is not part of the JSON
         names = {c["id"]: c["name"] for c in data["categories"]}
@@ -122,7 +133,8 @@ def _read_coco(path: Path) -> Iterator[LabelledImage]:
     bad = next((name for _, name, _ in images if not isinstance(name, str)), None)
     if bad is not None:
         raise MlgenError(f"{path}: a file_name that is not a string ({bad!r})")
-    folders = coco_image_folders(path, [name for _, name, _ in images] + [str(url) for *_, url in images if url])
+    hints = [name for _, name, _ in images] + [str(url) for *_, url in images if url]
+    folders = list(dict.fromkeys([*map(Path, image_folders), *coco_image_folders(path, hints)]))
     for image_id, file_name, _ in images:
         inside(path.parent, file_name, path)  # refused at once if it leaves its folder (absolute, '..')
         found = _find_image(folders, file_name, path)

@@ -57,11 +57,17 @@ def subsets(targets: np.ndarray, pick: list[int]) -> dict[str, np.ndarray]:
     return {"zsl": targets[:, pick].any(axis=1), "gzsl": targets.any(axis=1)}
 
 
-def load_eval_set(data: Path, classes: list[str]) -> tuple[list[bytes], np.ndarray, dict[str, Any]]:
-    """(image bytes, targets [N, C] over ``classes``, a report of what was skipped or unknown)."""
+def load_eval_set(
+    data: Path, classes: list[str], image_folders: tuple[Path, ...] = ()
+) -> tuple[list[bytes], np.ndarray, dict[str, Any]]:
+    """(image bytes, targets [N, C] over ``classes``, a report of what was skipped or unknown); a COCO JSON's
+    images are looked up in ``image_folders`` first."""
     index = {label: i for i, label in enumerate(classes)}
-    images, rows, unknown, corrupt = [], [], Counter(), []
-    for item in read_labelled(data):
+    images, rows, unknown, corrupt, missing = [], [], Counter(), [], []
+    for item in read_labelled(data, image_folders):
+        if item.image is None:  # not there (or not readable as a file)
+            missing.append(item.key)
+            continue
         if not decodable(item.image):
             corrupt.append(item.key)
             continue
@@ -69,7 +75,7 @@ def load_eval_set(data: Path, classes: list[str]) -> tuple[list[bytes], np.ndarr
         images.append(item.image)
         rows.append([index[label] for label in item.labels if label in index])
     if not images:
-        raise MlgenError(f"{data}: no readable images ({len(corrupt)} could not be read)")
+        raise MlgenError(f"{data}: no readable images ({len(missing)} not there, {len(corrupt)} could not be decoded)")
     known = {label for row in rows for label in (classes[i] for i in row)}
     if not known:
         raise MlgenError(
@@ -79,7 +85,13 @@ def load_eval_set(data: Path, classes: list[str]) -> tuple[list[bytes], np.ndarr
     targets = np.zeros((len(rows), len(classes)), dtype=np.float32)
     for r, row in enumerate(rows):
         targets[r, row] = 1
-    report = {"images": len(images), "corrupt_images_skipped": len(corrupt), "unknown_labels": dict(unknown)}
+    report = {
+        "images": len(images),
+        "missing_images_skipped": len(missing),
+        "missing_images_first": missing[:3],
+        "corrupt_images_skipped": len(corrupt),
+        "unknown_labels": dict(unknown),
+    }
     return images, targets, report
 
 
@@ -138,7 +150,11 @@ def default_unseen(classes: list[str], seen_labels: list[str]) -> list[str]:
 
 
 def evaluate_on_data(
-    run: RunDir, data: Path, unseen: list[str] | None = None, ap_rule: str | None = None
+    run: RunDir,
+    data: Path,
+    unseen: list[str] | None = None,
+    ap_rule: str | None = None,
+    image_folders: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
     """ZSL, GZSL and CLIP zero-shot figures of the run's classifier on the labelled images in ``data``
     (a whole benchmark, ``coco-zsl:ROOT``: its unseen and GZSL test splits, as the papers)."""
@@ -155,7 +171,7 @@ def evaluate_on_data(
     missing = [label for label in unseen if label not in classes]
     if missing:
         raise MlgenError(f"--labels names '{missing[0]}', which the classifier was not trained on")
-    images, targets, report = load_eval_set(data, classes)
+    images, targets, report = load_eval_set(data, classes, image_folders)
     logits = predict_logits(model, squash_transform(preprocess), images)
     zero_shot = zero_shot_scores(config["clip"], images, classes, device)
     pick = [classes.index(label) for label in unseen]
@@ -226,6 +242,7 @@ def zero_shot_on_data(
     clip: str,
     unseen: list[str] | None = None,
     aliases: dict[str, list[str]] | None = None,
+    image_folders: tuple[Path, ...] = (),
 ) -> dict[str, Any]:
     """A training-free baseline on real labelled images: ``clip`` (prompt ensemble) or ``s3`` (synonym spaces,
     point-to-local-center score), over the run's labels; ZSL on ``unseen`` (default all), GZSL on all.
@@ -242,7 +259,7 @@ def zero_shot_on_data(
     if missing:
         raise MlgenError(f"--labels names '{missing[0]}', which is not a label of the run")
     synonyms = _with_aliases(read_synonyms(run, classes), classes, aliases) if method == "s3" else None
-    images, targets, report = load_eval_set(data, classes)
+    images, targets, report = load_eval_set(data, classes, image_folders)
     scores = _training_free_scores(clip, images, classes, synonyms, aliases)
     pick = [classes.index(label) for label in unseen]
     rows = subsets(targets, pick)
@@ -344,6 +361,8 @@ def _benchmark_metrics(
             "images": len(rows),
             "images_without_a_label": int((targets.sum(1) == 0).sum()),
             "labels": len(split.classes),
+            "missing_images_skipped": len(split.skipped),  # :skip-missing; the first three as written
+            "missing_images_first": list(split.skipped[:3]),
         }
     return out
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -47,10 +47,13 @@ def shard_samples(folder: Path) -> Iterator[tuple[dict, bytes]]:
                 yield json.loads(sample["json"]), image_of(sample)[1]
 
 
-def labelled_samples(path: Path) -> tuple[list[tuple[str, ...]], Callable[[], Iterator[bytes]], int]:
-    """(labels of each readable image, a stream of those images, count of unreadable ones) of a labelled set."""
+def labelled_samples(
+    path: Path, image_folders: Sequence[Path] = ()
+) -> tuple[list[tuple[str, ...]], Callable[[], Iterator[bytes]], int]:
+    """(labels of each readable image, a stream of those images, count of unreadable ones) of a labelled set
+    (a COCO JSON's images looked up in ``image_folders`` first)."""
     labels, skipped = [], 0
-    for item in read_labelled(path):
+    for item in read_labelled(path, image_folders):
         if decodable(item.image):
             labels.append(item.labels)
         else:
@@ -59,7 +62,7 @@ def labelled_samples(path: Path) -> tuple[list[tuple[str, ...]], Callable[[], It
         raise MlgenError(f"{path}: no readable labelled images ({skipped} could not be read)")
 
     def images() -> Iterator[bytes]:
-        for item in read_labelled(path):
+        for item in read_labelled(path, image_folders):
             if decodable(item.image):
                 yield item.image
 

@@ -19,7 +19,7 @@ import torch
 
 from mlgen.classifiers.benchmarks import NUS_SELECTION_FILES, data_exists, open_split, parse_spec, split_classes
 from mlgen.classifiers.cache import FeatureCache
-from mlgen.classifiers.data import AugmentedView, squash_transform, train_transform
+from mlgen.classifiers.data import AugmentedView, check_image_folders, squash_transform, train_transform
 from mlgen.classifiers.features import label_embeddings
 from mlgen.classifiers.metrics import evaluate_scores, precision_recall_f1_at_k
 from mlgen.classifiers.model import MultiLabelClassifier, build_classifier, head_options, load_clip, save_classifier
@@ -73,6 +73,8 @@ class ClassifierStage(Stage):
             raise MlgenError(f"--seen-data not found: {config.seen_data}")
         if config.val_data and not data_exists(config.val_data):
             raise MlgenError(f"--val-data not found: {config.val_data}")
+        self.image_folders = tuple(Path(folder) for folder in config.images)
+        check_image_folders(self.image_folders, [config.seen_data, config.val_data])
         if config.val_holdout and not config.seen_data:
             raise MlgenError("--val-holdout holds out a share of --seen-data: give --seen-data too")
         if config.select != "validation":
@@ -187,7 +189,7 @@ class ClassifierStage(Stage):
         if missing and (not hasattr(model.head, "set_classes") or getattr(model.head, "class_specific", True)):
             raise MlgenError(f"the {c.head} head cannot score '{missing[0]}' on validation (it never trained on it)")
         scored = classes + missing
-        labels, images, _ = labelled_samples(Path(c.val_data))
+        labels, images, _ = labelled_samples(Path(c.val_data), self.image_folders)
         rows = torch.tensor([any(label in chosen for label in row) for row in labels])
         if not rows.any():
             raise MlgenError(f"--val-data {c.val_data}: no image holds one of the labels {', '.join(chosen)}")
@@ -217,7 +219,9 @@ class ClassifierStage(Stage):
                 f"the {c.source} stage has 0 images to train on (generate more or lower the filter --threshold)"
             )
         test = self._synthetic_rows([meta["set_id"] for meta in metas])
-        seen_labels, seen_images, seen_skipped = labelled_samples(Path(c.seen_data)) if c.seen_data else ([], None, 0)
+        seen_labels, seen_images, seen_skipped = (
+            labelled_samples(Path(c.seen_data), self.image_folders) if c.seen_data else ([], None, 0)
+        )
         if c.seen_data and not any(seen_rows(seen_labels, self.classes)):
             raise MlgenError(f"--seen-data {c.seen_data}: no image has a label outside the run's (generated) labels")
         found = {label for labels in seen_labels for label in labels} | set(split_classes(c.seen_data or ""))

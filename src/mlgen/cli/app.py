@@ -144,6 +144,13 @@ ClipOpt = Annotated[
         "--clip", help="open_clip ARCH/PRETRAINED, hf-hub:ID, folder; built in (named only): toy*, tiny (random)."
     ),
 ]
+ImagesOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--images",
+        help="A folder where a COCO JSON's file_names are (looked up first; repeat for more than one).",
+    ),
+]
 StepsAliasOpt = Annotated[int | None, typer.Option("--steps", hidden=True, help="Deprecated name.")]
 DEFAULT_RUN = Path("mlgen-run")
 
@@ -436,6 +443,7 @@ def train_classifier(
     test_data: Annotated[
         str | None, typer.Option(help="--select official/both: the benchmark, coco-zsl:ROOT or nus-zsl:ROOT.")
     ] = None,
+    images: ImagesOpt = None,
     pass_steps: Annotated[
         int | None,
         typer.Option(
@@ -479,6 +487,7 @@ def train_classifier(
         select=select,
         val_holdout=val_holdout,
         test_data=test_data,
+        images=tuple(str(folder) for folder in images) if images else None,
     )
     _say(workflow.train_classifier(RunDir(run), settings, overwrite), run)
     _print_metrics(run)
@@ -528,11 +537,17 @@ def evaluate(
         bool,
         typer.Option(help="A benchmark --data: go on without the images that are not there (counted, three named)."),
     ] = False,
+    images: ImagesOpt = None,
 ) -> None:
     """Score the classifier on real labelled images (ZSL, GZSL, beside CLIP zero-shot); no --data: print metrics."""
     if ap_rule not in (None, "official", "sklearn"):
         raise MlgenError(f"--ap-rule must be official or sklearn, not {ap_rule!r}")
     run_dir = _existing_run(run)
+    image_folders = tuple(images or ())
+    if image_folders:
+        from mlgen.classifiers.data import check_image_folders
+
+        check_image_folders(image_folders, [data])
     if skip_missing and data is not None:
         from mlgen.classifiers.benchmarks import with_skip_missing  # numpy only
 
@@ -546,7 +561,7 @@ def evaluate(
 
         check_zero_shot_inputs(run_dir, data, zero_shot)  # before torch loads
         aliases = zero_shot_aliases(run_dir, data, label_aliases) if label_aliases else None
-        metrics = workflow.evaluate_zero_shot(run_dir, data, zero_shot, clip, _labels(labels), aliases)
+        metrics = workflow.evaluate_zero_shot(run_dir, data, zero_shot, clip, _labels(labels), aliases, image_folders)
         for name in ("zsl", "gzsl"):
             title = f"{zero_shot} zero-shot, real images, {name.upper()}"
             shown = "  ".join(f"{k} {metrics[name][k]:.3f}" for k in ("mAP", "f1@3", "f1@5") if k in metrics[name])
@@ -555,7 +570,7 @@ def evaluate(
         return
     run_dir.require("classifier")
     if data is not None:
-        workflow.evaluate(run_dir, data, _labels(labels), ap_rule)
+        workflow.evaluate(run_dir, data, _labels(labels), ap_rule, image_folders)
     _print_metrics(run)
 
 
@@ -585,6 +600,9 @@ def _print_metrics(run: Path) -> None:
 
     for line in selection_lines(metrics):  # the test-selected checkpoints beside, and the optimism
         typer.echo(line)
+    if metrics.get("missing_images_skipped"):
+        named = ", ".join(metrics.get("missing_images_first", []))
+        typer.echo(f"skipped {metrics['missing_images_skipped']} images that are not there ({named})")
     if metrics.get("corrupt_images_skipped"):
         typer.echo(f"skipped {metrics['corrupt_images_skipped']} unreadable images")
     if metrics.get("unknown_labels"):
