@@ -151,7 +151,7 @@ def miniature_config(benchmark: str, tmp_path: Path) -> Path:
     config = yaml.safe_load((EXAMPLES / f"paper-{benchmark}.yaml").read_text(encoding="utf-8"))
     config["run"] = str(tmp_path / "run")
     config["rounds"] = {"quota": 1, "max_rounds": 3}
-    config["prompts"].update(llm="template", synonyms_per_label=1, synonym_source="lexicon")
+    config["prompts"].update(llm="template", synonyms_per_label=1, synonym_source="lexicon", prompts_per_set=1)
     if benchmark == "nus":
         config["prompts"].update(set_size=2, sets_per_label=1)  # 81 labels: not all 3,321 pairs
     config["finetune"].update(model="tiny", clip="tiny", max_train_steps=1, size=64, steps=2)
