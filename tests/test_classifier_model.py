@@ -87,3 +87,33 @@ def test_head_trains_only_its_params_learns_and_reloads(
     reloaded = load_classifier(clip_again, tokenizer, tmp_path / "clf")
     with torch.no_grad():
         assert torch.allclose(reloaded(pixels), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("head", "options"),
+    [("dualcoop", {}), ("dualcoop", {"class_specific_context": True}), ("linear", {}), ("cprfl", {})],
+)
+def test_scoring_some_columns_gives_their_logits_and_gradients(head, options) -> None:
+    """A pass scores its own columns only (train.py): the head computes just those, with the values and
+    gradients of the full computation's columns."""
+    torch.manual_seed(0)
+    clip_model, tokenizer = _clip("tiny")
+    classes = [*CLASSES, "star", "heart"]
+    model = build_classifier(clip_model, tokenizer, classes, head=head, device="cpu", options=HeadOptions(**options))
+    model.eval()  # CPRFL's dropout off: the two computations must see the same network
+    features = model.frozen_features(torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    columns = torch.tensor([False, True, False, True, True])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def logits_and_grads(some: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        logits = model.forward_features(features, columns) if some else model.forward_features(features)[:, columns]
+        (logits * torch.arange(1.0, 4.0)[None]).sum().backward()
+        return logits.detach(), [p.grad.clone() for p in trainable]
+
+    some, some_grads = logits_and_grads(True)
+    full, full_grads = logits_and_grads(False)
+    assert some.shape == (3, 3)
+    assert torch.allclose(some, full, atol=1e-5)
+    for a, b in zip(some_grads, full_grads, strict=True):  # float32 sums in another order: relative 1e-7 here
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))

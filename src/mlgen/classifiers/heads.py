@@ -107,19 +107,27 @@ class DualCoOpHead(nn.Module):
             embeddings = clip_model.token_embedding(self.tokens).float()
         self.register_buffer("token_embeddings", embeddings, persistent=False)
 
-    def text_features(self) -> Tensor:
-        """Normalised prompt features [2 (positive, negative), C, D]."""
+    def text_features(self, columns: Tensor | None = None) -> Tensor:
+        """Normalised prompt features [2 (positive, negative), C, D]; with ``columns`` (a boolean mask over the
+        classes) those classes' only: the text encoder is most of a step's cost with many labels (NUS-WIDE's
+        1,006), and a pass scores only its own columns."""
         clip_model = self.clip[0]
-        classes = len(self.tokens)
-        prefix, suffix = self.token_embeddings[:, :1], self.token_embeddings[:, 1 + self.context_length :]
-        contexts = self.context if self.class_specific else self.context[:, None].expand(-1, classes, -1, -1)
+        pick = slice(None) if columns is None else columns.to(self.tokens.device).nonzero().squeeze(1)
+        tokens, token_embeddings = self.tokens[pick], self.token_embeddings[pick]
+        classes = len(tokens)
+        prefix, suffix = token_embeddings[:, :1], token_embeddings[:, 1 + self.context_length :]
+        if self.class_specific:
+            contexts = self.context[:, pick]
+        else:
+            contexts = self.context[:, None].expand(-1, classes, -1, -1)
         prompts = [torch.cat([prefix, ctx, suffix], dim=1) for ctx in contexts]
         embeddings = torch.cat(prompts).to(clip_model.token_embedding.weight.dtype)
-        features = encode_prompt_embeddings(clip_model, embeddings, self.tokens.repeat(2, 1)).float()
+        features = encode_prompt_embeddings(clip_model, embeddings, tokens.repeat(2, 1)).float()
         return F.normalize(features, dim=-1).view(2, classes, -1)
 
-    def forward(self, features: dict[str, Tensor]) -> Tensor:
-        positive, negative = self.text_features()
+    def forward(self, features: dict[str, Tensor], columns: Tensor | None = None) -> Tensor:
+        """Logits [N, C], or [N, columns] with ``columns`` (each class is scored on its own: the same values)."""
+        positive, negative = self.text_features(columns)
         if self.scoring == "pooled":
             image = F.normalize(features["pooled"].float(), dim=-1)
             return REGION_SCALE * AGGREGATE_SCALE * (image @ positive.T - image @ negative.T)

@@ -131,15 +131,17 @@ class MultiLabelClassifier(nn.Module):
         with torch.no_grad():
             return {k: v.float() for k, v in self._encode(pixels).items()}
 
-    def forward_features(self, features: dict[str, Tensor]) -> Tensor:
-        if self.head_name == "linear":
-            return self.head(features["pooled"])
-        return self.head(features)
+    def forward_features(self, features: dict[str, Tensor], columns: Tensor | None = None) -> Tensor:
+        """Logits [N, C]; with ``columns`` (a boolean mask over the classes) only those, [N, columns]."""
+        if self.head_name == "dualcoop":  # its cost is per class: only the scored ones are computed
+            return self.head(features, columns)
+        logits = self.head(features["pooled"]) if self.head_name == "linear" else self.head(features)
+        return logits if columns is None else logits[..., columns.to(logits.device)]
 
-    def forward(self, pixels: Tensor) -> Tensor:
+    def forward(self, pixels: Tensor, columns: Tensor | None = None) -> Tensor:
         if self.fusion:
-            return self.forward_features(self._encode(pixels))
-        return self.forward_features(self.frozen_features(pixels))
+            return self.forward_features(self._encode(pixels), columns)
+        return self.forward_features(self.frozen_features(pixels), columns)
 
     def trainable_state(self) -> dict[str, Tensor]:
         """Everything that trains (head + fusion) plus the head's buffers: what save/load need."""

@@ -204,10 +204,11 @@ class _Trainer:
         value = torch.zeros((), device=self.device)
         if y.shape[0]:  # a rank with no sample in a tiny batch still joins the all-reduce
             x = {k: v.to(self.device) for k, v in x.items()} if isinstance(x, dict) else x.to(self.device)
-            logits = (self.model.forward_features(x) if isinstance(x, dict) else self.model(x)).float()
-            if columns is not None:  # the per-source label mask: only this source's columns are scored
-                cols = columns.to(self.device)
-                logits, y = logits[..., cols], y[:, cols]
+            cols = None if columns is None else columns.to(self.device)  # the per-source label mask
+            forward = self.model.forward_features if isinstance(x, dict) else self.model
+            logits = forward(x, cols).float()  # only this source's columns are scored
+            if cols is not None:
+                y = y[:, cols]
                 if getattr(self.model.head, "last_cosines", None) is not None:  # the margined MLCD loss reads them
                     self.model.head.last_cosines = self.model.head.last_cosines[..., cols]
             value = self.loss_fn(logits, y) * (y.shape[0] / n if self.mean_loss else 1.0)
