@@ -128,13 +128,13 @@ def test_a_plain_coco_json_finds_its_images_in_the_folder_named_with_images(stan
     assert all(item.image is None for item in read_labelled(annotations))  # not beside it, no COCO layout
     found = [item.image for item in read_labelled(annotations, [tmp_path / "elsewhere", pictures]) if item.labels]
     assert found == expected
-    labels, images, skipped = labelled_samples(annotations, [pictures])  # what --seen-data / --val-data read
+    _, images, skipped = labelled_samples(annotations, [pictures])  # what --seen-data / --val-data read
     assert skipped == 0 and list(images())[: len(expected)] == expected
 
 
 @pytest.mark.slow
 def test_evaluate_images_finds_them_and_metrics_name_the_missing_ones(standard, tmp_path) -> None:
-    annotations, pictures, expected = _coco_json_apart_from_its_images(standard, tmp_path)
+    annotations, pictures, _ = _coco_json_apart_from_its_images(standard, tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     classes = sorted({label for _, labels in standard["coco-zsl"]["unseen-test"] for label in labels})
