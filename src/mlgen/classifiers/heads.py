@@ -116,9 +116,7 @@ class DualCoOpHead(nn.Module):
         tokens, token_embeddings = self.tokens[pick], self.token_embeddings[pick]
         classes = len(tokens)
         prefix, suffix = token_embeddings[:, :1], token_embeddings[:, 1 + self.context_length :]
-        contexts = (
-            self.context[:, pick] if self.class_specific else self.context[:, None].expand(-1, classes, -1, -1)
-        )
+        contexts = self.context[:, pick] if self.class_specific else self.context[:, None].expand(-1, classes, -1, -1)
         prompts = [torch.cat([prefix, ctx, suffix], dim=1) for ctx in contexts]
         embeddings = torch.cat(prompts).to(clip_model.token_embedding.weight.dtype)
         features = encode_prompt_embeddings(clip_model, embeddings, tokens.repeat(2, 1)).float()
