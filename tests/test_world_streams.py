@@ -13,7 +13,9 @@ from mlgen.world.render import render_scene
 from mlgen.world.streams import STREAMS, stream_rng, stream_sequence
 from mlgen.world.train_sd import TrainSettings, training_generators
 
-SCENES = 10_000
+# Scenes rendered per set in the scene-level check: a sample. The start-state check below covers every training
+# step at its real size (and twice it), every experiment seed and label order, and implies the scene-level one.
+SCENES = 2_000
 # The shipped models: (built-in name, world, model, batch, seed) of their training runs (README, "The toy world").
 # toy-named's run draws the scenes of toy-headroom's (same stream, seed and batch; only captions differ);
 # toy-headroom-2 went on from toy-headroom's UNet with seed 3 and trained a headroom decoder with seed 0.
