@@ -31,7 +31,7 @@ lint: install
 
 # Speed ratios against baselines measured in the same run (bench/*.py say what each compares).
 bench: install
-	for b in bench_generate filter classifier finetune prompts; do HF_HUB_OFFLINE=1 $(BIN)/python bench/$$b.py || exit 1; done
+	for b in bench_generate filter classifier dualcoop_columns finetune prompts; do HF_HUB_OFFLINE=1 $(BIN)/python bench/$$b.py || exit 1; done
 
 # The paper's ablations in miniature on the toy world (real-test mAP over 3 seeds; ~6 minutes here).
 ablations: install

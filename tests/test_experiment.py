@@ -162,9 +162,9 @@ def test_selection_reads_validation_images_never_test_images(tmp_path: Path, dat
     read: list[str] = []
     original = stage_module.labelled_samples
 
-    def recording(path):
+    def recording(path, *folders):
         read.append(str(Path(path).resolve()))
-        return original(path)
+        return original(path, *folders)
 
     monkeypatch.setattr(stage_module, "labelled_samples", recording)
     config = tiny(data, seeds=1, arms="mlgen,oracle", workers=1)
@@ -542,3 +542,20 @@ def test_every_arm_selects_its_epoch_on_the_unseen_labels_validation_map(tmp_pat
         metrics = json.loads((folder / "metrics.json").read_text())
         chosen = next(e for e in metrics["validation"] if e["epoch"] == metrics["selected_epoch"])
         assert scored == pytest.approx(chosen["mAP"], abs=2e-3), (arm, scored, metrics["validation"])
+
+
+def test_a_dir_recorded_before_a_new_classifier_setting_goes_on_while_it_keeps_its_default(tmp_path: Path) -> None:
+    """A classifier setting added since (``config.added``, e.g. ``images``) is no change at its default, so the
+    headline DIRs made before it can grow; a value other than the default is still refused."""
+    from mlgen.errors import MlgenError
+    from mlgen.experiment.runner import _check_settings
+
+    config = ExperimentConfig(world="toy", unseen="circle,star", seeds=1)
+    _check_settings(tmp_path, config, TINY_CLASSIFIER)
+    recorded = json.loads((tmp_path / "settings.json").read_text())
+    assert recorded["classifier"]["images"] == []
+    del recorded["classifier"]["images"]  # as an mlgen before the setting wrote it
+    (tmp_path / "settings.json").write_text(json.dumps(recorded))
+    _check_settings(tmp_path, config, TINY_CLASSIFIER)
+    with pytest.raises(MlgenError, match="setting 'classifier' differs"):
+        _check_settings(tmp_path, config, dataclasses.replace(TINY_CLASSIFIER, images=("pictures",)))

@@ -75,8 +75,10 @@ def _check_settings(root: Path, config: ExperimentConfig, classifier: Classifier
     settings["resolved_model"] = model_identity(setup.model, "diffusion")
     settings["resolved_paper_lr"] = paper_lr(config)  # the world's rate is code: a new choice must not mix
     path = root / "settings.json"
+    settings = json.loads(json.dumps(settings))  # as JSON stores it: tuples are lists
     if path.is_file():
         recorded = json.loads(path.read_text(encoding="utf-8"))
+        settings["classifier"] = _without_new_defaults(classifier, settings["classifier"], recorded.get("classifier"))
         changed = sorted(k for k in recorded.keys() | settings.keys() if recorded.get(k) != settings.get(k))
         if changed and changed[0] not in recorded:  # a setting this mlgen records and the one that ran did not
             raise MlgenError(
@@ -90,6 +92,19 @@ def _check_settings(root: Path, config: ExperimentConfig, classifier: Classifier
             )
     else:
         write_json_atomic(path, settings)
+
+
+def _without_new_defaults(classifier: ClassifierConfig, settings: dict, recorded: dict | None) -> dict:
+    """``settings`` less the classifier settings added since the record was made (``config.added``) that still
+    have their default: an experiment made before they existed goes on."""
+    if not isinstance(recorded, dict):
+        return settings
+    new = {
+        f.name
+        for f in dataclasses.fields(classifier)
+        if f.metadata.get("omit_when_default") and f.name not in recorded and getattr(classifier, f.name) == f.default
+    }
+    return {k: v for k, v in settings.items() if k not in new}
 
 
 def run_cell(ctx: Context, seed: int, arm: Arm) -> dict[str, Any]:
