@@ -216,6 +216,11 @@ def _run_with_unseen_labels(root: Path, labels: list[str]) -> Path:
 def test_train_on_coco_seen_train_then_evaluate_defaults_zsl_to_the_unseen_labels(layouts, tmp_path) -> None:
     root = layouts["coco-zsl"]
     run = _run_with_unseen_labels(tmp_path, COCO_UNSEEN)
+    train = ["train-classifier", "--run", run, "--source", "raw", "--clip", "tiny", "--epochs", "1"]
+    refused = mlgen(*train, "--seen-data", f"coco-zsl:{root}:seen-train")  # no validation images: which epoch?
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(lines) == 1 and "--val-holdout" in lines[0], refused.stderr
+    assert not (run / "classifier").exists()
     done = mlgen(
         "train-classifier",
         "--run",
@@ -228,6 +233,8 @@ def test_train_on_coco_seen_train_then_evaluate_defaults_zsl_to_the_unseen_label
         "1",
         "--seen-data",
         f"coco-zsl:{root}:seen-train",
+        "--val-holdout",
+        "0.34",
     )
     assert done.returncode == 0, done.stderr
     config = json.loads((run / "classifier" / "config.json").read_text())
@@ -243,7 +250,8 @@ def test_train_on_coco_seen_train_then_evaluate_defaults_zsl_to_the_unseen_label
     metrics = json.loads((run / "classifier" / "metrics.json").read_text())
     assert metrics["settings"]["zsl"]["split"] == "unseen-test" and len(metrics["gzsl"]["labels"]) == 65
     assert set(metrics["zero_shot_clip"]["zsl"]["labels"]) == set(COCO_UNSEEN)
-    assert metrics["seen_images"] == 6 and metrics["seen_images_without_a_seen_label"] == 0
+    assert metrics["seen_images"] + metrics["seen_images_validation"] == 6
+    assert metrics["seen_images_validation"] > 0 and metrics["seen_images_without_a_seen_label"] == 0
 
 
 @pytest.mark.slow
@@ -263,10 +271,13 @@ def test_train_on_nus_seen_train_draws_100_seen_labels_per_real_batch_then_evalu
         "1",
         "--seen-data",
         f"nus-zsl:{seen_train}:seen-train",
+        "--val-holdout",
+        "0.34",
     )
     assert done.returncode == 0, done.stderr
     metrics = json.loads((run / "classifier" / "metrics.json").read_text())
-    assert metrics["seen_classes_per_batch"] == 100 and metrics["seen_images"] == 6  # all kept, as official
+    assert metrics["seen_classes_per_batch"] == 100  # every row kept, as official (a third held out to validate)
+    assert metrics["seen_images"] + metrics["seen_images_validation"] == 6
     assert metrics["seen_images_without_a_seen_label"] == 2
     done = mlgen("evaluate", "--run", run, "--data", f"nus-zsl:{root}")
     assert done.returncode == 1 and "does not know 77 label(s) of nus-zsl" in done.stderr  # 81 - 4 generated

@@ -57,6 +57,12 @@ def seen_rows(labels: list[tuple[str, ...]], unseen: list[str]) -> list[bool]:
     return [any(label not in generated for label in row) for row in labels]
 
 
+def is_benchmark_split(config: ClassifierConfig) -> bool:
+    """Whether the real seen-label images are a benchmark's split (``coco-zsl:ROOT:seen-train``): a reproduction,
+    where the final weights are no answer to "which epoch"."""
+    return bool(config.seen_data) and parse_spec(config.seen_data) is not None
+
+
 class ClassifierStage(Stage):
     """One unit of work: train on the kept images (and real seen-label images), optionally score a hold-out."""
 
@@ -75,6 +81,11 @@ class ClassifierStage(Stage):
             raise MlgenError(f"--val-data not found: {config.val_data}")
         self.image_folders = tuple(Path(folder) for folder in config.images)
         check_image_folders(self.image_folders, [config.seen_data, config.val_data])
+        if config.select != "official" and not (config.val_data or config.val_holdout) and is_benchmark_split(config):
+            raise MlgenError(
+                f"--select {config.select} chooses the epoch on validation images: with a benchmark's seen split give "
+                "--val-holdout SHARE (e.g. 0.05 of it) or --val-data FILE, or --select official (test-selected)"
+            )
         if config.val_holdout and not config.seen_data:
             raise MlgenError("--val-holdout holds out a share of --seen-data: give --seen-data too")
         if config.select != "validation":
