@@ -5,16 +5,21 @@ NUS-WIDE's shape: 1,006 labels (here 81 real unseen names and placeholders for t
 scored on 100 seen labels drawn at random, a synthetic batch on the 81 unseen ones. Features are cached (the
 frozen encoder's), so a step is the head's work: the text encoder over 2 x C prompts, then the region scoring.
 
-    PYTHONPATH=src python bench/dualcoop_columns.py [--clip tiny|RN50/openai|...] [--steps 6] [--batch-size 32]
+    PYTHONPATH=src python bench/dualcoop_columns.py [--clip tiny|random:RN50|NAME] [--steps 6] [--batch-size 32]
+
+``random:ARCH`` is the open_clip architecture with random weights (real compute, no download).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from filter import random_weights_clip  # bench/filter.py (this folder is on the path when run as a script)
 from mlgen.classifiers.benchmarks import shipped
 from mlgen.classifiers.losses import make_loss
 from mlgen.classifiers.model import HeadOptions, build_classifier, load_clip
@@ -42,11 +47,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--context", type=int, default=4, help="learned context tokens (official 64)")
+    parser.add_argument("--seen-labels", type=int, default=925, help="NUS-WIDE's 925; fewer where memory is short")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unseen = shipped("nus_81_unseen")
-    classes = unseen + [f"seen label {i}" for i in range(925)]
-    clip_model, _, tokenizer = load_clip(args.clip, device)
+    classes = unseen + [f"seen label {i}" for i in range(args.seen_labels)]
+    name = args.clip
+    if name.startswith("random:"):
+        name = random_weights_clip(name.removeprefix("random:"), Path(tempfile.mkdtemp()) / "clip")
+    clip_model, _, tokenizer = load_clip(name, device)
     options = HeadOptions(prompt_context=args.context)
     model = build_classifier(clip_model, tokenizer, classes, "dualcoop", False, device, options=options)
     size = clip_model.visual.image_size
@@ -56,7 +65,7 @@ def main() -> None:
     targets = (torch.rand(args.batch_size, len(classes), generator=torch.Generator().manual_seed(1)) < 0.05).float()
     targets = targets.to(device)
     synthetic = torch.tensor([i < len(unseen) for i in range(len(classes))])
-    drawn = torch.randperm(925, generator=torch.Generator().manual_seed(2))[:100] + len(unseen)
+    drawn = torch.randperm(args.seen_labels, generator=torch.Generator().manual_seed(2))[:100] + len(unseen)
     real = torch.zeros(len(classes), dtype=torch.bool)
     real[drawn] = True
     passes = [real.to(device), synthetic.to(device)]
