@@ -117,3 +117,29 @@ def test_scoring_some_columns_gives_their_logits_and_gradients(head, options) ->
     assert torch.allclose(some, full, atol=1e-5)
     for a, b in zip(some_grads, full_grads, strict=True):  # float32 sums in another order: relative 1e-7 here
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+def test_scoring_computes_dualcoop_prompts_once_until_the_context_changes() -> None:
+    """Without gradients every batch reads the same prompt features; a training step, a load or new classes
+    make them anew (else a model would be scored with its old context)."""
+    torch.manual_seed(0)
+    clip_model, tokenizer = _clip("tiny")
+    model = build_classifier(clip_model, tokenizer, CLASSES, head="dualcoop", device="cpu")
+    features = model.frozen_features(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    encoded = []
+    original = model.head._prompt_features
+    model.head._prompt_features = lambda columns: encoded.append(columns) or original(columns)
+    with torch.no_grad():
+        first = model.forward_features(features)
+        assert torch.equal(model.forward_features(features), first) and len(encoded) == 1  # once for both batches
+    optimizer = torch.optim.SGD([model.head.context], lr=10.0)
+    model.forward_features(features).sum().backward()  # with gradients: computed each time
+    optimizer.step()
+    with torch.no_grad():
+        stepped = model.forward_features(features)
+    assert len(encoded) == 3 and not torch.allclose(stepped, first)
+    with torch.no_grad():
+        model.head.context.copy_(torch.zeros_like(model.head.context))  # as load_state_dict does
+        assert not torch.allclose(model.forward_features(features), stepped) and len(encoded) == 4
+        model.head.set_classes(tokenizer, [*CLASSES, "star"])
+        assert model.forward_features(features).shape == (2, 4) and len(encoded) == 5

@@ -88,6 +88,7 @@ class DualCoOpHead(nn.Module):
         self.class_specific = class_specific
         self.scoring = scoring
         self.context_length = context_length
+        self._scoring: tuple[tuple, Tensor] | None = None  # (the context's state, its prompt features)
         self.set_classes(tokenizer, classes)
         width = self.token_embeddings.shape[-1]
         shape = (2, len(classes), context_length, width) if class_specific else (2, context_length, width)
@@ -106,11 +107,21 @@ class DualCoOpHead(nn.Module):
         with torch.no_grad():
             embeddings = clip_model.token_embedding(self.tokens).float()
         self.register_buffer("token_embeddings", embeddings, persistent=False)
+        self._scoring = None
 
     def text_features(self, columns: Tensor | None = None) -> Tensor:
         """Normalised prompt features [2 (positive, negative), C, D]; with ``columns`` (a boolean mask over the
         classes) those classes' only: the text encoder is most of a step's cost with many labels (NUS-WIDE's
-        1,006), and a pass scores only its own columns."""
+        1,006), and a pass scores only its own columns. Without gradients (scoring) every batch reads the same
+        features, computed once while the context is unchanged (an optimizer step or a load bumps its version)."""
+        if columns is not None or torch.is_grad_enabled():
+            return self._prompt_features(columns)
+        state = (self.context._version, self.context.data_ptr(), self.context.device)
+        if self._scoring is None or self._scoring[0] != state:
+            self._scoring = (state, self._prompt_features(None))
+        return self._scoring[1]
+
+    def _prompt_features(self, columns: Tensor | None) -> Tensor:
         clip_model = self.clip[0]
         pick = slice(None) if columns is None else columns.to(self.tokens.device).nonzero().squeeze(1)
         tokens, token_embeddings = self.tokens[pick], self.token_embeddings[pick]

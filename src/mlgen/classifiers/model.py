@@ -181,11 +181,10 @@ def build_classifier(
     clip_model = clip_model.to(device).eval()
     for p in clip_model.parameters():
         p.requires_grad_(False)
-    text = label_embeddings(clip_model, tokenizer, classes, device).to(device)
     dim = clip_model.visual.output_dim
     if head == "linear":
         generator = torch.Generator().manual_seed(seed)
-        init = text.cpu() if head_init == "text" else None
+        init = label_embeddings(clip_model, tokenizer, classes, device).cpu() if head_init == "text" else None
         module: nn.Module = LinearHead(dim, len(classes), class_embeddings=init, generator=generator)
     elif head == "dualcoop":
         module = DualCoOpHead(
@@ -198,6 +197,7 @@ def build_classifier(
             generator=torch.Generator().manual_seed(seed),
         )
     else:
+        text = label_embeddings(clip_model, tokenizer, classes, device).to(device)
         module = _cprfl_head(clip_model, tokenizer, classes, text, options.cprfl_recipe, device)
     if fusion:
         add_fusion(clip_model.visual)
