@@ -38,6 +38,35 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
 
 
+# The longest files (by `pytest --durations=0`), longest first: xdist's loadfile hands out files in collection
+# order, alphabetical by default, which left several of these to the end and one process idle for minutes.
+LONG_FILES = (
+    "test_experiment.py",
+    "test_pipeline.py",
+    "test_multinode.py",
+    "test_device_check.py",
+    "test_repro_recipe.py",
+    "test_filter_reliability.py",
+    "test_user_path.py",
+    "test_prompts_stage.py",
+    "test_bench.py",
+    "test_finetune.py",
+    "test_ranks.py",
+    "test_world_sd.py",
+    "test_zsl_on_disk.py",
+    "test_zsl_benchmarks.py",
+    "test_classifier_stage.py",
+    "test_classifier_train.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long files first (``LONG_FILES``), then the others; each file's tests keep their order."""
+    rank = {name: index for index, name in enumerate(LONG_FILES)}
+    position = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), position[id(item)]))
+
+
 # Small settings that keep a generate run to a few seconds on a 2-core CPU.
 FAST_GENERATE = ["--llm", "template", "--denoising-steps", "2", "--size", "64", "--shard-size", "4"]
 FAST_GENERATE += ["--batch-size", "2"]
