@@ -184,3 +184,13 @@ def test_stage_defaults_name_no_builtin_model(section: str) -> None:
     config = build_config(STAGE_CONFIGS[section])
     for key in ("model", "clip"):
         assert getattr(config, key, None) not in ("tiny", "toy"), (section, key)
+
+
+def test_a_list_setting_from_one_environment_value_is_one_item() -> None:
+    """`MLGEN_CLASSIFIER_IMAGES=/data/pictures` is one folder, not a tuple of its letters; YAML lists still work."""
+    from mlgen.config import ClassifierConfig, build_config, env_settings
+
+    one = env_settings("classifier", {"MLGEN_CLASSIFIER_IMAGES": "/data/pictures"})
+    assert build_config(ClassifierConfig, None, one, {}).images == ["/data/pictures"]
+    two = env_settings("classifier", {"MLGEN_CLASSIFIER_VAL_LABELS": "[circle, star]"})
+    assert list(build_config(ClassifierConfig, None, two, {}).val_labels) == ["circle", "star"]

@@ -304,6 +304,8 @@ def env_settings(section: str, environ: dict[str, str] | None = None) -> dict[st
             values[f.name] = yaml.safe_load(raw)
         except yaml.YAMLError:
             raise MlgenError(f"{env_name(section, f.name)}={raw!r} is not a value") from None
+        if str(f.type).startswith("tuple[str") and isinstance(values[f.name], str):  # one item: not its letters
+            values[f.name] = [values[f.name]]
     return values
 
 
